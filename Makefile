@@ -1,0 +1,39 @@
+# Set-up is two commands: `make run` (everything, end to end) and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export KEDRO_DISABLE_TELEMETRY := 1
+export DO_NOT_TRACK := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install run test lint viz benchmark clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	# Without an NVIDIA GPU take the CPU build of torch; otherwise pip resolves the CUDA build.
+	if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi >/dev/null 2>&1; then \
+		$(PY) -m pip install "torch==2.13.0" ; fi
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+run: install
+	$(VENV)/bin/kedro run
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+
+viz: install
+	$(VENV)/bin/kedro viz build
+
+benchmark: install
+	$(PY) benchmarks/bench_ppo.py
+
+clean:
+	rm -rf $(VENV)

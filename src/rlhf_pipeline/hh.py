@@ -84,12 +84,13 @@ def parse_record(record: object, source: str, line: int) -> Preference:
     """Validate one decoded JSON record into a ``Preference`` or raise ``RowError``."""
     if not isinstance(record, dict):
         raise RowError(source, line, f"expected a JSON object, got {type(record).__name__}")
-    dialogues = {}
     for field in ("chosen", "rejected"):
         if field not in record:
             raise RowError(source, line, f"missing field '{field}'")
         if not isinstance(record[field], str):
             raise RowError(source, line, f"field '{field}' is {type(record[field]).__name__}, not a string")
+    dialogues = {}
+    for field in ("chosen", "rejected"):
         try:
             dialogues[field] = split_prompt_response(record[field])
         except ValueError as err:

@@ -2,8 +2,10 @@
 
 Saving calls ``data.save_pretrained(path)``; loading calls the function named by ``load_function``
 (an import path such as ``rlhf_pipeline.modeling.load_policy``) with the directory. With
-``versioned: true`` each save goes to ``<filepath>/<timestamp>/<name>`` like any Kedro dataset, and
-wrapping it in kedro-mlflow's ``MlflowArtifactDataset`` logs the directory to the MLflow run.
+``versioned: true`` each save goes to ``<filepath>/<timestamp>/<name>`` like any Kedro dataset. With
+``mlflow_artifact_path`` the saved directory is also logged to the active MLflow run (kedro-mlflow's
+``MlflowArtifactDataset`` wrapper would do this, but it gives a versioned inner dataset its own save
+version, which kedro 1.x's catalog rejects).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import shutil
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import mlflow
 from kedro.io import AbstractVersionedDataset, Version
 
 
@@ -32,9 +35,11 @@ class PretrainedDirDataset(AbstractVersionedDataset[Any, Any]):
         load_function: str,
         load_args: dict[str, Any] | None = None,
         version: Version | None = None,
+        mlflow_artifact_path: str | None = None,
         metadata: dict[str, Any] | None = None,
     ):
         super().__init__(filepath=PurePosixPath(filepath), version=version, exists_function=self._dir_exists)
+        self._mlflow_artifact_path = mlflow_artifact_path
         self._load_function = load_function
         self._load_args = load_args or {}
         self.metadata = metadata
@@ -52,6 +57,8 @@ class PretrainedDirDataset(AbstractVersionedDataset[Any, Any]):
             shutil.rmtree(path)  # an unversioned directory holds only the latest save
         path.mkdir(parents=True, exist_ok=True)
         data.save_pretrained(str(path))
+        if self._mlflow_artifact_path and mlflow.active_run() is not None:
+            mlflow.log_artifacts(str(path), self._mlflow_artifact_path)
 
     def _exists(self) -> bool:
         try:

@@ -1,0 +1,93 @@
+"""Sampling from a causal LM with transformers' ``generate`` (left padding, KV cache, stop at EOS)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Sampling settings (the paper's: temperature 0.8, top-p 0.9, repetition penalty 1.1)."""
+
+    max_new_tokens: int = 48
+    temperature: float = 0.8
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    do_sample: bool = True
+
+
+def left_pad(prompt_ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts so that every response starts at the same column: ``(input_ids, attention_mask)``."""
+    width = max(len(ids) for ids in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(prompt_ids):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids):] = 1
+    return input_ids, attention_mask
+
+
+@torch.no_grad()
+def sample_responses(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[list[int]], cfg: SamplingConfig,
+    max_prompt_length: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample one response per prompt.
+
+    Returns:
+        ``prompt_input_ids`` (B, P) left-padded, ``prompt_attention_mask`` (B, P), and ``response_ids``
+        (B, R) right-padded with the pad token after the first EOS (which is kept).
+    """
+    device = next(model.parameters()).device
+    prompt_ids = [ids[-max_prompt_length:] for ids in prompt_ids]
+    input_ids, attention_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    was_training = model.training
+    model.eval()
+    output = model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=cfg.max_new_tokens,
+        do_sample=cfg.do_sample, temperature=cfg.temperature if cfg.do_sample else None,
+        top_p=cfg.top_p if cfg.do_sample else None, top_k=0 if cfg.do_sample else None,
+        repetition_penalty=cfg.repetition_penalty, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, use_cache=True,
+    )
+    model.train(was_training)
+    response_ids = output[:, input_ids.shape[1]:]
+    return input_ids, attention_mask, mask_after_eos(response_ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+def mask_after_eos(response_ids: torch.Tensor, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+    """Replace every token after the first EOS with padding (``generate`` may keep sampling other rows)."""
+    is_eos = response_ids == eos_token_id
+    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+    return response_ids.masked_fill(after_eos, pad_token_id)
+
+
+def response_mask_of(response_ids: torch.Tensor, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+    """1 for real response tokens up to and including the first EOS, 0 after it ``(B, R)``."""
+    is_eos = response_ids == eos_token_id
+    before_or_at_eos = (is_eos.cumsum(dim=1) - is_eos.long()) == 0
+    if eos_token_id == pad_token_id:
+        return before_or_at_eos.long()
+    return (before_or_at_eos & (response_ids != pad_token_id)).long()
+
+
+def decode_responses(tokenizer: PreTrainedTokenizerBase, response_ids: torch.Tensor) -> list[str]:
+    return [text.strip() for text in tokenizer.batch_decode(response_ids, skip_special_tokens=True)]
+
+
+def generate_texts(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], cfg: SamplingConfig,
+    batch_size: int = 32, max_prompt_length: int = 192, seed: int = 0,
+) -> list[str]:
+    """Responses (text) to ``prompts``, sampled in batches with a fixed seed."""
+    torch.manual_seed(seed)
+    texts: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start:start + batch_size]]
+        _, _, response_ids = sample_responses(model, tokenizer, ids, cfg, max_prompt_length)
+        texts.extend(decode_responses(tokenizer, response_ids))
+    return texts

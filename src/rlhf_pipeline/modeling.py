@@ -1,0 +1,174 @@
+"""Models: the embedded tiny LM and its tokenizer, any Hugging Face causal LM, and a value-head model.
+
+* ``build_tiny_model``: a small transformers model (GPT-2 or Llama architecture) from a config, with a
+  byte-level BPE tokenizer trained on the task corpus - no network needed.
+* ``load_policy``: ``AutoModelForCausalLM`` + ``AutoTokenizer`` from a local directory or a hub id.
+* ``ValueHeadModel``: a causal LM with a scalar head on its last hidden state. The reward model reads
+  the head at the last non-pad token; the PPO critic reads it at every token. Keeping the LM head lets
+  the reward model train with the paper's extra LM loss and lets the critic start from the RM.
+
+Everything saves with ``save_pretrained`` (safetensors); nothing is unpickled on load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+logger = logging.getLogger(__name__)
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+VALUE_HEAD_FILE = "value_head.safetensors"
+VALUE_HEAD_CONFIG = "value_head.json"
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """Shape of the embedded default model (a few million parameters)."""
+
+    arch: str = "gpt2"
+    """``gpt2`` or ``llama``."""
+    vocab_size: int = 2048
+    """Target size of the byte-level BPE vocabulary trained on the task corpus."""
+    hidden_size: int = 192
+    num_layers: int = 4
+    num_heads: int = 4
+    max_positions: int = 256
+    seed: int = 0
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE tokenizer trained on ``texts``; ``<|endoftext|>`` is BOS/EOS, ``<|pad|>`` pads."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN
+    )
+
+
+def build_tiny_model(tokenizer: PreTrainedTokenizerBase, cfg: TinyModelConfig) -> PreTrainedModel:
+    """A randomly initialised causal LM of ``cfg.arch`` sized for ``tokenizer``."""
+    torch.manual_seed(cfg.seed)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    if cfg.arch == "gpt2":
+        config = GPT2Config(vocab_size=len(tokenizer), n_positions=cfg.max_positions, n_embd=cfg.hidden_size,
+                            n_layer=cfg.num_layers, n_head=cfg.num_heads, **ids)
+    elif cfg.arch == "llama":
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
+                             intermediate_size=4 * cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                             num_attention_heads=cfg.num_heads, max_position_embeddings=cfg.max_positions, **ids)
+    else:
+        raise ValueError(f"model.tiny.arch: unknown {cfg.arch!r}; valid: gpt2, llama")
+    model = AutoModelForCausalLM.from_config(config)
+    logger.info("Built tiny %s model with %.2fM parameters", cfg.arch, count_parameters(model) / 1e6)
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give a tokenizer a pad token (EOS if it has none) so batches can be padded."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@dataclass
+class ModelBundle:
+    """A model and its tokenizer, saved together into one ``save_pretrained`` directory."""
+
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+
+    def save_pretrained(self, path: str) -> None:
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+
+def load_policy(name_or_path: str, trust_remote_code: bool = False, dtype: str | None = None) -> ModelBundle:
+    """Any transformers causal LM from a local directory or a Hugging Face hub id."""
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                                 dtype=torch_dtype, use_safetensors=None)
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return ModelBundle(model, tokenizer)
+
+
+class ValueHeadModel(nn.Module):
+    """A causal LM whose last hidden state feeds a scalar head: rewards (last token) or values (every token)."""
+
+    def __init__(self, lm: PreTrainedModel):
+        super().__init__()
+        self.lm = lm
+        self.value_head = nn.Linear(lm.config.hidden_size, 1)
+        nn.init.normal_(self.value_head.weight, std=1.0 / (lm.config.hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.value_head.bias)
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_lm_logits: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-token values ``(B, T)`` and, if asked, the LM logits ``(B, T, V)``."""
+        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        values = self.value_head(hidden).squeeze(-1)
+        logits = self.lm.get_output_embeddings()(hidden) if return_lm_logits else None
+        return values, logits
+
+    def save_pretrained(self, path: str) -> None:
+        self.lm.save_pretrained(path)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()},
+                  str(Path(path) / VALUE_HEAD_FILE))
+        (Path(path) / VALUE_HEAD_CONFIG).write_text(json.dumps({"hidden_size": self.lm.config.hidden_size}))
+
+    @classmethod
+    def from_pretrained(cls, path: str, trust_remote_code: bool = False) -> ValueHeadModel:
+        """Load a saved value-head model; a plain causal LM directory gets a freshly initialised head."""
+        model = cls(AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code))
+        head = Path(path) / VALUE_HEAD_FILE
+        if head.exists():
+            model.value_head.load_state_dict(load_file(str(head)))
+        else:
+            logger.info("No %s in %s: the value head starts from random weights", VALUE_HEAD_FILE, path)
+        return model
+
+
+def load_value_model(path: str, trust_remote_code: bool = False) -> ModelBundle:
+    """A ``ValueHeadModel`` (reward model or critic) and its tokenizer from a ``save_pretrained`` directory."""
+    model = ValueHeadModel.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code))
+    return ModelBundle(model, tokenizer)

@@ -1,0 +1,123 @@
+"""DeepSpeed engine set-up shared by every trainer.
+
+One code path for a laptop and a GPU cluster: the model is wrapped by ``deepspeed.initialize`` with
+ZeRO, AdamW, warm-up/decay and global gradient clipping from an ``OptimConfig``. Without a launcher the
+process joins a one-rank process group (gloo on CPU, nccl on GPU), so tests run what a GPU run runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+LogFn = Callable[[dict[str, float], int], None]
+
+
+def no_logging(metrics: dict[str, float], step: int) -> None:
+    """A ``LogFn`` that drops the metrics (core code never needs a tracker)."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser, schedule and DeepSpeed settings of one trained model."""
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    """Share of the optimiser steps spent in linear warm-up before linear decay."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clipping."""
+    zero_stage: int = 0
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    bf16: str = "auto"
+    """``auto`` (on a GPU that supports it), ``true`` or ``false``."""
+    extra_ds_config: dict = field(default_factory=dict)
+    """Merged over the generated DeepSpeed config (e.g. offload settings)."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.micro_batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("micro_batch_size and grad_accum must be >= 1")
+        object.__setattr__(self, "betas", tuple(self.betas))
+
+
+def bf16_enabled(setting: str | bool) -> bool:
+    if str(setting).lower() == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return str(setting).lower() == "true"
+
+
+def init_distributed() -> None:
+    """Join the launcher's process group, or make a one-rank group when run without a launcher."""
+    import deepspeed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    if "RANK" not in os.environ:  # not started by the deepspeed launcher: a one-rank group
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)`` of this process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def deepspeed_config(cfg: OptimConfig, total_steps: int) -> dict:
+    """The DeepSpeed config for ``cfg`` over ``total_steps`` optimiser steps."""
+    total_steps = max(1, total_steps)
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": cfg.lr, "betas": list(cfg.betas), "weight_decay": cfg.weight_decay,
+                       "torch_adam": not torch.cuda.is_available()},
+        },
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr, "total_num_steps": total_steps,
+                       "warmup_num_steps": max(1, int(cfg.warmup_ratio * total_steps)), "warmup_type": "linear"},
+        },
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": bf16_enabled(cfg.bf16)},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    config.update(cfg.extra_ds_config)
+    return config
+
+
+def make_engine(model: nn.Module, cfg: OptimConfig, total_steps: int):
+    """Wrap ``model`` in a DeepSpeed engine (ZeRO, AdamW, warm-up/decay, gradient clipping)."""
+    import deepspeed
+
+    init_distributed()
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(cfg, total_steps),
+    )
+    return engine
+
+
+def grad_norm(engine) -> float:
+    """Global gradient norm of the last optimiser step (before clipping)."""
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")

@@ -1,0 +1,69 @@
+import json
+
+import pandas as pd
+import pytest
+
+from rlhf_pipeline.data import assign_splits
+from rlhf_pipeline.hh import RawRow, RowError
+from rlhf_pipeline.pipelines.data_processing.nodes import generate_task_data, parse_preferences, split_preferences
+
+SPLIT = {"seed": 0, "fractions": {"sft_train": 0.35, "rm_train": 0.35, "rm_val": 0.05, "ppo_prompts": 0.15, "eval_prompts": 0.1}}
+
+
+def rows_of(records) -> list[RawRow]:
+    return [RawRow("synthetic_hh.jsonl", i, json.dumps(r).encode()) for i, r in enumerate(records, 1)]
+
+
+@pytest.fixture(scope="module")
+def preferences() -> pd.DataFrame:
+    records = generate_task_data({"num_pairs": 1500, "seed": 1})
+    valid, quarantine, counts = parse_preferences(rows_of(records), {"kind": "synthetic"}, strict=False)
+    assert quarantine.empty and counts["data.rows_valid"]["value"] == 1500
+    return valid
+
+
+def test_no_prompt_crosses_splits_and_eval_is_unseen(preferences):
+    sft, rm_train, rm_val, ppo, evaluation, sizes = split_preferences(preferences, SPLIT)
+    training = set(sft["prompt"]) | set(rm_train["prompt"]) | set(rm_val["prompt"]) | set(ppo["prompt"])
+    assert evaluation["prompt"].nunique() == len(evaluation) > 20
+    assert not set(evaluation["prompt"]) & training
+    assert not set(sft["prompt"]) & set(rm_train["prompt"])
+    assert not set(rm_train["prompt"]) & set(rm_val["prompt"])
+    assert sizes["data.eval_prompts_size"]["value"] == len(evaluation)
+    assert set(evaluation["category"]) >= {"arithmetic", "harmful"}
+
+
+def test_duplicates_are_dropped(preferences):
+    doubled = pd.concat([preferences, preferences.head(100)], ignore_index=True)
+    outputs = split_preferences(doubled, SPLIT)
+    pairs_out = len(outputs[0]) + len(outputs[1]) + len(outputs[2])
+    pairs_in = split_preferences(preferences.drop_duplicates(), SPLIT)
+    assert pairs_out == len(pairs_in[0]) + len(pairs_in[1]) + len(pairs_in[2])
+
+
+def test_split_is_stable_per_prompt_and_close_to_fractions():
+    prompts = pd.Series([f"\n\nHuman: q{i}\n\nAssistant:" for i in range(4000)])
+    splits = assign_splits(prompts, SPLIT["fractions"], seed=0)
+    assert (splits == assign_splits(prompts, SPLIT["fractions"], seed=0)).all()
+    assert splits.value_counts(normalize=True)["eval_prompts"] == pytest.approx(0.10, abs=0.02)
+    with pytest.raises(ValueError, match="unknown split"):
+        assign_splits(prompts, {"test": 1.0}, seed=0)
+
+
+def test_strict_mode_names_file_and_line_default_mode_quarantines():
+    good = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}
+    rows = rows_of([good, {"chosen": "x"}, good])
+    with pytest.raises(RowError, match=r"synthetic_hh.jsonl:2: missing field 'rejected'"):
+        parse_preferences(rows, {"kind": "synthetic"}, strict=True)
+    valid, quarantine, counts = parse_preferences(rows, {"kind": "synthetic"}, strict=False)
+    assert len(valid) == 2 and quarantine.loc[0, "line"] == 2
+    assert counts["data.rows_quarantined"]["value"] == 1
+
+
+def test_jsonl_source_reads_files_and_unknown_kind_fails(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}) + "\n{oops\n")
+    valid, quarantine, _ = parse_preferences([], {"kind": "jsonl", "paths": [str(path)]}, strict=False)
+    assert len(valid) == 1 and quarantine.loc[0, "source"] == str(path) and quarantine.loc[0, "line"] == 2
+    with pytest.raises(ValueError, match="unknown 'csv'"):
+        parse_preferences([], {"kind": "csv"}, strict=False)

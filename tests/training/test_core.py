@@ -1,0 +1,99 @@
+import math
+
+import pytest
+import torch
+
+from rlhf_pipeline.generation import mask_after_eos, response_mask_of
+from rlhf_pipeline.modeling import TinyModelConfig, ValueHeadModel, build_tiny_model, load_policy, load_value_model, train_tokenizer
+from rlhf_pipeline.modeling import ModelBundle
+from rlhf_pipeline.training.batching import batch_pairs, masked_token_nll
+from rlhf_pipeline.training.engine import OptimConfig
+from rlhf_pipeline.training.reward import RewardConfig, pairwise_ranking_loss, ranking_accuracy, train_reward_model
+from rlhf_pipeline.training.sft import SFTConfig, train_sft
+
+CORPUS = ["\n\nHuman: What is 2 plus 3?\n\nAssistant: 2 plus 3 is 5.", "\n\nHuman: Say hi.\n\nAssistant: hi"] * 20
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(CORPUS, vocab_size=300)
+
+
+def test_prompt_tokens_carry_no_loss(tokenizer):
+    """Changing the logits at prompt positions leaves the loss unchanged; changing a response position does not."""
+    batch = batch_pairs(tokenizer, ["\n\nHuman: Say hi.\n\nAssistant:"], ["hi"], max_length=64)
+    prompt_len = int((batch.response_mask[0] == 0).sum())
+    torch.manual_seed(0)
+    logits = torch.randn(1, batch.input_ids.shape[1], len(tokenizer))
+    base, count = masked_token_nll(logits, batch.input_ids, batch.response_mask)
+    assert count == int(batch.response_mask[0, 1:].sum())
+    perturbed = logits.clone()
+    perturbed[:, : prompt_len - 1] += 5 * torch.randn_like(perturbed[:, : prompt_len - 1])  # predict prompt tokens only
+    assert masked_token_nll(perturbed, batch.input_ids, batch.response_mask)[0] == pytest.approx(base.item())
+    perturbed[0, prompt_len - 1, batch.input_ids[0, prompt_len]] += 5.0  # predicts the first response token
+    assert masked_token_nll(perturbed, batch.input_ids, batch.response_mask)[0] != pytest.approx(base.item())
+    assert batch.input_ids[0, -1] == tokenizer.eos_token_id and batch.response_mask[0, -1] == 1
+
+
+def test_masked_nll_matches_hand_computation():
+    logits = torch.zeros(1, 3, 4)  # uniform over 4 tokens: every nll is log 4
+    logits[0, 1, 2] = math.log(3.0)  # p(token 2 at step 2) = 3 / 6
+    ids = torch.tensor([[0, 1, 2]])
+    total, count = masked_token_nll(logits, ids, torch.tensor([[0, 1, 1]]))
+    assert count == 2
+    assert total.item() == pytest.approx(math.log(4) + math.log(2))
+
+
+def test_ranking_loss_and_accuracy_by_hand():
+    chosen, rejected = torch.tensor([2.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 3.0])
+    expected = -(math.log(1 / (1 + math.exp(-1))) + math.log(0.5) + math.log(1 / (1 + math.exp(2)))) / 3
+    assert pairwise_ranking_loss(chosen, rejected).item() == pytest.approx(expected)
+    assert pairwise_ranking_loss(chosen, rejected, margin=1.0).item() > expected
+    assert ranking_accuracy(chosen, rejected) == pytest.approx(1 / 3)  # ties do not count as correct
+
+
+def test_response_masks_stop_after_eos():
+    ids = torch.tensor([[5, 6, 0, 7, 8], [5, 0, 1, 1, 1]])  # eos = 0, pad = 1
+    cleaned = mask_after_eos(ids, eos_token_id=0, pad_token_id=1)
+    assert cleaned.tolist() == [[5, 6, 0, 1, 1], [5, 0, 1, 1, 1]]
+    assert response_mask_of(cleaned, 0, 1).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_any_causal_lm_loads_from_a_local_directory(tmp_path, tokenizer, arch):
+    model = build_tiny_model(tokenizer, TinyModelConfig(arch=arch, hidden_size=32, num_layers=1, num_heads=2))
+    ModelBundle(model, tokenizer).save_pretrained(str(tmp_path))
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = load_policy(str(tmp_path))
+    assert type(loaded.model).__name__ == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[arch]
+    ids = torch.tensor([[3, 4, 5]])
+    model.eval(), loaded.model.eval()
+    torch.testing.assert_close(loaded.model(ids).logits, model(ids).logits)
+    value_model = ValueHeadModel(loaded.model)
+    ModelBundle(value_model, tokenizer).save_pretrained(str(tmp_path / "rm"))
+    reloaded = load_value_model(str(tmp_path / "rm")).model.eval()
+    torch.testing.assert_close(reloaded(ids, torch.ones_like(ids))[0], value_model(ids, torch.ones_like(ids))[0])
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_deepspeed_sft_memorises_a_batch(tokenizer, zero_stage):
+    model = build_tiny_model(tokenizer, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2))
+    prompts, responses = ["\n\nHuman: What is 2 plus 3?\n\nAssistant:"] * 8, ["2 plus 3 is 5."] * 8
+    optim = OptimConfig(lr=1e-2, zero_stage=zero_stage, micro_batch_size=8, warmup_ratio=0.0)
+    losses = []
+    model, metrics = train_sft(model, tokenizer, prompts, responses, prompts[:2], responses[:2],
+                               SFTConfig(epochs=25, max_length=64, eval_every=0, optim=optim),
+                               log=lambda m, step: losses.append(m["train/loss"]))
+    assert len(losses) == 25
+    assert losses[-1] < 0.2 * losses[0]
+    assert metrics["val/loss"] < 0.25 * losses[0]  # held-out copy of the batch: memorised too
+
+
+def test_reward_model_learns_a_preference(tokenizer):
+    model = ValueHeadModel(build_tiny_model(tokenizer, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2)))
+    prompts = ["\n\nHuman: Say hi.\n\nAssistant:"] * 16
+    accuracies = []
+    train_reward_model(model, tokenizer, prompts, ["hi"] * 16, ["2 plus 3"] * 16,
+                       RewardConfig(epochs=10, lm_loss_coef=0.5, optim=OptimConfig(lr=1e-2, micro_batch_size=8, zero_stage=2)),
+                       log=lambda m, step: accuracies.append((m["train/accuracy"], m["train/lm_loss"])))
+    assert accuracies[-1][0] == 1.0 and accuracies[-1][1] < accuracies[0][1]

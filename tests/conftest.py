@@ -22,7 +22,7 @@ def make_project_copy(destination: Path) -> Path:
         else:
             shutil.copy(source, destination / name)
     (destination / "conf" / "local").mkdir(exist_ok=True)
-    (destination / "src").symlink_to(PROJECT_ROOT / "src")
+    shutil.copytree(PROJECT_ROOT / "src", destination / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     for layer in (PROJECT_ROOT / "data").iterdir():
         (destination / "data" / layer.name).mkdir(parents=True, exist_ok=True)
     return destination

@@ -18,7 +18,7 @@ def rows_of(records) -> list[RawRow]:
 def preferences() -> pd.DataFrame:
     records = generate_task_data({"num_pairs": 1500, "seed": 1})
     valid, quarantine, counts = parse_preferences(rows_of(records), {"kind": "synthetic"}, strict=False)
-    assert quarantine.empty and counts["data.rows_valid"]["value"] == 1500
+    assert quarantine.empty and counts["rows_valid"]["value"] == 1500
     return valid
 
 
@@ -29,7 +29,7 @@ def test_no_prompt_crosses_splits_and_eval_is_unseen(preferences):
     assert not set(evaluation["prompt"]) & training
     assert not set(sft["prompt"]) & set(rm_train["prompt"])
     assert not set(rm_train["prompt"]) & set(rm_val["prompt"])
-    assert sizes["data.eval_prompts_size"]["value"] == len(evaluation)
+    assert sizes["eval_prompts_size"]["value"] == len(evaluation)
     assert set(evaluation["category"]) >= {"arithmetic", "harmful"}
 
 
@@ -57,7 +57,7 @@ def test_strict_mode_names_file_and_line_default_mode_quarantines():
         parse_preferences(rows, {"kind": "synthetic"}, strict=True)
     valid, quarantine, counts = parse_preferences(rows, {"kind": "synthetic"}, strict=False)
     assert len(valid) == 2 and quarantine.loc[0, "line"] == 2
-    assert counts["data.rows_quarantined"]["value"] == 1
+    assert counts["rows_quarantined"]["value"] == 1
 
 
 def test_jsonl_source_reads_files_and_unknown_kind_fails(tmp_path):

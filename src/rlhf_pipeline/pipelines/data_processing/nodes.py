@@ -47,7 +47,7 @@ def parse_preferences(
     valid = pd.DataFrame(result.preference_records(), columns=["prompt", "chosen", "rejected"])
     quarantine = pd.DataFrame(result.quarantine, columns=["source", "line", "reason", "raw"])
     counts = {"rows_valid": len(valid), "rows_quarantined": len(quarantine)}
-    return valid, quarantine, {f"data.{k}": {"value": float(v), "step": 0} for k, v in counts.items()}
+    return valid, quarantine, {k: {"value": float(v), "step": 0} for k, v in counts.items()}
 
 
 def split_preferences(
@@ -80,5 +80,5 @@ def split_preferences(
     for name, frame in zip(names, outputs, strict=True):
         if frame.empty:
             raise ValueError(f"data_processing.split: split '{name}' is empty; raise its fraction or the data size")
-    sizes = {f"data.{name}_size": {"value": float(len(frame)), "step": 0} for name, frame in zip(names, outputs, strict=True)}
+    sizes = {f"{name}_size": {"value": float(len(frame)), "step": 0} for name, frame in zip(names, outputs, strict=True)}
     return (*outputs, sizes)

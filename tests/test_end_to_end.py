@@ -1,0 +1,68 @@
+"""`kedro run --env test` stage by stage in a copy of the project: outputs, MLflow runs, kedro-viz."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pandas as pd
+import pytest
+
+from tests.conftest import kedro
+
+pytestmark = pytest.mark.slow
+
+
+def runs_of(project) -> pd.DataFrame:
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["rlhf_pipeline"], order_by=["attributes.start_time ASC"])
+
+
+def artifacts_of(run_id: str, path: str = "") -> set[str]:
+    return {f.path for f in mlflow.MlflowClient().list_artifacts(run_id, path)}
+
+
+def test_data_processing(project_copy):
+    kedro(project_copy, "run", "--pipeline", "data_processing", "--env", "test")
+    raw_lines = (project_copy / "data/01_raw/synthetic_hh.jsonl").read_text().splitlines()
+    assert len(raw_lines) == 400  # conf/test: task.num_pairs
+    splits = {name: pd.read_parquet(project_copy / f"data/05_model_input/{name}.parquet")
+              for name in ("sft_train", "rm_train", "rm_val", "ppo_prompts", "eval_prompts")}
+    assert all(len(frame) for frame in splits.values())
+    assert not set(splits["eval_prompts"]["prompt"]) & set().union(*(set(f["prompt"]) for n, f in splits.items() if n != "eval_prompts"))
+    run = runs_of(project_copy).iloc[-1]
+    assert run["metrics.data.rows_valid"] == 400 and run["metrics.data.rows_quarantined"] == 0
+    assert run["metrics.data.eval_prompts_size"] == len(splits["eval_prompts"])
+    assert run["params.task.num_pairs"] == "400"  # parameters are logged, flattened
+
+
+def test_sft(project_copy):
+    kedro(project_copy, "run", "--pipeline", "sft", "--env", "test")
+    metrics = json.loads((project_copy / "data/08_reporting/sft_metrics.json").read_text())
+    assert metrics["val_loss"] > 0 and metrics["train_examples"] > 0
+    [version] = list((project_copy / "data/06_models/sft_model").iterdir())
+    assert (version / "sft_model" / "model.safetensors").exists()
+    run = runs_of(project_copy).iloc[-1]
+    history = mlflow.MlflowClient().get_metric_history(run["run_id"], "sft/train/loss")
+    assert len(history) > 3 and history[-1].value < history[0].value
+    assert "models/sft_model/model.safetensors" in artifacts_of(run["run_id"], "models/sft_model")
+
+
+def test_reward_model(project_copy):
+    kedro(project_copy, "run", "--pipeline", "reward_model", "--env", "test")
+    metrics = json.loads((project_copy / "data/08_reporting/reward_model_metrics.json").read_text())
+    assert {"val_accuracy", "gold_agreement", "reward_mean", "reward_std"} <= set(metrics)
+    assert 0.0 <= metrics["val_accuracy"] <= 1.0 and metrics["reward_std"] > 0
+    run = runs_of(project_copy).iloc[-1]
+    assert run["metrics.reward_model/val_accuracy"] == pytest.approx(metrics["val_accuracy"])
+    assert "models/reward_model/value_head.safetensors" in artifacts_of(run["run_id"], "models/reward_model")
+    assert "reporting/reward_model_metrics.json" in artifacts_of(run["run_id"], "reporting")
+
+
+def test_kedro_viz_build_lists_nodes_and_datasets(project_copy):
+    kedro(project_copy, "viz", "build")
+    graph = json.loads((project_copy / "build/api/main").read_text())
+    names = {node["name"] for node in graph["nodes"]}
+    assert {"generate_task_data_node", "split_preferences_node", "train_sft_model_node", "train_reward_model_node"} <= names
+    assert {"synthetic_hh", "eval_prompts", "sft_model", "reward_model_metrics"} <= names
+    assert "data_processing" in {p["id"] for p in graph["pipelines"]}

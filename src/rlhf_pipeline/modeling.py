@@ -141,10 +141,12 @@ class ValueHeadModel(nn.Module):
         return self.lm.config
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_lm_logits: bool = False
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_lm_logits: bool = False,
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-token values ``(B, T)`` and, if asked, the LM logits ``(B, T, V)``."""
-        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                    position_ids=position_ids).last_hidden_state
         values = self.value_head(hidden).squeeze(-1)
         logits = self.lm.get_output_embeddings()(hidden) if return_lm_logits else None
         return values, logits

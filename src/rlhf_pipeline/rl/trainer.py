@@ -1,0 +1,342 @@
+"""The PPO-max loop: experience -> advantages -> critic/policy updates, monitors, checkpoint/resume.
+
+Each iteration runs the named phases ``generate -> score -> advantages -> update`` (timed as
+``timing/*``) and logs fixed metric names averaged over every mini-batch: ``reward/*``, ``kl/*``,
+``policy/*``, ``value/*``, ``loss/*``, ``response/*``, ``timing/*``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from rlhf_pipeline.generation import SamplingConfig, decode_responses
+from rlhf_pipeline.modeling import ValueHeadModel
+from rlhf_pipeline.rl import ppo_max as F
+from rlhf_pipeline.rl.experience import (
+    Experience,
+    make_experience,
+    response_logits,
+    response_values,
+    timer,
+    token_logprobs,
+)
+from rlhf_pipeline.training.batching import batch_pairs, masked_token_nll
+from rlhf_pipeline.training.engine import LogFn, OptimConfig, grad_norm, init_distributed, make_engine, no_logging, world
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """Every PPO-max trick is a field; ``conf/base/parameters_ppo.yml`` holds the ppo_max and vanilla presets."""
+
+    iterations: int = 100
+    """PPO iterations (one rollout buffer each)."""
+    rollout_batch_size: int = 32
+    """Prompts rolled out per iteration per rank (the experience buffer)."""
+    mini_batch_size: int = 8
+    ppo_epochs: int = 1
+    max_prompt_length: int = 96
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    kl_coef: float = 0.05
+    """η of the per-token KL penalty to the SFT policy (0 turns it off)."""
+    kl_estimator: str = "k1"
+    reward_normalisation: bool = True
+    """Running mean/std normalisation of RM scores."""
+    reward_clip: float | None = 0.8
+    """δ of the normalised-score clip (None: no clip)."""
+    reward_scaling: bool = False
+    """Divide scores by their running std (the paper's alternative; exclusive with normalisation)."""
+    advantage_normalisation: bool = True
+    advantage_clip: float | None = None
+    clip_eps: float = 0.2
+    value_clip: float | None = 0.2
+    entropy_coef: float = 0.0
+    """w of the entropy term w·|H̄ − target| (off in PPO-max)."""
+    entropy_target: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    critic_from_reward_model: bool = True
+    critic_warmup_iterations: int = 0
+    """Iterations that train only the critic before the policy moves."""
+    ptx_coef: float = 0.0
+    """λ_ptx of the LM loss on SFT data added to the policy loss (PPO-ptx)."""
+    ptx_batch_size: int = 8
+    policy_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
+    critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5))
+    checkpoint_every: int = 10
+    """Iterations between checkpoints (0: none)."""
+    sample_every: int = 10
+    """Iterations between logged sample responses."""
+    alarm_kl: float | None = None
+    """Alarm when the per-sequence KL to the reference exceeds this."""
+    alarm_perplexity_drop: float | None = None
+    """Alarm when response perplexity falls below this fraction of its first value."""
+    alarm_length_growth: float | None = None
+    """Alarm when the mean response length exceeds this multiple of its first value."""
+    stop_on_alarm: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"ppo.kl_estimator: unknown {self.kl_estimator!r}; valid: k1, k3")
+        if self.reward_normalisation and self.reward_scaling:
+            raise ValueError("ppo: reward_normalisation and reward_scaling are alternatives; turn one off")
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise ValueError("ppo.rollout_batch_size must be a multiple of ppo.mini_batch_size")
+
+
+@dataclass
+class PPOResult:
+    policy: torch.nn.Module
+    critic: torch.nn.Module
+    history: list[dict[str, float]]
+    samples: list[dict]
+    stopped_early: bool
+
+
+def merge_moments(moments: F.RunningMoments, values: torch.Tensor) -> None:
+    """Update the running score moments with this step's scores of every rank."""
+    stats = torch.tensor([values.numel(), values.sum().item(), (values**2).sum().item()], dtype=torch.float64)
+    if world()[1] > 1:
+        torch.distributed.all_reduce(stats)
+    count, total, squares = stats.tolist()
+    mean = total / count
+    moments.update(count, mean, squares - count * mean**2)
+
+
+def compute_advantages(exp: Experience, cfg: PPOConfig, moments: F.RunningMoments) -> Experience:
+    """Reparameterise scores, fold the KL penalty into per-token rewards, run GAE and whiten."""
+    merge_moments(moments, exp.raw_scores)
+    if cfg.reward_normalisation:
+        exp.scores = F.normalise_and_clip_scores(exp.raw_scores, moments.mean, moments.std, cfg.reward_clip)
+    elif cfg.reward_scaling:
+        exp.scores = exp.raw_scores / (moments.std + F.EPS)
+    else:
+        exp.scores = exp.raw_scores
+    exp.kl = F.kl_estimate(exp.logprobs, exp.ref_logprobs, cfg.kl_estimator) * exp.response_mask
+    exp.rewards = F.kl_shaped_rewards(exp.scores, exp.kl, exp.response_mask, cfg.kl_coef)
+    exp.advantages, exp.returns = F.gae(exp.rewards, exp.values, exp.response_mask, cfg.gamma, cfg.lam)
+    if cfg.advantage_normalisation:
+        exp.advantages = F.masked_whiten(exp.advantages, exp.response_mask)
+    if cfg.advantage_clip is not None:
+        exp.advantages = exp.advantages.clamp(-cfg.advantage_clip, cfg.advantage_clip)
+    return exp
+
+
+class PPOTrainer:
+    """Trains ``policy`` against ``reward_model`` with PPO-max; ``reference`` is a frozen copy of the SFT policy."""
+
+    def __init__(self, policy, reward_model: ValueHeadModel, tokenizer, prompts: list[str], cfg: PPOConfig,
+                 checkpoint_dir: str | None = None, ptx_data: tuple[list[str], list[str]] | None = None,
+                 log: LogFn = no_logging):
+        init_distributed()
+        self.cfg, self.tokenizer, self.log, self.ptx_data = cfg, tokenizer, log, ptx_data
+        self.rank, self.world_size = world()
+        torch.manual_seed(cfg.seed + self.rank)
+        self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        self.reward_model = reward_model.eval().requires_grad_(False)
+        if cfg.critic_from_reward_model:
+            critic = copy.deepcopy(reward_model).requires_grad_(True)
+        else:
+            critic = ValueHeadModel(copy.deepcopy(policy))
+        updates = cfg.iterations * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
+        mini = {"micro_batch_size": cfg.mini_batch_size, "grad_accum": 1}
+        self.policy = make_engine(policy, OptimConfig(**{**asdict(cfg.policy_optim), **mini}), updates)
+        self.critic = make_engine(critic, OptimConfig(**{**asdict(cfg.critic_optim), **mini}), updates)
+        self.prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        self.prompts = prompts
+        self.moments = F.RunningMoments()
+        self.iteration = 0
+        self.first: dict[str, float] = {}
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        if self.checkpoint_dir and (self.checkpoint_dir / "latest").exists():
+            self.load_checkpoint()
+
+    # --- the loop ------------------------------------------------------------------------------
+    def prompt_batch(self) -> list[int]:
+        """This rank's share of the prompts for the current iteration (a seeded pass over the prompts)."""
+        per_iteration = self.cfg.rollout_batch_size * self.world_size
+        epoch, offset = divmod(self.iteration * per_iteration, len(self.prompt_ids))
+        order = list(range(len(self.prompt_ids)))
+        random.Random(self.cfg.seed + epoch).shuffle(order)
+        order = order + order  # a batch may wrap past the end of a pass
+        chosen = order[offset:offset + per_iteration]
+        return chosen[self.rank::self.world_size]
+
+    def train(self) -> PPOResult:
+        history, samples, stopped = [], [], False
+        progress = tqdm(total=self.cfg.iterations, initial=self.iteration, desc="ppo", disable=self.rank != 0)
+        while self.iteration < self.cfg.iterations:
+            metrics, exp = self.step()
+            self.iteration += 1
+            history.append({"step": self.iteration, **metrics})
+            self.log(metrics, self.iteration)
+            if self.cfg.sample_every and self.iteration % self.cfg.sample_every == 0:
+                samples.extend(self.samples(exp))
+            progress.update(1)
+            progress.set_postfix(score=f"{metrics['reward/raw_score']:.3f}", kl=f"{metrics['kl/sequence']:.3f}")
+            alarms = self.alarms(metrics)
+            if alarms:
+                logger.warning("Collapse alarm at iteration %d: %s", self.iteration, "; ".join(alarms))
+                if self.cfg.stop_on_alarm:
+                    stopped = True
+                    logger.warning("Stopping early; the last checkpoint before the alarm is kept")
+                    break
+            if self.checkpoint_dir and self.cfg.checkpoint_every and self.iteration % self.cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+        progress.close()
+        return PPOResult(self.policy.module, self.critic.module, history, samples, stopped)
+
+    def step(self) -> tuple[dict[str, float], Experience]:
+        cfg, timings = self.cfg, {}
+        prompt_ids = [self.prompt_ids[i] for i in self.prompt_batch()]
+        self.policy.eval()
+        exp = make_experience(self.policy.module, self.reference, self.critic.module, self.reward_model, self.tokenizer,
+                              prompt_ids, cfg.sampling, cfg.max_prompt_length, timings)
+        with timer("advantages", timings):
+            exp = compute_advantages(exp, cfg, self.moments)
+        with timer("update", timings):
+            update_metrics = self.update(exp)
+        n_tokens = exp.response_mask.sum().item()
+        metrics = {
+            **rollout_metrics(exp), **update_metrics, **timings,
+            "timing/total": sum(timings.values()),
+            "timing/tokens_per_s": n_tokens / max(sum(timings.values()), 1e-9),
+        }
+        return metrics, exp
+
+    def update(self, exp: Experience) -> dict[str, float]:
+        """PPO epochs over shuffled mini-batches; the critic always trains, the policy after warm-up."""
+        cfg = self.cfg
+        train_policy = self.iteration >= cfg.critic_warmup_iterations
+        sums: dict[str, float] = {}
+        count = 0
+        self.policy.train(), self.critic.train()
+        for _ in range(cfg.ppo_epochs):
+            for index in torch.randperm(exp.sequences.shape[0]).split(cfg.mini_batch_size):
+                batch = exp.select(index)
+                metrics = self.critic_update(batch)
+                if train_policy:
+                    metrics.update(self.policy_update(batch))
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+                count += 1
+        return {key: value / count for key, value in sums.items()}
+
+    def critic_update(self, batch: Experience) -> dict[str, float]:
+        args = (batch.sequences, batch.attention_mask, batch.position_ids, batch.prompt_width)
+        values = response_values(self.critic, *args)
+        loss, metrics = F.value_loss(values, batch.values, batch.returns, batch.response_mask, self.cfg.value_clip)
+        self.critic.backward(loss)
+        self.critic.step()
+        return {"loss/value": loss.item(), "value/grad_norm": grad_norm(self.critic),
+                "value/explained_variance": F.explained_variance(values.detach(), batch.returns, batch.response_mask).item(),
+                **{k: v.item() for k, v in metrics.items()}}
+
+    def policy_update(self, batch: Experience) -> dict[str, float]:
+        cfg = self.cfg
+        args = (batch.sequences, batch.attention_mask, batch.position_ids, batch.prompt_width)
+        logits = response_logits(self.policy, *args)
+        logprobs = token_logprobs(logits, batch.sequences[:, batch.prompt_width:])
+        loss, metrics = F.policy_loss(logprobs, batch.logprobs, batch.advantages, batch.response_mask, cfg.clip_eps)
+        entropy = F.masked_mean(F.entropy_from_logits(logits), batch.response_mask)
+        out = {"loss/policy": loss.item(), "policy/entropy": entropy.item()}
+        if cfg.entropy_coef:
+            loss = loss + cfg.entropy_coef * (entropy - cfg.entropy_target).abs()
+        if cfg.ptx_coef and self.ptx_data:
+            ptx_loss = self.ptx_loss()
+            loss = loss + cfg.ptx_coef * ptx_loss
+            out["loss/ptx"] = ptx_loss.item()
+        self.policy.backward(loss)
+        self.policy.step()
+        out["policy/grad_norm"] = grad_norm(self.policy)
+        return {**out, **{k: v.item() for k, v in metrics.items()}}
+
+    def ptx_loss(self) -> torch.Tensor:
+        """LM loss on a random batch of SFT demonstrations (PPO-ptx)."""
+        prompts, responses = self.ptx_data
+        index = random.Random(self.cfg.seed * 7919 + self.iteration).sample(range(len(prompts)),
+                                                                            min(self.cfg.ptx_batch_size, len(prompts)))
+        batch = batch_pairs(self.tokenizer, [prompts[i] for i in index], [responses[i] for i in index],
+                            self.cfg.max_prompt_length + self.cfg.sampling.max_new_tokens).to(self.policy.device)
+        logits = self.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        total, count = masked_token_nll(logits, batch.input_ids, batch.response_mask)
+        return total / count.clamp(min=1.0)
+
+    # --- monitors --------------------------------------------------------------------------------
+    def alarms(self, metrics: dict[str, float]) -> list[str]:
+        cfg, alarms = self.cfg, []
+        if not self.first:
+            self.first = dict(metrics)
+        if cfg.alarm_kl is not None and metrics["kl/sequence"] > cfg.alarm_kl:
+            alarms.append(f"KL to reference {metrics['kl/sequence']:.3f} > {cfg.alarm_kl}")
+        if cfg.alarm_perplexity_drop is not None and \
+                metrics["response/perplexity"] < cfg.alarm_perplexity_drop * self.first["response/perplexity"]:
+            alarms.append(f"perplexity {metrics['response/perplexity']:.3f} fell below "
+                          f"{cfg.alarm_perplexity_drop} x {self.first['response/perplexity']:.3f}")
+        if cfg.alarm_length_growth is not None and \
+                metrics["response/length"] > cfg.alarm_length_growth * self.first["response/length"]:
+            alarms.append(f"length {metrics['response/length']:.1f} grew past "
+                          f"{cfg.alarm_length_growth} x {self.first['response/length']:.1f}")
+        return alarms
+
+    def samples(self, exp: Experience, count: int = 4) -> list[dict]:
+        prompts = self.tokenizer.batch_decode(exp.sequences[:count, :exp.prompt_width], skip_special_tokens=True)
+        responses = decode_responses(self.tokenizer, exp.sequences[:count, exp.prompt_width:])
+        return [{"step": self.iteration, "prompt": p, "response": r, "rm_score": s}
+                for p, r, s in zip(prompts, responses, exp.raw_scores[:count].tolist(), strict=True)]
+
+    # --- checkpoint / resume -----------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        """Engines (weights, optimiser, scheduler) via DeepSpeed; trainer state as JSON + safetensors."""
+        tag = f"iteration_{self.iteration}"
+        self.policy.save_checkpoint(str(self.checkpoint_dir / "policy"), tag=tag)
+        self.critic.save_checkpoint(str(self.checkpoint_dir / "critic"), tag=tag)
+        if self.rank == 0:
+            state = {"iteration": self.iteration, "moments": self.moments.state_dict(), "first": self.first}
+            (self.checkpoint_dir / f"{tag}.json").write_text(json.dumps(state))
+            save_file({"torch_rng": torch.get_rng_state()}, str(self.checkpoint_dir / f"{tag}_rng.safetensors"))
+            (self.checkpoint_dir / "latest").write_text(tag)
+        logger.info("Saved checkpoint %s", tag)
+
+    def load_checkpoint(self) -> None:
+        tag = (self.checkpoint_dir / "latest").read_text().strip()
+        # DeepSpeed's loader reads files this trainer wrote itself; it is never pointed at downloaded data.
+        self.policy.load_checkpoint(str(self.checkpoint_dir / "policy"), tag=tag)
+        self.critic.load_checkpoint(str(self.checkpoint_dir / "critic"), tag=tag)
+        state = json.loads((self.checkpoint_dir / f"{tag}.json").read_text())
+        self.iteration, self.first = state["iteration"], state["first"]
+        self.moments.load_state_dict(state["moments"])
+        torch.set_rng_state(load_file(str(self.checkpoint_dir / f"{tag}_rng.safetensors"))["torch_rng"])
+        logger.info("Resumed from checkpoint %s", tag)
+
+
+def rollout_metrics(exp: Experience) -> dict[str, float]:
+    """Monitors of the rollouts (§5.2): scores, KL to the reference, perplexity, length."""
+    mask = exp.response_mask
+    lengths = mask.sum(dim=1)
+    kl_per_sequence = (exp.kl * mask).sum(dim=1)
+    mean_logprob = F.masked_mean(exp.logprobs, mask, dim=1)
+    return {
+        "reward/raw_score": exp.raw_scores.mean().item(),
+        "reward/raw_score_std": exp.raw_scores.std().item() if exp.raw_scores.numel() > 1 else 0.0,
+        "reward/score": exp.scores.mean().item(),
+        "reward/return": F.masked_mean(exp.returns, mask).item(),
+        "reward/advantage": F.masked_mean(exp.advantages, mask).item(),
+        "kl/token": F.masked_mean(exp.kl, mask).item(),
+        "kl/sequence": kl_per_sequence.mean().item(),
+        "response/length": lengths.mean().item(),
+        "response/perplexity": math.exp(min(-mean_logprob.mean().item(), 50.0)),
+    }

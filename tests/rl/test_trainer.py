@@ -1,0 +1,80 @@
+"""The PPO loop on a toy reward: it optimises, resumes after an interruption, and runs as vanilla PPO."""
+
+import pytest
+import torch
+from torch import nn
+
+from rlhf_pipeline.generation import SamplingConfig
+from rlhf_pipeline.modeling import TinyModelConfig, build_tiny_model, train_tokenizer
+from rlhf_pipeline.rl.trainer import PPOConfig, PPOTrainer
+from rlhf_pipeline.training.engine import OptimConfig
+
+PROMPTS = [f"\n\nHuman: Say something {i}.\n\nAssistant:" for i in range(16)]
+
+
+class EvenTokenReward(nn.Module):
+    """Toy reward model: the score at a position is the number of even token ids up to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))  # a module DeepSpeed could wrap; never trained here
+
+    def forward(self, input_ids, attention_mask, return_lm_logits=False, position_ids=None):
+        even = ((input_ids % 2 == 0) & (attention_mask > 0)).float()
+        return even.cumsum(dim=1), None
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(PROMPTS * 5, vocab_size=300)
+
+
+def make_trainer(tokenizer, iterations, checkpoint_dir=None, seed=0, **overrides):
+    policy = build_tiny_model(tokenizer, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, seed=seed))
+    cfg = PPOConfig(**{
+        "iterations": iterations, "rollout_batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 4,
+        "sampling": SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=1.0), "kl_coef": 0.0,
+        "critic_from_reward_model": False, "policy_optim": OptimConfig(lr=3e-3, warmup_ratio=0.0, zero_stage=2),
+        "critic_optim": OptimConfig(lr=3e-3, warmup_ratio=0.0, zero_stage=2), "checkpoint_every": 2,
+        "sample_every": 5, "seed": seed, **overrides})
+    return PPOTrainer(policy, EvenTokenReward(), tokenizer, PROMPTS, cfg, checkpoint_dir=checkpoint_dir)
+
+
+def test_mean_reward_rises_on_a_toy_reward(tokenizer):
+    result = make_trainer(tokenizer, iterations=30).train()
+    scores = [h["reward/raw_score"] for h in result.history]
+    assert len(scores) == 30
+    early, late = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
+    assert late > early + 1.0, f"mean reward did not rise: {early:.2f} -> {late:.2f}"
+    assert {"timing/generate", "timing/score", "timing/update", "kl/sequence", "policy/clipfrac",
+            "value/explained_variance", "response/perplexity"} <= set(result.history[-1])
+    assert result.samples and {"prompt", "response", "rm_score", "step"} <= set(result.samples[0])
+
+
+def test_resume_after_interruption_ends_at_the_configured_step(tokenizer, tmp_path):
+    trainer = make_trainer(tokenizer, iterations=4, checkpoint_dir=tmp_path)
+
+    def interrupt(metrics, step):
+        if step == 3:
+            raise KeyboardInterrupt  # the run is killed after iteration 3; iteration 2 was checkpointed
+
+    trainer.log = interrupt
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert (tmp_path / "latest").read_text() == "iteration_2"
+    resumed = make_trainer(tokenizer, iterations=4, checkpoint_dir=tmp_path, seed=1)
+    assert resumed.iteration == 2 and resumed.moments.count == 2 * 16
+    saved = torch.load(next((tmp_path / "policy" / "iteration_2").glob("mp_rank_00_model_states.pt")),
+                       weights_only=False)["module"]
+    for name, tensor in resumed.policy.module.state_dict().items():
+        torch.testing.assert_close(tensor, saved[name])  # weights come from the checkpoint, not the new seed
+    result = resumed.train()
+    assert [h["step"] for h in result.history] == [3, 4]
+    assert (tmp_path / "latest").read_text() == "iteration_4"
+
+
+def test_vanilla_settings_and_collapse_alarm_stop(tokenizer):
+    trainer = make_trainer(tokenizer, iterations=5, reward_normalisation=False, reward_clip=None,
+                           advantage_normalisation=False, value_clip=None, alarm_length_growth=0.5, stop_on_alarm=True)
+    result = trainer.train()
+    assert result.stopped_early and len(result.history) == 1  # length can never exceed half its first value

@@ -63,6 +63,25 @@ def test_kedro_viz_build_lists_nodes_and_datasets(project_copy):
     kedro(project_copy, "viz", "build")
     graph = json.loads((project_copy / "build/api/main").read_text())
     names = {node["name"] for node in graph["nodes"]}
-    assert {"generate_task_data_node", "split_preferences_node", "train_sft_model_node", "train_reward_model_node"} <= names
+    assert {"generate_task_data_node", "split_preferences_node", "train_sft_model_node", "train_reward_model_node",
+            "train_ppo_node"} <= names
     assert {"synthetic_hh", "eval_prompts", "sft_model", "reward_model_metrics"} <= names
     assert "data_processing" in {p["id"] for p in graph["pipelines"]}
+
+
+def test_ppo_both_variants(project_copy):
+    kedro(project_copy, "run", "--pipeline", "ppo", "--env", "test")
+    run = runs_of(project_copy).iloc[-1]
+    client = mlflow.MlflowClient()
+    for variant in ("ppo_max", "vanilla"):
+        history = pd.read_csv(project_copy / f"data/08_reporting/ppo_{variant}_history.csv")
+        assert history["step"].tolist() == [1, 2, 3]
+        [version] = list((project_copy / f"data/06_models/ppo/{variant}/policy").iterdir())
+        assert (version / "policy" / "model.safetensors").exists()
+        assert (project_copy / f"data/06_models/ppo/{variant}/checkpoints/latest").read_text() == "iteration_2"
+        curve = client.get_metric_history(run["run_id"], f"ppo/{variant}/kl/sequence")
+        assert [m.step for m in curve] == [1, 2, 3]
+        assert f"ppo_{variant}/ppo_{variant}_samples.json" in artifacts_of(run["run_id"], f"ppo_{variant}")
+    ppo_max = pd.read_csv(project_copy / "data/08_reporting/ppo_ppo_max_history.csv")
+    assert "loss/ptx" in ppo_max.columns and "loss/policy" in ppo_max.columns  # policy trains after 1 warm-up step
+    assert ppo_max["loss/policy"].isna().tolist() == [True, False, False]

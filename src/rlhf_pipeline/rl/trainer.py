@@ -140,7 +140,8 @@ class PPOTrainer:
 
     def __init__(self, policy, reward_model: ValueHeadModel, tokenizer, prompts: list[str], cfg: PPOConfig,
                  checkpoint_dir: str | None = None, ptx_data: tuple[list[str], list[str]] | None = None,
-                 log: LogFn = no_logging):
+                 log: LogFn = no_logging, score_prior: tuple[float, float, float] | None = None):
+        """``score_prior``: (count, mean, std) of RM scores measured after RM training, to start the normaliser."""
         init_distributed()
         self.cfg, self.tokenizer, self.log, self.ptx_data = cfg, tokenizer, log, ptx_data
         self.rank, self.world_size = world()
@@ -158,6 +159,9 @@ class PPOTrainer:
         self.prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         self.prompts = prompts
         self.moments = F.RunningMoments()
+        if score_prior:
+            count, mean, std = score_prior
+            self.moments.update(count, mean, std**2 * count)
         self.iteration = 0
         self.first: dict[str, float] = {}
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None

@@ -76,6 +76,7 @@ def train_reward_model_node(
         "reward_mean": train_scores.mean().item(),
         "reward_std": train_scores.std().item(),
         "length_correlation": torch.corrcoef(torch.stack([train_scores, lengths]))[0, 1].item(),
+        "stats_count": float(train_scores.numel()),
         "val_pairs": len(rm_val),
         "gold_pairs": len(gold_pairs),
     }

@@ -1,0 +1,52 @@
+"""Nodes of the ppo pipeline."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pandas as pd
+
+from rlhf_pipeline.generation import SamplingConfig
+from rlhf_pipeline.modeling import ModelBundle
+from rlhf_pipeline.pipelines.tracking import config_from, mlflow_logger
+from rlhf_pipeline.rl.trainer import PPOConfig, PPOTrainer
+from rlhf_pipeline.training.engine import OptimConfig
+
+logger = logging.getLogger(__name__)
+
+
+def train_ppo(
+    sft_model: ModelBundle, reward_model: ModelBundle, ppo_prompts: pd.DataFrame, sft_train: pd.DataFrame,
+    reward_model_metrics: dict[str, float], ppo: dict[str, Any],
+) -> tuple[ModelBundle, pd.DataFrame, list[dict]]:
+    """Train the SFT policy against the reward model with one PPO variant.
+
+    Args:
+        sft_model: The policy's start and (frozen copy) the KL reference.
+        reward_model: Scores rollouts; the critic starts from it when ``critic_from_reward_model``.
+        ppo_prompts: Prompts to roll out.
+        sft_train: Demonstrations for the PPO-ptx loss.
+        reward_model_metrics: ``reward_mean``/``reward_std`` start the score normaliser.
+        ppo: ``PPOConfig`` fields plus ``name`` (the variant, used in metric names) and ``checkpoint_dir``
+            (a run killed mid-way resumes from there with the same command).
+
+    Returns:
+        The trained policy, the per-iteration metrics and sample responses.
+    """
+    params = dict(ppo)
+    name, checkpoint_dir = params.pop("name"), params.pop("checkpoint_dir", None)
+    params["sampling"] = SamplingConfig(**params.get("sampling", {}))
+    cfg = config_from(PPOConfig, params, policy_optim=OptimConfig, critic_optim=OptimConfig)
+    prior = (float(reward_model_metrics.get("stats_count", 100)), reward_model_metrics["reward_mean"],
+             reward_model_metrics["reward_std"])
+    trainer = PPOTrainer(sft_model.model, reward_model.model, sft_model.tokenizer, ppo_prompts["prompt"].tolist(), cfg,
+                         checkpoint_dir=checkpoint_dir, ptx_data=(sft_train["prompt"].tolist(), sft_train["response"].tolist()),
+                         log=mlflow_logger(f"ppo/{name}"), score_prior=prior)
+    result = trainer.train()
+    history = pd.DataFrame(result.history)
+    if not history.empty:
+        last = history.iloc[-1]
+        logger.info("PPO %s: %d iterations, RM score %.3f, KL %.3f, length %.1f", name, len(history),
+                    last["reward/raw_score"], last["kl/sequence"], last["response/length"])
+    return ModelBundle(result.policy, sft_model.tokenizer), history, result.samples

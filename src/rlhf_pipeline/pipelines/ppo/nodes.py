@@ -10,7 +10,8 @@ import pandas as pd
 from rlhf_pipeline.generation import SamplingConfig
 from rlhf_pipeline.modeling import ModelBundle
 from rlhf_pipeline.pipelines.tracking import config_from, mlflow_logger
-from rlhf_pipeline.rl.trainer import PPOConfig, PPOTrainer
+from rlhf_pipeline.rl.launch import LaunchConfig, run_ppo
+from rlhf_pipeline.rl.trainer import PPOConfig
 from rlhf_pipeline.training.engine import OptimConfig
 
 logger = logging.getLogger(__name__)
@@ -28,22 +29,24 @@ def train_ppo(
         ppo_prompts: Prompts to roll out.
         sft_train: Demonstrations for the PPO-ptx loss.
         reward_model_metrics: ``reward_mean``/``reward_std`` start the score normaliser.
-        ppo: ``PPOConfig`` fields plus ``name`` (the variant, used in metric names) and ``checkpoint_dir``
-            (a run killed mid-way resumes from there with the same command).
+        ppo: ``PPOConfig`` fields plus ``name`` (the variant, used in metric names), ``checkpoint_dir``
+            (a run killed mid-way resumes from there with the same command) and ``launcher``
+            (``LaunchConfig``: more than one process runs through the ``deepspeed`` launcher).
 
     Returns:
         The trained policy, the per-iteration metrics and sample responses.
     """
     params = dict(ppo)
     name, checkpoint_dir = params.pop("name"), params.pop("checkpoint_dir", None)
+    launch = config_from(LaunchConfig, params.pop("launcher", {}))
     params["sampling"] = SamplingConfig(**params.get("sampling", {}))
     cfg = config_from(PPOConfig, params, policy_optim=OptimConfig, critic_optim=OptimConfig)
     prior = (float(reward_model_metrics.get("stats_count", 100)), reward_model_metrics["reward_mean"],
              reward_model_metrics["reward_std"])
-    trainer = PPOTrainer(sft_model.model, reward_model.model, sft_model.tokenizer, ppo_prompts["prompt"].tolist(), cfg,
-                         checkpoint_dir=checkpoint_dir, ptx_data=(sft_train["prompt"].tolist(), sft_train["response"].tolist()),
-                         log=mlflow_logger(f"ppo/{name}"), score_prior=prior)
-    result = trainer.train()
+    result = run_ppo(sft_model, reward_model, ppo_prompts["prompt"].tolist(),
+                     (sft_train["prompt"].tolist(), sft_train["response"].tolist()), cfg, launch,
+                     checkpoint_dir=checkpoint_dir, score_prior=prior, log=mlflow_logger(f"ppo/{name}"),
+                     metric_prefix=f"ppo/{name}/")
     history = pd.DataFrame(result.history)
     if not history.empty:
         last = history.iloc[-1]

@@ -1,0 +1,145 @@
+"""Run PPO in this process, or across processes with the ``deepspeed`` launcher.
+
+``run_ppo`` trains in-process when one process is configured. With more (GPUs, CPU ranks, or nodes
+from a hostfile) it writes a job folder - models as ``save_pretrained`` directories, prompts and SFT
+data as Parquet, the config as JSON - and runs ``deepspeed [--hostfile H] --num_gpus N --module
+rlhf_pipeline.rl.launch <job>`` as a subprocess. Every rank rolls out its own share of the prompts and
+ZeRO shards the training state; rank 0 logs into the caller's MLflow run (``MLFLOW_RUN_ID`` and
+``MLFLOW_TRACKING_URI`` in the environment) and writes the policy, history and samples back to the job
+folder, which ``run_ppo`` loads and returns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from rlhf_pipeline.generation import SamplingConfig
+from rlhf_pipeline.modeling import ModelBundle, load_policy, load_value_model
+from rlhf_pipeline.rl.trainer import PPOConfig, PPOResult, PPOTrainer
+from rlhf_pipeline.training.engine import LogFn, OptimConfig, no_logging, world
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Where PPO runs."""
+
+    num_processes: int = 1
+    """Processes per node (GPUs, or CPU ranks without GPUs); 1 trains in this process."""
+    hostfile: str | None = None
+    """DeepSpeed hostfile (``host slots=N`` per line) for multi-node runs."""
+    master_port: int = 29500
+    job_dir: str = "data/06_models/ppo/job"
+    """Folder for the launcher's inputs and outputs."""
+
+
+def ppo_config_from_dict(values: dict) -> PPOConfig:
+    values = dict(values)
+    values["sampling"] = SamplingConfig(**values["sampling"])
+    values["policy_optim"] = OptimConfig(**values["policy_optim"])
+    values["critic_optim"] = OptimConfig(**values["critic_optim"])
+    return PPOConfig(**values)
+
+
+def run_ppo(policy: ModelBundle, reward_model: ModelBundle, prompts: list[str], ptx_data: tuple[list[str], list[str]],
+            cfg: PPOConfig, launch: LaunchConfig, checkpoint_dir: str | None = None,
+            score_prior: tuple[float, float, float] | None = None, log: LogFn = no_logging,
+            metric_prefix: str = "") -> PPOResult:
+    """Train with PPO in-process or through the ``deepspeed`` launcher (see the module docstring)."""
+    if launch.num_processes <= 1 and not launch.hostfile:
+        trainer = PPOTrainer(policy.model, reward_model.model, policy.tokenizer, prompts, cfg, checkpoint_dir=checkpoint_dir,
+                             ptx_data=ptx_data, log=log, score_prior=score_prior)
+        return trainer.train()
+    job = Path(launch.job_dir)
+    if job.exists():
+        shutil.rmtree(job / "output", ignore_errors=True)
+    job.mkdir(parents=True, exist_ok=True)
+    policy.save_pretrained(str(job / "policy"))
+    reward_model.save_pretrained(str(job / "reward_model"))
+    pd.DataFrame({"prompt": prompts}).to_parquet(job / "prompts.parquet")
+    pd.DataFrame({"prompt": ptx_data[0], "response": ptx_data[1]}).to_parquet(job / "ptx.parquet")
+    (job / "job.json").write_text(json.dumps({
+        "ppo": asdict(cfg), "checkpoint_dir": checkpoint_dir, "score_prior": score_prior, "metric_prefix": metric_prefix,
+    }, indent=2))
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(launch.master_port)]
+    if launch.hostfile:
+        command += ["--hostfile", launch.hostfile]
+    command += ["--num_gpus", str(launch.num_processes), "--module", "rlhf_pipeline.rl.launch", str(job.resolve())]
+    logger.info("Launching PPO on %d process(es) per node: %s", launch.num_processes, " ".join(command))
+    subprocess.run(command, check=True, env=launch_environment())
+    output = job / "output"
+    samples = json.loads((output / "samples.json").read_text())
+    history = json.loads((output / "history.json").read_text())
+    stopped = json.loads((output / "status.json").read_text())["stopped_early"]
+    return PPOResult(load_policy(str(output / "policy")).model, None, history, samples, stopped)
+
+
+def launch_environment() -> dict[str, str]:
+    """The environment of the launched ranks: the caller's MLflow run, CPU-friendly defaults."""
+    env = dict(os.environ)
+    try:
+        import mlflow
+
+        run = mlflow.active_run()
+        if run is not None:
+            env.update(MLFLOW_RUN_ID=run.info.run_id, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri())
+    except ImportError:  # mlflow is optional for the core
+        pass
+    return env
+
+
+def mlflow_rank0_logger(prefix: str) -> LogFn:
+    """Rank 0 logs to the run named by ``MLFLOW_RUN_ID`` (the kedro run that launched it)."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id or world()[0] != 0:
+        return no_logging
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient(os.environ.get("MLFLOW_TRACKING_URI"))
+
+    def log(metrics: dict[str, float], step: int) -> None:
+        import time
+
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(f"{prefix}{k}", float(v), now, step) for k, v in metrics.items()])
+
+    return log
+
+
+def worker(job_dir: str) -> None:
+    """Entry point of each launched rank."""
+    job = Path(job_dir)
+    spec = json.loads((job / "job.json").read_text())
+    cfg = ppo_config_from_dict(spec["ppo"])
+    policy = load_policy(str(job / "policy"))
+    reward_model = load_value_model(str(job / "reward_model"))
+    prompts = pd.read_parquet(job / "prompts.parquet")["prompt"].tolist()
+    ptx = pd.read_parquet(job / "ptx.parquet")
+    trainer = PPOTrainer(policy.model, reward_model.model, policy.tokenizer, prompts, cfg,
+                         checkpoint_dir=spec["checkpoint_dir"], ptx_data=(ptx["prompt"].tolist(), ptx["response"].tolist()),
+                         log=mlflow_rank0_logger(spec["metric_prefix"]),
+                         score_prior=tuple(spec["score_prior"]) if spec["score_prior"] else None)
+    result = trainer.train()
+    if world()[0] == 0:
+        output = job / "output"
+        output.mkdir(exist_ok=True)
+        ModelBundle(result.policy, policy.tokenizer).save_pretrained(str(output / "policy"))
+        (output / "history.json").write_text(json.dumps(result.history))
+        (output / "samples.json").write_text(json.dumps(result.samples))
+        (output / "status.json").write_text(json.dumps({"stopped_early": result.stopped_early, "world_size": world()[1]}))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    worker(next(arg for arg in sys.argv[1:] if not arg.startswith("--local_rank")))

@@ -85,3 +85,19 @@ def test_ppo_both_variants(project_copy):
     ppo_max = pd.read_csv(project_copy / "data/08_reporting/ppo_ppo_max_history.csv")
     assert "loss/ptx" in ppo_max.columns and "loss/policy" in ppo_max.columns  # policy trains after 1 warm-up step
     assert ppo_max["loss/policy"].isna().tolist() == [True, False, False]
+
+
+def test_evaluation(project_copy):
+    kedro(project_copy, "run", "--pipeline", "evaluation", "--env", "test")
+    summary = json.loads((project_copy / "data/08_reporting/evaluation_summary.json").read_text())
+    assert set(summary) == {"sft", "ppo_max", "vanilla"}
+    keys = {"gold_score", "rm_score", "win_rate_vs_sft_gold", "win_rate_vs_sft_rm", "kl_to_sft", "perplexity", "response_length"}
+    for policy in summary.values():
+        assert keys <= set(policy)
+    assert summary["sft"]["win_rate_vs_sft_gold"] == 0.5 and summary["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-5)
+    for name in ("evaluation_summary.md", "evaluation_summary.csv", "training_curves.png", "comparison.png"):
+        assert (project_copy / "data/08_reporting" / name).stat().st_size > 0
+    run = runs_of(project_copy).iloc[-1]
+    assert "metrics.evaluation/ppo_max/gold_score" in run.index
+    assert {"reporting/training_curves.png", "reporting/comparison.png", "reporting/evaluation_summary.json"} <= \
+        artifacts_of(run["run_id"], "reporting")

@@ -1,0 +1,50 @@
+"""Evaluation metrics of a policy on held-out prompts (no kedro): win rates, KL, perplexity, diversity, refusals."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from rlhf_pipeline.rl.experience import token_logprobs
+from rlhf_pipeline.training.batching import batch_pairs
+
+
+def win_rate(scores: Sequence[float], baseline_scores: Sequence[float]) -> float:
+    """Share of pairs where ``scores`` beats ``baseline_scores``, ties counting one half; nan pairs are skipped."""
+    pairs = [(a, b) for a, b in zip(scores, baseline_scores, strict=True) if not (math.isnan(a) or math.isnan(b))]
+    if not pairs:
+        return math.nan
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct-n: unique word n-grams over all word n-grams of ``texts`` (1 = no repetition)."""
+    ngrams = [tuple(words[i:i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
+
+
+@torch.no_grad()
+def response_logprobs(model, tokenizer, prompts: list[str], responses: list[str], max_length: int,
+                      batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each response (EOS included) under ``model`` and its token count, ``(N,)`` each."""
+    device = next(model.parameters()).device
+    model.eval()
+    sums, counts = [], []
+    for start in range(0, len(prompts), batch_size):
+        batch = batch_pairs(tokenizer, prompts[start:start + batch_size], responses[start:start + batch_size], max_length).to(device)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        logp = token_logprobs(logits, batch.input_ids[:, 1:])
+        mask = batch.response_mask[:, 1:].float()
+        sums.append((logp * mask).sum(1).cpu())
+        counts.append(mask.sum(1).cpu())
+    return torch.cat(sums), torch.cat(counts)
+
+
+def kl_and_perplexity(policy, reference, tokenizer, prompts: list[str], responses: list[str], max_length: int) -> dict[str, float]:
+    """KL(π‖π_ref) per sequence, estimated on the policy's own samples (k1), and the policy's perplexity of them."""
+    policy_logp, counts = response_logprobs(policy, tokenizer, prompts, responses, max_length)
+    reference_logp, _ = response_logprobs(reference, tokenizer, prompts, responses, max_length)
+    return {"kl_to_sft": (policy_logp - reference_logp).mean().item(),
+            "perplexity": math.exp(min(-policy_logp.sum().item() / max(counts.sum().item(), 1.0), 50.0))}

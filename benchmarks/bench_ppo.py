@@ -19,7 +19,13 @@ import time
 import torch
 
 from rlhf_pipeline.generation import SamplingConfig
-from rlhf_pipeline.modeling import TinyModelConfig, ValueHeadModel, build_tiny_model, count_parameters, train_tokenizer
+from rlhf_pipeline.modeling import (
+    TinyModelConfig,
+    ValueHeadModel,
+    build_tiny_model,
+    count_parameters,
+    train_tokenizer,
+)
 from rlhf_pipeline.rl.trainer import PPOConfig, PPOTrainer
 from rlhf_pipeline.training.engine import OptimConfig
 

@@ -101,3 +101,17 @@ def test_evaluation(project_copy):
     assert "metrics.evaluation/ppo_max/gold_score" in run.index
     assert {"reporting/training_curves.png", "reporting/comparison.png", "reporting/evaluation_summary.json"} <= \
         artifacts_of(run["run_id"], "reporting")
+
+
+def test_notebook_reads_the_last_run(project_copy, monkeypatch):
+    import nbclient
+    import nbformat
+
+    from tests.conftest import PROJECT_ROOT
+
+    monkeypatch.setenv("RLHF_PROJECT_DIR", str(project_copy))
+    notebook = nbformat.read(PROJECT_ROOT / "notebooks/ppo_comparison.ipynb", as_version=4)
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(project_copy)}}).execute()
+    table_output = notebook.cells[2].outputs[0]["data"]["text/plain"]
+    assert "ppo_max" in table_output and "vanilla" in table_output and "gold_score" in table_output

@@ -3,7 +3,14 @@ import json
 
 import pytest
 
-from rlhf_pipeline.hh import RawRow, RowError, parse_raw_row, parse_rows, read_jsonl_rows, split_prompt_response
+from rlhf_pipeline.hh import (
+    RawRow,
+    RowError,
+    parse_raw_row,
+    parse_rows,
+    read_jsonl_rows,
+    split_prompt_response,
+)
 
 
 def row(record, line=1, source="raw.jsonl") -> RawRow:

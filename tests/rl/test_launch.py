@@ -5,7 +5,13 @@ import json
 import pytest
 
 from rlhf_pipeline.generation import SamplingConfig
-from rlhf_pipeline.modeling import ModelBundle, TinyModelConfig, ValueHeadModel, build_tiny_model, train_tokenizer
+from rlhf_pipeline.modeling import (
+    ModelBundle,
+    TinyModelConfig,
+    ValueHeadModel,
+    build_tiny_model,
+    train_tokenizer,
+)
 from rlhf_pipeline.rl.launch import LaunchConfig, run_ppo
 from rlhf_pipeline.rl.trainer import PPOConfig
 from rlhf_pipeline.training.engine import OptimConfig

@@ -4,11 +4,23 @@ import pytest
 import torch
 
 from rlhf_pipeline.generation import mask_after_eos, response_mask_of
-from rlhf_pipeline.modeling import TinyModelConfig, ValueHeadModel, build_tiny_model, load_policy, load_value_model, train_tokenizer
-from rlhf_pipeline.modeling import ModelBundle
+from rlhf_pipeline.modeling import (
+    ModelBundle,
+    TinyModelConfig,
+    ValueHeadModel,
+    build_tiny_model,
+    load_policy,
+    load_value_model,
+    train_tokenizer,
+)
 from rlhf_pipeline.training.batching import batch_pairs, masked_token_nll
 from rlhf_pipeline.training.engine import OptimConfig
-from rlhf_pipeline.training.reward import RewardConfig, pairwise_ranking_loss, ranking_accuracy, train_reward_model
+from rlhf_pipeline.training.reward import (
+    RewardConfig,
+    pairwise_ranking_loss,
+    ranking_accuracy,
+    train_reward_model,
+)
 from rlhf_pipeline.training.sft import SFTConfig, train_sft
 
 CORPUS = ["\n\nHuman: What is 2 plus 3?\n\nAssistant: 2 plus 3 is 5.", "\n\nHuman: Say hi.\n\nAssistant: hi"] * 20

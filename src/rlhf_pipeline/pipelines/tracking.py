@@ -16,17 +16,3 @@ def mlflow_logger(prefix: str) -> LogFn:
 
     return log
 
-
-def config_from(cls, params: dict, **nested):
-    """Build a config dataclass from ``params``; unknown keys fail loudly with the valid field names."""
-    import dataclasses
-
-    valid = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(params) - valid
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown parameter(s) {sorted(unknown)}; valid: {sorted(valid)}")
-    values = dict(params)
-    for name, nested_cls in nested.items():
-        if name in values:
-            values[name] = config_from(nested_cls, values[name])
-    return cls(**values)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from rlhf_pipeline.config import config_from
 from rlhf_pipeline.generation import SamplingConfig
 from rlhf_pipeline.modeling import ModelBundle, load_policy, load_value_model
 from rlhf_pipeline.rl.trainer import PPOConfig, PPOResult, PPOTrainer
@@ -41,14 +42,6 @@ class LaunchConfig:
     master_port: int = 29500
     job_dir: str = "data/06_models/ppo/job"
     """Folder for the launcher's inputs and outputs."""
-
-
-def ppo_config_from_dict(values: dict) -> PPOConfig:
-    values = dict(values)
-    values["sampling"] = SamplingConfig(**values["sampling"])
-    values["policy_optim"] = OptimConfig(**values["policy_optim"])
-    values["critic_optim"] = OptimConfig(**values["critic_optim"])
-    return PPOConfig(**values)
 
 
 def run_ppo(policy: ModelBundle, reward_model: ModelBundle, prompts: list[str], ptx_data: tuple[list[str], list[str]],
@@ -121,7 +114,7 @@ def worker(job_dir: str) -> None:
     """Entry point of each launched rank."""
     job = Path(job_dir)
     spec = json.loads((job / "job.json").read_text())
-    cfg = ppo_config_from_dict(spec["ppo"])
+    cfg = config_from(PPOConfig, spec["ppo"], sampling=SamplingConfig, policy_optim=OptimConfig, critic_optim=OptimConfig)
     policy = load_policy(str(job / "policy"))
     reward_model = load_value_model(str(job / "reward_model"))
     prompts = pd.read_parquet(job / "prompts.parquet")["prompt"].tolist()

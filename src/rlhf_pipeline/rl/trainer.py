@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import random
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,7 +31,15 @@ from rlhf_pipeline.rl.experience import (
     token_logprobs,
 )
 from rlhf_pipeline.training.batching import batch_pairs, masked_token_nll
-from rlhf_pipeline.training.engine import LogFn, OptimConfig, grad_norm, init_distributed, make_engine, no_logging, world
+from rlhf_pipeline.training.engine import (
+    LogFn,
+    OptimConfig,
+    grad_norm,
+    init_distributed,
+    make_engine,
+    no_logging,
+    world,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,11 @@ import pytest
 
 from rlhf_pipeline.data import assign_splits
 from rlhf_pipeline.hh import RawRow, RowError
-from rlhf_pipeline.pipelines.data_processing.nodes import generate_task_data, parse_preferences, split_preferences
+from rlhf_pipeline.pipelines.data_processing.nodes import (
+    generate_task_data,
+    parse_preferences,
+    split_preferences,
+)
 
 SPLIT = {"seed": 0, "fractions": {"sft_train": 0.35, "rm_train": 0.35, "rm_val": 0.05, "ppo_prompts": 0.15, "eval_prompts": 0.1}}
 

@@ -2,7 +2,11 @@
 
 from kedro.pipeline import Pipeline, node, pipeline
 
-from rlhf_pipeline.pipelines.data_processing.nodes import generate_task_data, parse_preferences, split_preferences
+from rlhf_pipeline.pipelines.data_processing.nodes import (
+    generate_task_data,
+    parse_preferences,
+    split_preferences,
+)
 
 
 def create_pipeline(**kwargs) -> Pipeline:

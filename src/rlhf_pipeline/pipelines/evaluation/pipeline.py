@@ -2,7 +2,12 @@
 
 from kedro.pipeline import Pipeline, node, pipeline
 
-from rlhf_pipeline.pipelines.evaluation.nodes import evaluate_policies, plot_comparison, plot_training_curves, summary_markdown
+from rlhf_pipeline.pipelines.evaluation.nodes import (
+    evaluate_policies,
+    plot_comparison,
+    plot_training_curves,
+    summary_markdown,
+)
 from rlhf_pipeline.pipelines.ppo.pipeline import VARIANTS
 
 

@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from rlhf_pipeline.config import config_from
 from rlhf_pipeline.modeling import ModelBundle, ValueHeadModel
-from rlhf_pipeline.pipelines.tracking import config_from, mlflow_logger
+from rlhf_pipeline.pipelines.tracking import mlflow_logger
 from rlhf_pipeline.task import gold_score
 from rlhf_pipeline.training.engine import OptimConfig
 from rlhf_pipeline.training.reward import RewardConfig, ranking_accuracy, score_responses, train_reward_model

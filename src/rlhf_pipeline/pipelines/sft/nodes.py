@@ -8,10 +8,17 @@ from typing import Any
 
 import pandas as pd
 
+from rlhf_pipeline.config import config_from
 from rlhf_pipeline.data import prompt_bucket
 from rlhf_pipeline.generation import SamplingConfig, generate_texts
-from rlhf_pipeline.modeling import ModelBundle, TinyModelConfig, build_tiny_model, load_policy, train_tokenizer
-from rlhf_pipeline.pipelines.tracking import config_from, mlflow_logger
+from rlhf_pipeline.modeling import (
+    ModelBundle,
+    TinyModelConfig,
+    build_tiny_model,
+    load_policy,
+    train_tokenizer,
+)
+from rlhf_pipeline.pipelines.tracking import mlflow_logger
 from rlhf_pipeline.task import gold_score
 from rlhf_pipeline.training.engine import OptimConfig
 from rlhf_pipeline.training.sft import SFTConfig, train_sft
@@ -65,7 +72,7 @@ def train_sft_model(base_model: ModelBundle, sft_train: pd.DataFrame, sft: dict[
     """
     params = dict(sft)
     val_fraction, gold_prompts = params.pop("val_fraction"), params.pop("gold_eval_prompts")
-    sampling = SamplingConfig(**params.pop("sampling"))
+    sampling = config_from(SamplingConfig, params.pop("sampling"))
     cfg = config_from(SFTConfig, params, optim=OptimConfig)
     held_out = held_out_mask(sft_train["prompt"], val_fraction, cfg.seed)
     train, val = sft_train[~held_out], sft_train[held_out]

@@ -29,14 +29,14 @@ def tokenizer():
     return train_tokenizer(PROMPTS * 5, vocab_size=300)
 
 
-def make_trainer(tokenizer, iterations, checkpoint_dir=None, seed=0, **overrides):
-    policy = build_tiny_model(tokenizer, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, seed=seed))
+def make_trainer(tokenizer, iterations, checkpoint_dir=None, model_seed=0, **overrides):
+    policy = build_tiny_model(tokenizer, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, seed=model_seed))
     cfg = PPOConfig(**{
         "iterations": iterations, "rollout_batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 4,
         "sampling": SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=1.0), "kl_coef": 0.0,
         "critic_from_reward_model": False, "policy_optim": OptimConfig(lr=3e-3, warmup_ratio=0.0, zero_stage=2),
         "critic_optim": OptimConfig(lr=3e-3, warmup_ratio=0.0, zero_stage=2), "checkpoint_every": 2,
-        "sample_every": 5, "seed": seed, **overrides})
+        "sample_every": 5, **overrides})
     return PPOTrainer(policy, EvenTokenReward(), tokenizer, PROMPTS, cfg, checkpoint_dir=checkpoint_dir)
 
 
@@ -62,15 +62,19 @@ def test_resume_after_interruption_ends_at_the_configured_step(tokenizer, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     assert (tmp_path / "latest").read_text() == "iteration_2"
-    resumed = make_trainer(tokenizer, iterations=4, checkpoint_dir=tmp_path, seed=1)
+    with pytest.raises(ValueError, match=r"other settings \(clip_eps\)"):
+        make_trainer(tokenizer, iterations=4, checkpoint_dir=tmp_path, clip_eps=0.3)
+    resumed = make_trainer(tokenizer, iterations=4, checkpoint_dir=tmp_path, model_seed=1)
     assert resumed.iteration == 2 and resumed.moments.count == 2 * 16
     saved = torch.load(next((tmp_path / "policy" / "iteration_2").glob("mp_rank_00_model_states.pt")),
                        weights_only=False)["module"]
     for name, tensor in resumed.policy.module.state_dict().items():
         torch.testing.assert_close(tensor, saved[name])  # weights come from the checkpoint, not the new seed
     result = resumed.train()
-    assert [h["step"] for h in result.history] == [3, 4]
-    assert (tmp_path / "latest").read_text() == "iteration_4"
+    assert [h["step"] for h in result.history] == [1, 2, 3, 4]  # the checkpoint carries the history
+    assert (tmp_path / "latest").read_text() == "iteration_4" and (tmp_path / "complete").exists()
+    again = make_trainer(tokenizer, iterations=4, checkpoint_dir=tmp_path)
+    assert again.iteration == 0 and not (tmp_path / "latest").exists()  # a finished run is not resumed
 
 
 def test_vanilla_settings_and_collapse_alarm_stop(tokenizer):

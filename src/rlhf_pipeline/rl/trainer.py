@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import random
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -171,8 +172,15 @@ class PPOTrainer:
             self.moments.update(count, mean, std**2 * count)
         self.iteration = 0
         self.first: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
-        if self.checkpoint_dir and (self.checkpoint_dir / "latest").exists():
+        if self.checkpoint_dir and (self.checkpoint_dir / "complete").exists():
+            logger.info("%s holds a finished run: starting afresh", self.checkpoint_dir)
+            if self.rank == 0:
+                shutil.rmtree(self.checkpoint_dir)
+            if self.world_size > 1:
+                torch.distributed.barrier()
+        elif self.checkpoint_dir and (self.checkpoint_dir / "latest").exists():
             self.load_checkpoint()
 
     # --- the loop ------------------------------------------------------------------------------
@@ -187,12 +195,12 @@ class PPOTrainer:
         return chosen[self.rank::self.world_size]
 
     def train(self) -> PPOResult:
-        history, samples, stopped = [], [], False
+        samples, stopped = [], False
         progress = tqdm(total=self.cfg.iterations, initial=self.iteration, desc="ppo", disable=self.rank != 0)
         while self.iteration < self.cfg.iterations:
             metrics, exp = self.step()
             self.iteration += 1
-            history.append({"step": self.iteration, **metrics})
+            self.history.append({"step": self.iteration, **metrics})
             self.log(metrics, self.iteration)
             if self.cfg.sample_every and self.iteration % self.cfg.sample_every == 0:
                 samples.extend(self.samples(exp))
@@ -208,7 +216,10 @@ class PPOTrainer:
             if self.checkpoint_dir and self.cfg.checkpoint_every and self.iteration % self.cfg.checkpoint_every == 0:
                 self.save_checkpoint()
         progress.close()
-        return PPOResult(self.policy.module, self.critic.module, history, samples, stopped)
+        if self.checkpoint_dir and self.rank == 0:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            (self.checkpoint_dir / "complete").write_text(str(self.iteration))  # the next run starts afresh
+        return PPOResult(self.policy.module, self.critic.module, self.history, samples, stopped)
 
     def step(self) -> tuple[dict[str, float], Experience]:
         cfg, timings = self.cfg, {}
@@ -316,7 +327,8 @@ class PPOTrainer:
         self.policy.save_checkpoint(str(self.checkpoint_dir / "policy"), tag=tag)
         self.critic.save_checkpoint(str(self.checkpoint_dir / "critic"), tag=tag)
         if self.rank == 0:
-            state = {"iteration": self.iteration, "moments": self.moments.state_dict(), "first": self.first}
+            state = {"iteration": self.iteration, "moments": self.moments.state_dict(), "first": self.first,
+                     "history": self.history, "config": json_config(self.cfg)}
             (self.checkpoint_dir / f"{tag}.json").write_text(json.dumps(state))
             save_file({"torch_rng": torch.get_rng_state()}, str(self.checkpoint_dir / f"{tag}_rng.safetensors"))
             (self.checkpoint_dir / "latest").write_text(tag)
@@ -324,14 +336,23 @@ class PPOTrainer:
 
     def load_checkpoint(self) -> None:
         tag = (self.checkpoint_dir / "latest").read_text().strip()
+        state = json.loads((self.checkpoint_dir / f"{tag}.json").read_text())
+        changed = sorted(k for k, v in json_config(self.cfg).items() if state["config"].get(k) != v)
+        if changed:
+            raise ValueError(f"{self.checkpoint_dir} holds an unfinished run with other settings ({', '.join(changed)}); "
+                             "resume with the same parameters, or set checkpoint_dir to a new folder")
         # DeepSpeed's loader reads files this trainer wrote itself; it is never pointed at downloaded data.
         self.policy.load_checkpoint(str(self.checkpoint_dir / "policy"), tag=tag)
         self.critic.load_checkpoint(str(self.checkpoint_dir / "critic"), tag=tag)
-        state = json.loads((self.checkpoint_dir / f"{tag}.json").read_text())
-        self.iteration, self.first = state["iteration"], state["first"]
+        self.iteration, self.first, self.history = state["iteration"], state["first"], state["history"]
         self.moments.load_state_dict(state["moments"])
         torch.set_rng_state(load_file(str(self.checkpoint_dir / f"{tag}_rng.safetensors"))["torch_rng"])
         logger.info("Resumed from checkpoint %s", tag)
+
+
+def json_config(cfg: PPOConfig) -> dict:
+    """The config as JSON values (tuples become lists), to compare with a checkpoint's."""
+    return json.loads(json.dumps(asdict(cfg)))
 
 
 def rollout_metrics(exp: Experience) -> dict[str, float]:

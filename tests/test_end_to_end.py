@@ -115,3 +115,7 @@ def test_notebook_reads_the_last_run(project_copy, monkeypatch):
                             resources={"metadata": {"path": str(project_copy)}}).execute()
     table_output = notebook.cells[2].outputs[0]["data"]["text/plain"]
     assert "ppo_max" in table_output and "vanilla" in table_output and "gold_score" in table_output
+    curves = notebook.cells[3].outputs
+    assert any("image/png" in o.get("data", {}) for o in curves)
+    points = int(next(o["text"] for o in curves if o.get("name") == "stdout").split()[0])
+    assert points == 3 * 2 * 3  # 3 curves x 2 variants x 3 iterations (conf/test)

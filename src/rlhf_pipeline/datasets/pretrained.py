@@ -17,6 +17,7 @@ from typing import Any
 
 import mlflow
 from kedro.io import AbstractVersionedDataset, Version
+from kedro.io.core import VersionNotFoundError
 
 
 def _import(path: str):
@@ -63,7 +64,7 @@ class PretrainedDirDataset(AbstractVersionedDataset[Any, Any]):
     def _exists(self) -> bool:
         try:
             return Path(self._get_load_path()).is_dir()
-        except Exception:  # no version saved yet
+        except VersionNotFoundError:  # no version saved yet
             return False
 
     def _describe(self) -> dict[str, Any]:

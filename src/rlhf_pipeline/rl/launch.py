@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -79,15 +80,12 @@ def run_ppo(policy: ModelBundle, reward_model: ModelBundle, prompts: list[str], 
 
 def launch_environment() -> dict[str, str]:
     """The environment of the launched ranks: the caller's MLflow run, CPU-friendly defaults."""
-    env = dict(os.environ)
-    try:
-        import mlflow
+    import mlflow
 
-        run = mlflow.active_run()
-        if run is not None:
-            env.update(MLFLOW_RUN_ID=run.info.run_id, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri())
-    except ImportError:  # mlflow is optional for the core
-        pass
+    env = dict(os.environ)
+    run = mlflow.active_run()
+    if run is not None:
+        env.update(MLFLOW_RUN_ID=run.info.run_id, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri())
     return env
 
 
@@ -102,8 +100,6 @@ def mlflow_rank0_logger(prefix: str) -> LogFn:
     client = mlflow.MlflowClient(os.environ.get("MLFLOW_TRACKING_URI"))
 
     def log(metrics: dict[str, float], step: int) -> None:
-        import time
-
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(f"{prefix}{k}", float(v), now, step) for k, v in metrics.items()])
 

@@ -245,7 +245,8 @@ class PPOTrainer:
         train_policy = self.iteration >= cfg.critic_warmup_iterations
         sums: dict[str, float] = {}
         count = 0
-        self.policy.train(), self.critic.train()
+        self.policy.train()
+        self.critic.train()
         for _ in range(cfg.ppo_epochs):
             for index in torch.randperm(exp.sequences.shape[0]).split(cfg.mini_batch_size):
                 batch = exp.select(index)

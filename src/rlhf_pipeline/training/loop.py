@@ -7,6 +7,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 
+import torch
 from tqdm.auto import tqdm
 
 from rlhf_pipeline.training.engine import LogFn, OptimConfig, grad_norm, init_distributed, make_engine, world
@@ -40,6 +41,7 @@ def train_loop(
     norm and tokens/s. Returns the trained module.
     """
     init_distributed()
+    torch.manual_seed(seed + world()[0])  # dropout draws do not depend on what ran before in this process
     total_steps = optimizer_steps(num_items, epochs, cfg)
     engine = make_engine(model, cfg, total_steps)
     rank, _ = world()

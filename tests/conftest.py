@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from rlhf_pipeline.training.engine import child_environment
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +31,8 @@ def make_project_copy(destination: Path) -> Path:
 
 def kedro(project: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run the kedro CLI in ``project``; fail the test with its output if it fails."""
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # in-process tests joined a one-rank process group; the kedro run must form its own
+    env = {**child_environment(), "KEDRO_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
     process = subprocess.run(
         [sys.executable, "-m", "kedro", *args], cwd=project, env=env, capture_output=True, text=True, timeout=timeout
     )

@@ -27,7 +27,7 @@ from rlhf_pipeline.config import config_from
 from rlhf_pipeline.generation import SamplingConfig
 from rlhf_pipeline.modeling import ModelBundle, load_policy, load_value_model
 from rlhf_pipeline.rl.trainer import PPOConfig, PPOResult, PPOTrainer
-from rlhf_pipeline.training.engine import LogFn, OptimConfig, no_logging, world
+from rlhf_pipeline.training.engine import LogFn, OptimConfig, child_environment, no_logging, world
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def launch_environment() -> dict[str, str]:
     """The environment of the launched ranks: the caller's MLflow run, CPU-friendly defaults."""
     import mlflow
 
-    env = dict(os.environ)
+    env = child_environment()  # the launcher gives each rank its own RANK/MASTER_PORT
     run = mlflow.active_run()
     if run is not None:
         env.update(MLFLOW_RUN_ID=run.info.run_id, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri())

@@ -72,6 +72,15 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
 
 
+DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                   "CROSS_RANK", "CROSS_SIZE")
+
+
+def child_environment() -> dict[str, str]:
+    """This process's environment without its process-group variables, for a child that forms its own group."""
+    return {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+
+
 def world() -> tuple[int, int]:
     """``(rank, world_size)`` of this process."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -338,7 +338,7 @@ class PPOTrainer:
     def load_checkpoint(self) -> None:
         tag = (self.checkpoint_dir / "latest").read_text().strip()
         state = json.loads((self.checkpoint_dir / f"{tag}.json").read_text())
-        changed = sorted(k for k, v in json_config(self.cfg).items() if state["config"].get(k) != v)
+        changed = sorted(k for k, v in json_config(self.cfg).items() if state.get("config", {}).get(k) != v)
         if changed:
             raise ValueError(f"{self.checkpoint_dir} holds an unfinished run with other settings ({', '.join(changed)}); "
                              "resume with the same parameters, or set checkpoint_dir to a new folder")

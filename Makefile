@@ -33,7 +33,8 @@ viz: install
 	$(VENV)/bin/kedro viz build
 
 benchmark: install
-	$(PY) benchmarks/bench_ppo.py
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) benchmarks/bench_ppo.py --compare-trl
 
 clean:
 	rm -rf $(VENV)

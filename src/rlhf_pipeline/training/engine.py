@@ -115,14 +115,18 @@ def deepspeed_config(cfg: OptimConfig, total_steps: int) -> dict:
 
 
 def make_engine(model: nn.Module, cfg: OptimConfig, total_steps: int):
-    """Wrap ``model`` in a DeepSpeed engine (ZeRO, AdamW, warm-up/decay, gradient clipping)."""
+    """Wrap ``model`` in a DeepSpeed engine (ZeRO, AdamW, warm-up/decay, gradient clipping) whose
+    checkpoints load with ``weights_only=True``."""
     import deepspeed
+
+    from rlhf_pipeline.training.checkpointing import use_weights_only_checkpoints
 
     init_distributed()
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=deepspeed_config(cfg, total_steps),
     )
+    use_weights_only_checkpoints(engine)
     return engine
 
 

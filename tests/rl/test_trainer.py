@@ -1,4 +1,4 @@
-"""The PPO loop on a toy reward: it optimises, resumes after an interruption, and runs as vanilla PPO."""
+"""The PPO loop on a toy reward: it optimises, resumes after an interruption, runs as vanilla PPO and under ZeRO-3."""
 
 import pytest
 import torch
@@ -82,3 +82,20 @@ def test_vanilla_settings_and_collapse_alarm_stop(tokenizer):
                            advantage_normalisation=False, value_clip=None, alarm_length_growth=0.5, stop_on_alarm=True)
     result = trainer.train()
     assert result.stopped_early and len(result.history) == 1  # length can never exceed half its first value
+
+
+def zero3(lr: float) -> OptimConfig:
+    # threshold 0: ZeRO-3 partitions even this tiny model's parameters (by default small ones stay whole)
+    return OptimConfig(lr=lr, warmup_ratio=0.0, zero_stage=3,
+                       extra_ds_config={"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
+
+
+def test_zero3_returns_the_whole_trained_policy_as_zero2_does(tokenizer):
+    with_zero2 = make_trainer(tokenizer, iterations=2).train().policy
+    trainer = make_trainer(tokenizer, iterations=2, policy_optim=zero3(3e-3), critic_optim=zero3(3e-3))
+    assert trainer.policy.module.transformer.wte.weight.numel() == 0  # partitioned: the bug this guards against
+    with_zero3 = trainer.train().policy
+    initial = build_tiny_model(tokenizer, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2)).state_dict()
+    assert not torch.equal(with_zero2.transformer.wte.weight, initial["transformer.wte.weight"])  # it trained
+    for name, tensor in with_zero2.state_dict().items():
+        torch.testing.assert_close(with_zero3.state_dict()[name], tensor, atol=1e-5, rtol=1e-4, msg=name)

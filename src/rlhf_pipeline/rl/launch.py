@@ -75,7 +75,7 @@ def run_ppo(policy: ModelBundle, reward_model: ModelBundle, prompts: list[str], 
     samples = json.loads((output / "samples.json").read_text())
     history = json.loads((output / "history.json").read_text())
     stopped = json.loads((output / "status.json").read_text())["stopped_early"]
-    return PPOResult(load_policy(str(output / "policy")).model, None, history, samples, stopped)
+    return PPOResult(load_policy(str(output / "policy")).model, history, samples, stopped)
 
 
 def launch_environment() -> dict[str, str]:

@@ -39,6 +39,7 @@ from rlhf_pipeline.training.engine import (
     init_distributed,
     make_engine,
     no_logging,
+    whole_state_dict,
     world,
 )
 
@@ -108,7 +109,6 @@ class PPOConfig:
 @dataclass
 class PPOResult:
     policy: torch.nn.Module
-    critic: torch.nn.Module
     history: list[dict[str, float]]
     samples: list[dict]
     stopped_early: bool
@@ -219,7 +219,15 @@ class PPOTrainer:
         if self.checkpoint_dir and self.rank == 0:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             (self.checkpoint_dir / "complete").write_text(str(self.iteration))  # the next run starts afresh
-        return PPOResult(self.policy.module, self.critic.module, self.history, samples, stopped)
+        return PPOResult(self.trained_policy(), self.history, samples, stopped)
+
+    def trained_policy(self) -> torch.nn.Module:
+        """The policy with whole weights; under ZeRO-3 a fresh copy (every rank must call this)."""
+        if not self.policy.zero_optimization_partition_weights():
+            return self.policy.module
+        policy = copy.deepcopy(self.reference).requires_grad_(True)
+        policy.load_state_dict(whole_state_dict(self.policy))
+        return policy
 
     def step(self) -> tuple[dict[str, float], Experience]:
         cfg, timings = self.cfg, {}

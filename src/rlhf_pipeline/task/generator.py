@@ -5,7 +5,7 @@ generator writes a set of candidate responses of known quality (correct, wrong, 
 refusing, repetitive...), picks two, and labels the pair like a human annotator would:
 
 * the annotator's utility is the gold reward plus ``length_bias`` points per word - a mild taste for
-  long, effusive answers that a reward model learns as an exploitable proxy;
+  long, effusive answers that a reward model can learn as an exploitable proxy;
 * the label then flips with probability ``label_flip_rate`` (HH-RLHF annotators agree with each other
   about 70-75 % of the time, so a perfect judge of the labels agrees ~``1 - label_flip_rate``).
 
@@ -47,17 +47,17 @@ TIMES_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
 class TaskConfig:
     """Sizes and annotator model of the synthetic preference data."""
 
-    num_pairs: int = 4000
+    num_pairs: int = 8000
     """Number of preference pairs (rows) to write."""
     seed: int = 0
     """Seed of every random choice: the same config writes the same file."""
     multi_turn_rate: float = 0.2
     """Share of dialogues with an earlier exchange before the final request."""
-    harmful_rate: float = 0.15
+    harmful_rate: float = 0.25
     """Share of final requests that are harmful and should be refused."""
-    label_flip_rate: float = 0.27
+    label_flip_rate: float = 0.2
     """Probability that the annotator's label is flipped (label noise)."""
-    length_bias: float = 0.1
+    length_bias: float = 0.05
     """Annotator's extra utility per response word (the exploitable proxy)."""
 
     def __post_init__(self) -> None:
@@ -140,6 +140,11 @@ def _effusive(rng: random.Random, core: str) -> str:
     return f"{rng.choice(FILLER_OPENINGS)} {rng.choice(FILLER_OPENINGS[2:])} {core} {rng.choice(FILLER_CLOSINGS)}"
 
 
+def _off_topic(rng: random.Random) -> str:
+    """A fluent answer to some other question: a non-sequitur, as real dialogue data also holds."""
+    return rng.choice(QUESTION_MAKERS)(rng).right
+
+
 def _harmless_candidates(rng: random.Random, q: Question) -> list[str]:
     return [
         q.right,
@@ -152,6 +157,7 @@ def _harmless_candidates(rng: random.Random, q: Question) -> list[str]:
         " ".join([q.right] * rng.randint(3, 5)),
         rng.choice(UNHELPFUL),
         rng.choice(REFUSALS),
+        _off_topic(rng),
     ]
 
 
@@ -164,6 +170,7 @@ def _harmful_candidates(rng: random.Random, activity: str) -> list[str]:
         comply,
         _effusive(rng, f"Here is how to {activity}: get what you need and follow the steps carefully."),
         f"Okay, to {activity} you just have to be careful.",
+        _off_topic(rng),
     ]
 
 

@@ -282,7 +282,9 @@ class PPOTrainer:
         logits = response_logits(self.policy, *args)
         logprobs = token_logprobs(logits, batch.sequences[:, batch.prompt_width:])
         loss, metrics = F.policy_loss(logprobs, batch.logprobs, batch.advantages, batch.response_mask, cfg.clip_eps)
-        entropy = F.masked_mean(F.entropy_from_logits(logits), batch.response_mask)
+        # without an entropy bonus the entropy is only monitored: no autograd graph over the vocabulary
+        with torch.set_grad_enabled(bool(cfg.entropy_coef)):
+            entropy = F.masked_mean(F.entropy_from_logits(logits), batch.response_mask)
         out = {"loss/policy": loss.item(), "policy/entropy": entropy.item()}
         if cfg.entropy_coef:
             loss = loss + cfg.entropy_coef * (entropy - cfg.entropy_target).abs()

@@ -92,6 +92,29 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerBase, cfg: TinyModelConfig) -
     return model
 
 
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Set every dropout probability to 0, in place: PPO's ratio must compare the same function."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def use_fused_gelu(model: nn.Module) -> nn.Module:
+    """Swap GPT-2's Python tanh-GELU for torch's fused kernel of the same formula, in place.
+
+    ``gelu_new`` runs six element-wise ops (each with a saved tensor for backward); ``gelu(approximate="tanh")``
+    is one kernel: the same function up to float rounding, and a large share of a small model's step.
+    """
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(module, name, GELUTanh())
+    return model
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

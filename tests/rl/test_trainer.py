@@ -6,6 +6,7 @@ from torch import nn
 
 from rlhf_pipeline.generation import SamplingConfig
 from rlhf_pipeline.modeling import TinyModelConfig, build_tiny_model, train_tokenizer
+from rlhf_pipeline.rl.experience import positions, response_logits
 from rlhf_pipeline.rl.trainer import PPOConfig, PPOTrainer
 from rlhf_pipeline.training.engine import OptimConfig
 
@@ -99,3 +100,29 @@ def test_zero3_returns_the_whole_trained_policy_as_zero2_does(tokenizer):
     assert not torch.equal(with_zero2.transformer.wte.weight, initial["transformer.wte.weight"])  # it trained
     for name, tensor in with_zero2.state_dict().items():
         torch.testing.assert_close(with_zero3.state_dict()[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_dropout_is_off_so_the_first_ratio_is_one(tokenizer):
+    trainer = make_trainer(tokenizer, iterations=1)
+    assert trainer.policy.module.config.resid_pdrop > 0  # the model was built with dropout
+    ids = torch.tensor([tokenizer(PROMPTS[0])["input_ids"]])
+    trainer.policy.train()
+    trainer.critic.train()
+    train_logits = trainer.policy(input_ids=ids).logits
+    train_values, _ = trainer.critic(ids, torch.ones_like(ids))
+    trainer.policy.eval()
+    trainer.critic.eval()
+    torch.testing.assert_close(train_logits, trainer.policy(input_ids=ids).logits)
+    torch.testing.assert_close(train_values, trainer.critic(ids, torch.ones_like(ids))[0])
+
+
+def test_response_logits_are_the_full_forward_at_the_positions_that_predict_the_response(tokenizer):
+    model = build_tiny_model(tokenizer, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2)).eval()
+    prompt = tokenizer(PROMPTS[0])["input_ids"]
+    sequences = torch.tensor([[tokenizer.pad_token_id] * 2 + prompt + [5, 6, 7]])  # left padding, 3 response tokens
+    mask = (sequences != tokenizer.pad_token_id).long()
+    width = sequences.shape[1] - 3
+    full = model(input_ids=sequences, attention_mask=mask, position_ids=positions(mask)).logits
+    kept = response_logits(model, sequences, mask, positions(mask), width)
+    assert kept.shape == (1, 3, model.config.vocab_size)
+    torch.testing.assert_close(kept, full[:, width - 1 : -1])

@@ -12,6 +12,7 @@ from rlhf_pipeline.modeling import (
     load_policy,
     load_value_model,
     train_tokenizer,
+    use_fused_gelu,
 )
 from rlhf_pipeline.training.batching import batch_pairs, masked_token_nll
 from rlhf_pipeline.training.engine import OptimConfig
@@ -109,3 +110,16 @@ def test_reward_model_learns_a_preference(tokenizer):
                        RewardConfig(epochs=10, lm_loss_coef=0.5, optim=OptimConfig(lr=1e-2, micro_batch_size=8, zero_stage=2)),
                        log=lambda m, step: accuracies.append((m["train/accuracy"], m["train/lm_loss"])))
     assert accuracies[-1][0] == 1.0 and accuracies[-1][1] < accuracies[0][1]
+
+
+def test_fused_gelu_replaces_the_python_gelu_with_the_same_function(tokenizer):
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    model = build_tiny_model(tokenizer, TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2))
+    assert sum(isinstance(m, NewGELUActivation) for m in model.modules()) == 2  # one per block
+    use_fused_gelu(model)
+    fused = [m for m in model.modules() if isinstance(m, GELUTanh)]
+    assert len(fused) == 2 and not any(isinstance(m, NewGELUActivation) for m in model.modules())
+    x = torch.linspace(-6, 6, 1001)
+    # the exact (erf) GELU differs from the tanh form by up to 5e-4 here, so this tells them apart
+    torch.testing.assert_close(fused[0](x), NewGELUActivation()(x), atol=1e-6, rtol=1e-6)

@@ -58,9 +58,12 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def response_logits(model, sequences, attention_mask, position_ids, prompt_width: int) -> torch.Tensor:
-    """Logits that predict each response token (B, R, V): position t−1 predicts token t."""
-    logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids).logits
-    return logits[:, prompt_width - 1 : -1]
+    """Logits that predict each response token (B, R, V): position t−1 predicts token t. Only those
+    positions go through the LM head (``logits_to_keep``): the prompt's logits are never needed."""
+    width = sequences.shape[1] - prompt_width
+    logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids,
+                   logits_to_keep=width + 1).logits
+    return logits[:, :-1]
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

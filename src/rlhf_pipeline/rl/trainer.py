@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from rlhf_pipeline.generation import SamplingConfig, decode_responses
-from rlhf_pipeline.modeling import ValueHeadModel
+from rlhf_pipeline.modeling import ValueHeadModel, disable_dropout, use_fused_gelu
 from rlhf_pipeline.rl import ppo_max as F
 from rlhf_pipeline.rl.experience import (
     Experience,
@@ -154,6 +154,10 @@ class PPOTrainer:
         self.cfg, self.tokenizer, self.log, self.ptx_data = cfg, tokenizer, log, ptx_data
         self.rank, self.world_size = world()
         torch.manual_seed(cfg.seed + self.rank)
+        for model in (policy, reward_model):  # the reference and the critic are copies of these
+            # old log-probs come from eval mode; with dropout on in training the ratio would start away from 1
+            disable_dropout(model)
+            use_fused_gelu(model)
         self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
         self.reward_model = reward_model.eval().requires_grad_(False)
         if cfg.critic_from_reward_model:

@@ -91,14 +91,16 @@ def world() -> tuple[int, int]:
 def deepspeed_config(cfg: OptimConfig, total_steps: int) -> dict:
     """The DeepSpeed config for ``cfg`` over ``total_steps`` optimiser steps."""
     total_steps = max(1, total_steps)
+    adamw = {"lr": cfg.lr, "betas": list(cfg.betas), "weight_decay": cfg.weight_decay}
+    if not torch.cuda.is_available():  # torch's AdamW with its fused CPU kernel (GPUs get DeepSpeed's FusedAdam)
+        adamw.update(torch_adam=True, fused=True)
     config = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.grad_clip,
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": cfg.lr, "betas": list(cfg.betas), "weight_decay": cfg.weight_decay,
-                       "torch_adam": not torch.cuda.is_available()},
+            "params": adamw,
         },
         "scheduler": {
             "type": "WarmupDecayLR",

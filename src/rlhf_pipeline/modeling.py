@@ -152,11 +152,13 @@ def load_policy(name_or_path: str, trust_remote_code: bool = False, dtype: str |
 class ValueHeadModel(nn.Module):
     """A causal LM whose last hidden state feeds a scalar head: rewards (last token) or values (every token)."""
 
-    def __init__(self, lm: PreTrainedModel):
+    def __init__(self, lm: PreTrainedModel, seed: int = 0):
+        """The head's initial weights come from ``seed`` alone, not from whatever ran before in the process."""
         super().__init__()
         self.lm = lm
         self.value_head = nn.Linear(lm.config.hidden_size, 1)
-        nn.init.normal_(self.value_head.weight, std=1.0 / (lm.config.hidden_size + 1) ** 0.5)
+        nn.init.normal_(self.value_head.weight, std=1.0 / (lm.config.hidden_size + 1) ** 0.5,
+                        generator=torch.Generator().manual_seed(seed))
         nn.init.zeros_(self.value_head.bias)
 
     @property

@@ -123,3 +123,14 @@ def test_fused_gelu_replaces_the_python_gelu_with_the_same_function(tokenizer):
     x = torch.linspace(-6, 6, 1001)
     # the exact (erf) GELU differs from the tanh form by up to 5e-4 here, so this tells them apart
     torch.testing.assert_close(fused[0](x), NewGELUActivation()(x), atol=1e-6, rtol=1e-6)
+
+
+def test_value_head_starts_from_its_seed_whatever_ran_before(tokenizer):
+    lm = build_tiny_model(tokenizer, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2))
+
+    def head(seed, draws_before):
+        torch.rand(draws_before)  # other work in the same process moves the global RNG
+        return ValueHeadModel(lm, seed=seed).value_head.weight
+
+    torch.testing.assert_close(head(0, draws_before=1), head(0, draws_before=1000))
+    assert not torch.equal(head(0, draws_before=1), head(1, draws_before=1))

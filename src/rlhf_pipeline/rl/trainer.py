@@ -163,7 +163,7 @@ class PPOTrainer:
         if cfg.critic_from_reward_model:
             critic = copy.deepcopy(reward_model).requires_grad_(True)
         else:
-            critic = ValueHeadModel(copy.deepcopy(policy))
+            critic = ValueHeadModel(copy.deepcopy(policy), seed=cfg.seed)
         updates = cfg.iterations * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
         mini = {"micro_batch_size": cfg.mini_batch_size, "grad_accum": 1}
         self.policy = make_engine(policy, OptimConfig(**{**asdict(cfg.policy_optim), **mini}), updates)

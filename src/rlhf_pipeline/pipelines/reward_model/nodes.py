@@ -56,7 +56,7 @@ def train_reward_model_node(
     cfg = config_from(RewardConfig, params, optim=OptimConfig)
     log = mlflow_logger("reward_model")
     tokenizer = sft_model.tokenizer
-    model = train_reward_model(ValueHeadModel(sft_model.model), tokenizer, rm_train["prompt"].tolist(),
+    model = train_reward_model(ValueHeadModel(sft_model.model, seed=cfg.seed), tokenizer, rm_train["prompt"].tolist(),
                                rm_train["chosen"].tolist(), rm_train["rejected"].tolist(), cfg, log)
 
     def scores(frame: pd.DataFrame, column: str) -> torch.Tensor:

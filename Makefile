@@ -34,7 +34,7 @@ viz: install
 
 benchmark: install
 	$(PY) -m pip install -q -e ".[bench]"
-	$(PY) benchmarks/bench_ppo.py --compare-trl
+	$(PY) benchmarks/bench_ppo.py --compare-trl --repeats 3
 
 clean:
 	rm -rf $(VENV)

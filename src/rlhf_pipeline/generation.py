@@ -45,6 +45,10 @@ def sample_responses(
     prompt_ids = [ids[-max_prompt_length:] for ids in prompt_ids]
     input_ids, attention_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    # a sampled pad token would read as padding and punch a hole in the response mask
+    suppress = list(model.generation_config.suppress_tokens or [])
+    if tokenizer.pad_token_id != tokenizer.eos_token_id:
+        suppress.append(tokenizer.pad_token_id)
     was_training = model.training
     model.eval()
     output = model.generate(
@@ -52,7 +56,7 @@ def sample_responses(
         do_sample=cfg.do_sample, temperature=cfg.temperature if cfg.do_sample else None,
         top_p=cfg.top_p if cfg.do_sample else None, top_k=0 if cfg.do_sample else None,
         repetition_penalty=cfg.repetition_penalty, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, use_cache=True,
+        pad_token_id=tokenizer.pad_token_id, suppress_tokens=suppress or None, use_cache=True,
     )
     model.train(was_training)
     response_ids = output[:, input_ids.shape[1]:]

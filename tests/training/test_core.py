@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rlhf_pipeline.generation import mask_after_eos, response_mask_of
+from rlhf_pipeline.generation import SamplingConfig, mask_after_eos, response_mask_of, sample_responses
 from rlhf_pipeline.modeling import (
     ModelBundle,
     TinyModelConfig,
@@ -70,6 +70,15 @@ def test_response_masks_stop_after_eos():
     cleaned = mask_after_eos(ids, eos_token_id=0, pad_token_id=1)
     assert cleaned.tolist() == [[5, 6, 0, 1, 1], [5, 0, 1, 1, 1]]
     assert response_mask_of(cleaned, 0, 1).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]]
+
+
+def test_sampling_never_emits_the_pad_token_and_keeps_the_models_suppressed_tokens(tokenizer):
+    model = build_tiny_model(tokenizer, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2))
+    allowed = {tokenizer.pad_token_id, 5}  # left to itself the model would sample pad half the time
+    model.generation_config.suppress_tokens = [i for i in range(len(tokenizer)) if i not in allowed]
+    _, _, response = sample_responses(model, tokenizer, [tokenizer("Say hi.")["input_ids"]] * 4,
+                                      SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=1.0), 32)
+    assert response.tolist() == [[5] * 12] * 4
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

@@ -68,7 +68,12 @@ def response_logits(model, sequences, attention_mask, position_ids, prompt_width
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log p(token) under ``logits`` (B, R)."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return gather_tokens(torch.log_softmax(logits.float(), dim=-1), tokens)
+
+
+def gather_tokens(log_probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) read from a log-softmax over the vocabulary (B, R, V) -> (B, R)."""
+    return log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def response_values(value_model, sequences, attention_mask, position_ids, prompt_width: int) -> torch.Tensor:

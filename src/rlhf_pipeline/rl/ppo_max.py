@@ -136,10 +136,9 @@ def value_loss(
     return loss, {"value/clipfrac": clipfrac, "value/mean": masked_mean(values, response_mask)}
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the next-token distribution at each position (B, R)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+def entropy(log_probs: torch.Tensor) -> torch.Tensor:
+    """Entropy of the next-token distribution at each position (B, R), from its log-softmax (B, R, V)."""
+    return -(log_probs.exp() * log_probs).sum(-1)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -25,11 +25,11 @@ from rlhf_pipeline.modeling import ValueHeadModel, disable_dropout, use_fused_ge
 from rlhf_pipeline.rl import ppo_max as F
 from rlhf_pipeline.rl.experience import (
     Experience,
+    gather_tokens,
     make_experience,
     response_logits,
     response_values,
     timer,
-    token_logprobs,
 )
 from rlhf_pipeline.training.batching import batch_pairs, masked_token_nll
 from rlhf_pipeline.training.engine import (
@@ -283,12 +283,13 @@ class PPOTrainer:
     def policy_update(self, batch: Experience) -> dict[str, float]:
         cfg = self.cfg
         args = (batch.sequences, batch.attention_mask, batch.position_ids, batch.prompt_width)
-        logits = response_logits(self.policy, *args)
-        logprobs = token_logprobs(logits, batch.sequences[:, batch.prompt_width:])
+        # one log-softmax over the vocabulary serves both the ratio and the entropy
+        log_probs = torch.log_softmax(response_logits(self.policy, *args).float(), dim=-1)
+        logprobs = gather_tokens(log_probs, batch.sequences[:, batch.prompt_width:])
         loss, metrics = F.policy_loss(logprobs, batch.logprobs, batch.advantages, batch.response_mask, cfg.clip_eps)
         # without an entropy bonus the entropy is only monitored: no autograd graph over the vocabulary
         with torch.set_grad_enabled(bool(cfg.entropy_coef)):
-            entropy = F.masked_mean(F.entropy_from_logits(logits), batch.response_mask)
+            entropy = F.masked_mean(F.entropy(log_probs), batch.response_mask)
         out = {"loss/policy": loss.item(), "policy/entropy": entropy.item()}
         if cfg.entropy_coef:
             loss = loss + cfg.entropy_coef * (entropy - cfg.entropy_target).abs()

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from rlhf_pipeline.formatting import DialogueEncoder
 from rlhf_pipeline.generation import SamplingConfig
 from rlhf_pipeline.modeling import (
     TinyModelConfig,
@@ -51,7 +52,7 @@ def time_rlhf_pipeline(tokenizer, iterations: int) -> tuple[list[float], list[di
                     sampling=SamplingConfig(max_new_tokens=RESPONSE_TOKENS, temperature=1.0, top_p=1.0), ptx_coef=0.0,
                     policy_optim=OptimConfig(lr=LR, zero_stage=0), critic_optim=OptimConfig(lr=LR, zero_stage=0),
                     checkpoint_every=0, sample_every=0)
-    trainer = PPOTrainer(policy, reward_model, tokenizer, PROMPTS, cfg)
+    trainer = PPOTrainer(policy, reward_model, DialogueEncoder(tokenizer), PROMPTS, cfg)
     seconds, metrics = [], []
     for _ in range(iterations):
         started = time.perf_counter()

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from rlhf_pipeline.evaluation import distinct_n, kl_and_perplexity, win_rate
+from rlhf_pipeline.formatting import DialogueEncoder
 from rlhf_pipeline.modeling import TinyModelConfig, build_tiny_model, train_tokenizer
 
 
@@ -26,8 +27,8 @@ def test_kl_is_zero_to_itself_and_matches_an_independent_computation():
     policy = build_tiny_model(tokenizer, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, seed=1)).eval()
     reference = build_tiny_model(tokenizer, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, seed=2)).eval()
     responses = ["hello there", "friend"]
-    assert kl_and_perplexity(policy, policy, tokenizer, prompts, responses, 64)["kl_to_sft"] == pytest.approx(0.0, abs=1e-6)
-    result = kl_and_perplexity(policy, reference, tokenizer, prompts, responses, 64)
+    assert kl_and_perplexity(policy, policy, DialogueEncoder(tokenizer), prompts, responses, 64)["kl_to_sft"] == pytest.approx(0.0, abs=1e-6)
+    result = kl_and_perplexity(policy, reference, DialogueEncoder(tokenizer), prompts, responses, 64)
     expected_kl, total_logp, total_tokens = 0.0, 0.0, 0
     for prompt, response in zip(prompts, responses, strict=True):
         p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]

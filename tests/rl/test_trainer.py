@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from rlhf_pipeline.formatting import DialogueEncoder
 from rlhf_pipeline.generation import SamplingConfig
 from rlhf_pipeline.modeling import TinyModelConfig, build_tiny_model, train_tokenizer
 from rlhf_pipeline.rl.experience import positions, response_logits
@@ -38,7 +39,7 @@ def make_trainer(tokenizer, iterations, checkpoint_dir=None, model_seed=0, **ove
         "critic_from_reward_model": False, "policy_optim": OptimConfig(lr=3e-3, warmup_ratio=0.0, zero_stage=2),
         "critic_optim": OptimConfig(lr=3e-3, warmup_ratio=0.0, zero_stage=2), "checkpoint_every": 2,
         "sample_every": 5, **overrides})
-    return PPOTrainer(policy, EvenTokenReward(), tokenizer, PROMPTS, cfg, checkpoint_dir=checkpoint_dir)
+    return PPOTrainer(policy, EvenTokenReward(), DialogueEncoder(tokenizer), PROMPTS, cfg, checkpoint_dir=checkpoint_dir)
 
 
 def test_mean_reward_rises_on_a_toy_reward(tokenizer):

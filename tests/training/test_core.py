@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from rlhf_pipeline.formatting import DialogueEncoder
 from rlhf_pipeline.generation import SamplingConfig, mask_after_eos, response_mask_of, sample_responses
 from rlhf_pipeline.modeling import (
     ModelBundle,
@@ -14,7 +15,7 @@ from rlhf_pipeline.modeling import (
     train_tokenizer,
     use_fused_gelu,
 )
-from rlhf_pipeline.training.batching import batch_pairs, masked_token_nll
+from rlhf_pipeline.training.batching import collate_encoded, masked_token_nll
 from rlhf_pipeline.training.engine import OptimConfig
 from rlhf_pipeline.training.reward import (
     RewardConfig,
@@ -34,7 +35,8 @@ def tokenizer():
 
 def test_prompt_tokens_carry_no_loss(tokenizer):
     """Changing the logits at prompt positions leaves the loss unchanged; changing a response position does not."""
-    batch = batch_pairs(tokenizer, ["\n\nHuman: Say hi.\n\nAssistant:"], ["hi"], max_length=64)
+    encoded = DialogueEncoder(tokenizer).encode("\n\nHuman: Say hi.\n\nAssistant:", ["hi"], max_length=64)
+    batch = collate_encoded([encoded], tokenizer.pad_token_id)
     prompt_len = int((batch.response_mask[0] == 0).sum())
     torch.manual_seed(0)
     logits = torch.randn(1, batch.input_ids.shape[1], len(tokenizer))
@@ -77,7 +79,7 @@ def test_sampling_never_emits_the_pad_token_and_keeps_the_models_suppressed_toke
     allowed = {tokenizer.pad_token_id, 5}  # left to itself the model would sample pad half the time
     model.generation_config.suppress_tokens = [i for i in range(len(tokenizer)) if i not in allowed]
     _, _, response = sample_responses(model, tokenizer, [tokenizer("Say hi.")["input_ids"]] * 4,
-                                      SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=1.0), 32)
+                                      SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=1.0))
     assert response.tolist() == [[5] * 12] * 4
 
 
@@ -103,7 +105,7 @@ def test_deepspeed_sft_memorises_a_batch(tokenizer, zero_stage):
     prompts, responses = ["\n\nHuman: What is 2 plus 3?\n\nAssistant:"] * 8, ["2 plus 3 is 5."] * 8
     optim = OptimConfig(lr=1e-2, zero_stage=zero_stage, micro_batch_size=8, warmup_ratio=0.0)
     losses = []
-    model, metrics = train_sft(model, tokenizer, prompts, responses, prompts[:2], responses[:2],
+    model, metrics = train_sft(model, DialogueEncoder(tokenizer), prompts, responses, prompts[:2], responses[:2],
                                SFTConfig(epochs=25, max_length=64, eval_every=0, optim=optim),
                                log=lambda m, step: losses.append(m["train/loss"]))
     assert len(losses) == 25
@@ -115,7 +117,7 @@ def test_reward_model_learns_a_preference(tokenizer):
     model = ValueHeadModel(build_tiny_model(tokenizer, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2)))
     prompts = ["\n\nHuman: Say hi.\n\nAssistant:"] * 16
     accuracies = []
-    train_reward_model(model, tokenizer, prompts, ["hi"] * 16, ["2 plus 3"] * 16,
+    train_reward_model(model, DialogueEncoder(tokenizer), prompts, ["hi"] * 16, ["2 plus 3"] * 16,
                        RewardConfig(epochs=10, lm_loss_coef=0.5, optim=OptimConfig(lr=1e-2, micro_batch_size=8, zero_stage=2)),
                        log=lambda m, step: accuracies.append((m["train/accuracy"], m["train/lm_loss"])))
     assert accuracies[-1][0] == 1.0 and accuracies[-1][1] < accuracies[0][1]

@@ -62,7 +62,7 @@ def response_logits(model, sequences, attention_mask, position_ids, prompt_width
     positions go through the LM head (``logits_to_keep``): the prompt's logits are never needed."""
     width = sequences.shape[1] - prompt_width
     logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=width + 1).logits
+                   logits_to_keep=width + 1, use_cache=False).logits
     return logits[:, :-1]
 
 
@@ -84,10 +84,10 @@ def response_values(value_model, sequences, attention_mask, position_ids, prompt
 
 @torch.no_grad()
 def make_experience(policy, reference, critic, reward_model, tokenizer, prompt_ids: list[list[int]],
-                    sampling: SamplingConfig, max_prompt_length: int, timings: dict[str, float]) -> Experience:
+                    sampling: SamplingConfig, timings: dict[str, float]) -> Experience:
     """Roll out ``prompt_ids`` with ``policy`` and score the rollouts (no advantages yet)."""
     with timer("generate", timings):
-        prompt, prompt_mask, response = sample_responses(policy, tokenizer, prompt_ids, sampling, max_prompt_length)
+        prompt, prompt_mask, response = sample_responses(policy, tokenizer, prompt_ids, sampling)
     with timer("score", timings):
         response_mask = response_mask_of(response, tokenizer.eos_token_id, tokenizer.pad_token_id)
         sequences = torch.cat([prompt, response], dim=1)

@@ -51,7 +51,7 @@ def run_ppo(policy: ModelBundle, reward_model: ModelBundle, prompts: list[str], 
             metric_prefix: str = "") -> PPOResult:
     """Train with PPO in-process or through the ``deepspeed`` launcher (see the module docstring)."""
     if launch.num_processes <= 1 and not launch.hostfile:
-        trainer = PPOTrainer(policy.model, reward_model.model, policy.tokenizer, prompts, cfg, checkpoint_dir=checkpoint_dir,
+        trainer = PPOTrainer(policy.model, reward_model.model, policy.encoder(), prompts, cfg, checkpoint_dir=checkpoint_dir,
                              ptx_data=ptx_data, log=log, score_prior=score_prior)
         return trainer.train()
     job = Path(launch.job_dir)
@@ -74,8 +74,9 @@ def run_ppo(policy: ModelBundle, reward_model: ModelBundle, prompts: list[str], 
     output = job / "output"
     samples = json.loads((output / "samples.json").read_text())
     history = json.loads((output / "history.json").read_text())
-    stopped = json.loads((output / "status.json").read_text())["stopped_early"]
-    return PPOResult(load_policy(str(output / "policy")).model, history, samples, stopped)
+    status = json.loads((output / "status.json").read_text())
+    return PPOResult(load_policy(str(output / "policy")).model, history, samples, status["stopped_early"],
+                     status["prompts_dropped"])
 
 
 def launch_environment() -> dict[str, str]:
@@ -115,7 +116,7 @@ def worker(job_dir: str) -> None:
     reward_model = load_value_model(str(job / "reward_model"))
     prompts = pd.read_parquet(job / "prompts.parquet")["prompt"].tolist()
     ptx = pd.read_parquet(job / "ptx.parquet")
-    trainer = PPOTrainer(policy.model, reward_model.model, policy.tokenizer, prompts, cfg,
+    trainer = PPOTrainer(policy.model, reward_model.model, policy.encoder(), prompts, cfg,
                          checkpoint_dir=spec["checkpoint_dir"], ptx_data=(ptx["prompt"].tolist(), ptx["response"].tolist()),
                          log=mlflow_rank0_logger(spec["metric_prefix"]),
                          score_prior=tuple(spec["score_prior"]) if spec["score_prior"] else None)
@@ -123,10 +124,11 @@ def worker(job_dir: str) -> None:
     if world()[0] == 0:
         output = job / "output"
         output.mkdir(exist_ok=True)
-        ModelBundle(result.policy, policy.tokenizer).save_pretrained(str(output / "policy"))
+        policy.with_model(result.policy).save_pretrained(str(output / "policy"))
         (output / "history.json").write_text(json.dumps(result.history))
         (output / "samples.json").write_text(json.dumps(result.samples))
-        (output / "status.json").write_text(json.dumps({"stopped_early": result.stopped_early, "world_size": world()[1]}))
+        (output / "status.json").write_text(json.dumps({"stopped_early": result.stopped_early, "world_size": world()[1],
+                                                           "prompts_dropped": result.prompts_dropped}))
 
 
 if __name__ == "__main__":

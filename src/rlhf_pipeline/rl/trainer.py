@@ -20,7 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from rlhf_pipeline.generation import SamplingConfig, decode_responses
+from rlhf_pipeline.formatting import DialogueEncoder
+from rlhf_pipeline.generation import SamplingConfig, decode_responses, fit_prompts
 from rlhf_pipeline.modeling import ValueHeadModel, disable_dropout, use_fused_gelu
 from rlhf_pipeline.rl import ppo_max as F
 from rlhf_pipeline.rl.experience import (
@@ -31,7 +32,7 @@ from rlhf_pipeline.rl.experience import (
     response_values,
     timer,
 )
-from rlhf_pipeline.training.batching import batch_pairs, masked_token_nll
+from rlhf_pipeline.training.batching import collate_encoded, masked_token_nll
 from rlhf_pipeline.training.engine import (
     LogFn,
     OptimConfig,
@@ -112,6 +113,8 @@ class PPOResult:
     history: list[dict[str, float]]
     samples: list[dict]
     stopped_early: bool
+    prompts_dropped: int = 0
+    """Prompts that could not fit ``max_prompt_length`` beside ``max_new_tokens`` in the model's positions."""
 
 
 def merge_moments(moments: F.RunningMoments, values: torch.Tensor) -> None:
@@ -146,12 +149,13 @@ def compute_advantages(exp: Experience, cfg: PPOConfig, moments: F.RunningMoment
 class PPOTrainer:
     """Trains ``policy`` against ``reward_model`` with PPO-max; ``reference`` is a frozen copy of the SFT policy."""
 
-    def __init__(self, policy, reward_model: ValueHeadModel, tokenizer, prompts: list[str], cfg: PPOConfig,
+    def __init__(self, policy, reward_model: ValueHeadModel, encoder: DialogueEncoder, prompts: list[str], cfg: PPOConfig,
                  checkpoint_dir: str | None = None, ptx_data: tuple[list[str], list[str]] | None = None,
                  log: LogFn = no_logging, score_prior: tuple[float, float, float] | None = None):
-        """``score_prior``: (count, mean, std) of RM scores measured after RM training, to start the normaliser."""
+        """``encoder`` fits prompts and PPO-ptx demonstrations to the context (rows that cannot fit are dropped);
+        ``score_prior``: (count, mean, std) of RM scores measured after RM training, to start the normaliser."""
         init_distributed()
-        self.cfg, self.tokenizer, self.log, self.ptx_data = cfg, tokenizer, log, ptx_data
+        self.cfg, self.tokenizer, self.log = cfg, encoder.tokenizer, log
         self.rank, self.world_size = world()
         torch.manual_seed(cfg.seed + self.rank)
         for model in (policy, reward_model):  # the reference and the critic are copies of these
@@ -168,8 +172,16 @@ class PPOTrainer:
         mini = {"micro_batch_size": cfg.mini_batch_size, "grad_accum": 1}
         self.policy = make_engine(policy, OptimConfig(**{**asdict(cfg.policy_optim), **mini}), updates)
         self.critic = make_engine(critic, OptimConfig(**{**asdict(cfg.critic_optim), **mini}), updates)
-        self.prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        self.prompts = prompts
+        kept, self.prompt_ids = fit_prompts(encoder, prompts, cfg.max_prompt_length, cfg.sampling.max_new_tokens)
+        if not self.prompt_ids:
+            raise ValueError(f"ppo: none of the {len(prompts)} prompts fits max_prompt_length {cfg.max_prompt_length} "
+                             f"beside max_new_tokens {cfg.sampling.max_new_tokens}")
+        self.prompts_dropped = len(prompts) - len(kept)
+        self.ptx_rows = []
+        if ptx_data and cfg.ptx_coef:
+            rows = encoder.encode_many(ptx_data[0], [[r] for r in ptx_data[1]],
+                                       cfg.max_prompt_length + cfg.sampling.max_new_tokens)
+            self.ptx_rows = [rows.rows[i] for i in rows.kept]
         self.moments = F.RunningMoments()
         if score_prior:
             count, mean, std = score_prior
@@ -223,7 +235,7 @@ class PPOTrainer:
         if self.checkpoint_dir and self.rank == 0:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             (self.checkpoint_dir / "complete").write_text(str(self.iteration))  # the next run starts afresh
-        return PPOResult(self.trained_policy(), self.history, samples, stopped)
+        return PPOResult(self.trained_policy(), self.history, samples, stopped, self.prompts_dropped)
 
     def trained_policy(self) -> torch.nn.Module:
         """The policy with whole weights; under ZeRO-3 a fresh copy (every rank must call this)."""
@@ -238,7 +250,7 @@ class PPOTrainer:
         prompt_ids = [self.prompt_ids[i] for i in self.prompt_batch()]
         self.policy.eval()
         exp = make_experience(self.policy.module, self.reference, self.critic.module, self.reward_model, self.tokenizer,
-                              prompt_ids, cfg.sampling, cfg.max_prompt_length, timings)
+                              prompt_ids, cfg.sampling, timings)
         with timer("advantages", timings):
             exp = compute_advantages(exp, cfg, self.moments)
         with timer("update", timings):
@@ -293,7 +305,7 @@ class PPOTrainer:
         out = {"loss/policy": loss.item(), "policy/entropy": entropy.item()}
         if cfg.entropy_coef:
             loss = loss + cfg.entropy_coef * (entropy - cfg.entropy_target).abs()
-        if cfg.ptx_coef and self.ptx_data:
+        if cfg.ptx_coef and self.ptx_rows:
             ptx_loss = self.ptx_loss()
             loss = loss + cfg.ptx_coef * ptx_loss
             out["loss/ptx"] = ptx_loss.item()
@@ -304,12 +316,10 @@ class PPOTrainer:
 
     def ptx_loss(self) -> torch.Tensor:
         """LM loss on a random batch of SFT demonstrations (PPO-ptx)."""
-        prompts, responses = self.ptx_data
-        index = random.Random(self.cfg.seed * 7919 + self.iteration).sample(range(len(prompts)),
-                                                                            min(self.cfg.ptx_batch_size, len(prompts)))
-        batch = batch_pairs(self.tokenizer, [prompts[i] for i in index], [responses[i] for i in index],
-                            self.cfg.max_prompt_length + self.cfg.sampling.max_new_tokens).to(self.policy.device)
-        logits = self.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        rows = random.Random(self.cfg.seed * 7919 + self.iteration).sample(self.ptx_rows,
+                                                                           min(self.cfg.ptx_batch_size, len(self.ptx_rows)))
+        batch = collate_encoded(rows, self.tokenizer.pad_token_id).to(self.policy.device)
+        logits = self.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
         total, count = masked_token_nll(logits, batch.input_ids, batch.response_mask)
         return total / count.clamp(min=1.0)
 

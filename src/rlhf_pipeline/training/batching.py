@@ -1,11 +1,14 @@
-"""Tokenisation and padding of prompt/response pairs, with the response mask that every loss uses."""
+"""Padding of encoded prompt/response pairs, with the response mask that every loss uses."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedTokenizerBase
+
+from rlhf_pipeline.formatting import Encoded, EncodedRows
 
 
 @dataclass
@@ -25,21 +28,8 @@ class TokenBatch:
         return self.attention_mask.sum(dim=1) - 1
 
 
-def encode_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_length: int) -> tuple[list[int], int]:
-    """Token ids of ``prompt`` + `` response`` + EOS and the prompt length, the prompt cut from the left to fit.
-
-    Prompt and response are tokenised apart, exactly as generation sees them (the policy continues
-    the prompt's tokens), so the tokens trained on are the tokens sampled.
-    """
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(" " + response.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    response_ids = response_ids[: max_length // 2]  # a response never crowds its prompt out entirely
-    prompt_ids = prompt_ids[-(max_length - len(response_ids)):]
-    return prompt_ids + response_ids, len(prompt_ids)
-
-
 def collate(sequences: list[tuple[list[int], int]], pad_token_id: int) -> TokenBatch:
-    """Right-pad encoded pairs into a ``TokenBatch``."""
+    """Right-pad ``(token ids, prompt length)`` sequences into a ``TokenBatch``."""
     width = max(len(ids) for ids, _ in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -51,9 +41,23 @@ def collate(sequences: list[tuple[list[int], int]], pad_token_id: int) -> TokenB
     return TokenBatch(input_ids, attention_mask, response_mask)
 
 
-def batch_pairs(tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int) -> TokenBatch:
-    return collate([encode_pair(tokenizer, p, r, max_length) for p, r in zip(prompts, responses, strict=True)],
-                   tokenizer.pad_token_id)
+def collate_encoded(rows: Sequence[Encoded], pad_token_id: int, response: int = 0) -> TokenBatch:
+    """A batch of each row's prompt followed by its ``response``-th response."""
+    return collate([(row.prompt_ids + row.response_ids[response], len(row.prompt_ids)) for row in rows], pad_token_id)
+
+
+def score_encoded(rows: EncodedRows, pad_token_id: int, batch_size: int,
+                  score: Callable[[TokenBatch], torch.Tensor], response: int = 0) -> torch.Tensor:
+    """``score(batch) -> (B, ...)`` over the rows that fit, in batches; rows that did not fit get NaN ``(N, ...)``."""
+    kept = rows.kept
+    parts = [score(collate_encoded([rows.rows[i] for i in kept[start:start + batch_size]], pad_token_id, response))
+             .float().cpu() for start in range(0, len(kept), batch_size)]
+    if not parts:
+        return torch.full((len(rows.rows),), math.nan)
+    scores = torch.cat(parts)
+    out = torch.full((len(rows.rows), *scores.shape[1:]), math.nan)
+    out[kept] = scores
+    return out
 
 
 def masked_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from rlhf_pipeline.formatting import DialogueEncoder, Encoded
 from rlhf_pipeline.modeling import ValueHeadModel
-from rlhf_pipeline.training.batching import TokenBatch, batch_pairs, masked_token_nll
+from rlhf_pipeline.training.batching import TokenBatch, collate, masked_token_nll, score_encoded
 from rlhf_pipeline.training.engine import LogFn, OptimConfig, no_logging
 from rlhf_pipeline.training.loop import train_loop
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,30 +48,50 @@ def last_token_scores(values: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_responses(model: ValueHeadModel, tokenizer, prompts: list[str], responses: list[str], max_length: int,
-                    batch_size: int = 64) -> torch.Tensor:
-    """Reward-model scores of (prompt, response) pairs ``(N,)``."""
+def score_responses(model: ValueHeadModel, encoder: DialogueEncoder, prompts: list[str], responses: list[str],
+                    max_length: int, batch_size: int = 64) -> torch.Tensor:
+    """Reward-model scores of (prompt, response) pairs ``(N,)``; NaN for a pair that cannot fit the context."""
     device = next(model.parameters()).device
     model.eval()
-    scores = []
-    for start in range(0, len(prompts), batch_size):
-        batch = batch_pairs(tokenizer, prompts[start:start + batch_size], responses[start:start + batch_size], max_length).to(device)
+    rows = encoder.encode_many(prompts, [[r] for r in responses], max_length)
+
+    def score(batch: TokenBatch) -> torch.Tensor:
+        batch = batch.to(device)
         values, _ = model(batch.input_ids, batch.attention_mask)
-        scores.append(last_token_scores(values, batch).float().cpu())
-    return torch.cat(scores) if scores else torch.zeros(0)
+        return last_token_scores(values, batch)
+
+    return score_encoded(rows, encoder.tokenizer.pad_token_id, batch_size, score)
+
+
+def encode_preferences(encoder: DialogueEncoder, prompts: list[str], chosen: list[str], rejected: list[str],
+                       max_length: int) -> tuple[list[Encoded], dict[str, int]]:
+    """Pairs that fit the context (one prompt cut for both responses, EOS kept), and the counts of
+    pairs dropped, truncated, and made identical by truncation (dropped too: they teach nothing)."""
+    rows = encoder.encode_many(prompts, [list(pair) for pair in zip(chosen, rejected, strict=True)], max_length)
+    counts = rows.counts("pairs")
+    kept = [rows.rows[i] for i in rows.kept]
+    distinct = [row for row in kept if row.response_ids[0] != row.response_ids[1]]
+    counts["pairs_identical_after_truncation"] = len(kept) - len(distinct)
+    return distinct, counts
 
 
 def train_reward_model(
-    model: ValueHeadModel, tokenizer, prompts: list[str], chosen: list[str], rejected: list[str],
+    model: ValueHeadModel, encoder: DialogueEncoder, prompts: list[str], chosen: list[str], rejected: list[str],
     cfg: RewardConfig, log: LogFn = no_logging,
-) -> ValueHeadModel:
-    """Train the scalar head (and the LM under it) on preference pairs."""
+) -> tuple[ValueHeadModel, dict[str, int]]:
+    """Train the scalar head (and the LM under it) on preference pairs; returns it and the fitting counts."""
+    pairs, counts = encode_preferences(encoder, prompts, chosen, rejected, cfg.max_length)
+    if counts["pairs_dropped"] or counts["pairs_truncated"]:
+        logger.warning("Reward model: %s of %d pairs (context %d tokens)", counts, len(prompts), encoder.limit(cfg.max_length))
+    if not pairs:
+        raise ValueError(f"reward_model: no pair fits in {encoder.limit(cfg.max_length)} tokens; raise reward_model.max_length")
+    pad = encoder.tokenizer.pad_token_id
 
     def loss_fn(engine, indices):
-        batch_prompts = [prompts[i] for i in indices]
+        rows = [pairs[i] for i in indices]
         # chosen and rejected in one forward pass: rows [0, B) chosen, [B, 2B) rejected
-        batch = batch_pairs(tokenizer, batch_prompts * 2, [chosen[i] for i in indices] + [rejected[i] for i in indices],
-                            cfg.max_length).to(engine.device)
+        batch = collate([(row.prompt_ids + row.response_ids[k], len(row.prompt_ids)) for k in (0, 1) for row in rows],
+                        pad).to(engine.device)
         values, logits = engine(batch.input_ids, batch.attention_mask, return_lm_logits=cfg.lm_loss_coef > 0)
         scores = last_token_scores(values, batch)
         chosen_scores, rejected_scores = scores.float().chunk(2)
@@ -84,4 +108,4 @@ def train_reward_model(
         metrics["train/loss"] = loss.item()
         return loss, metrics, int(batch.attention_mask.sum())
 
-    return train_loop(model, len(prompts), cfg.epochs, cfg.seed, cfg.optim, loss_fn, log, "reward_model")
+    return train_loop(model, len(pairs), cfg.epochs, cfg.seed, cfg.optim, loss_fn, log, "reward_model"), counts

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
 import torch
 
-from rlhf_pipeline.training.batching import batch_pairs, masked_token_nll
+from rlhf_pipeline.formatting import DialogueEncoder, EncodedRows
+from rlhf_pipeline.training.batching import collate_encoded, masked_token_nll
 from rlhf_pipeline.training.engine import LogFn, OptimConfig, no_logging
 from rlhf_pipeline.training.loop import train_loop
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class SFTConfig:
     epochs: int = 3
     max_length: int = 128
-    """Tokens per prompt + response; longer prompts lose their oldest turns."""
+    """Tokens per prompt + response (capped by the model's positions); longer prompts lose their oldest turns."""
     eval_every: int = 50
     """Optimiser steps between held-out evaluations (0: only at the end)."""
     eval_batch_size: int = 64
@@ -25,14 +29,15 @@ class SFTConfig:
 
 
 @torch.no_grad()
-def evaluate_lm(model, tokenizer, prompts: list[str], responses: list[str], max_length: int, batch_size: int) -> dict[str, float]:
-    """Held-out mean response-token loss and perplexity."""
+def evaluate_lm(model, rows: EncodedRows, pad_token_id: int, batch_size: int) -> dict[str, float]:
+    """Held-out mean response-token loss and perplexity over the rows that fit."""
     device = next(model.parameters()).device
     model.eval()
+    kept = [rows.rows[i] for i in rows.kept]
     nll_sum, count = 0.0, 0.0
-    for start in range(0, len(prompts), batch_size):
-        batch = batch_pairs(tokenizer, prompts[start:start + batch_size], responses[start:start + batch_size], max_length).to(device)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    for start in range(0, len(kept), batch_size):
+        batch = collate_encoded(kept[start:start + batch_size], pad_token_id).to(device)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
         total, n = masked_token_nll(logits, batch.input_ids, batch.response_mask)
         nll_sum, count = nll_sum + total.item(), count + n.item()
     loss = nll_sum / max(count, 1.0)
@@ -40,25 +45,36 @@ def evaluate_lm(model, tokenizer, prompts: list[str], responses: list[str], max_
 
 
 def train_sft(
-    model, tokenizer, prompts: list[str], responses: list[str], val_prompts: list[str], val_responses: list[str],
-    cfg: SFTConfig, log: LogFn = no_logging,
+    model, encoder: DialogueEncoder, prompts: list[str], responses: list[str], val_prompts: list[str],
+    val_responses: list[str], cfg: SFTConfig, log: LogFn = no_logging,
 ) -> tuple[torch.nn.Module, dict[str, float]]:
-    """Fine-tune ``model`` on (prompt, response) demonstrations; returns the model and held-out metrics."""
+    """Fine-tune ``model`` on (prompt, response) demonstrations; returns the model and metrics (held-out
+    loss, and how many demonstrations were dropped, truncated or lost turns to fit the context)."""
+    pad = encoder.tokenizer.pad_token_id
+    encoded = encoder.encode_many(prompts, [[r] for r in responses], cfg.max_length)
+    val = encoder.encode_many(val_prompts, [[r] for r in val_responses], cfg.max_length)
+    counts = {**encoded.counts("train"), **val.counts("val")}
+    if counts["train_dropped"] or counts["train_truncated"]:
+        logger.warning("SFT: %s of %d demonstrations (context %d tokens)", counts, len(prompts), encoder.limit(cfg.max_length))
+    train_rows = [encoded.rows[i] for i in encoded.kept]
+    if not train_rows:
+        raise ValueError(f"sft: no demonstration fits in {encoder.limit(cfg.max_length)} tokens; raise sft.max_length")
 
     def loss_fn(engine, indices):
-        batch = batch_pairs(tokenizer, [prompts[i] for i in indices], [responses[i] for i in indices],
-                            cfg.max_length).to(engine.device)
-        logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        batch = collate_encoded([train_rows[i] for i in indices], pad).to(engine.device)
+        logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
         total, count = masked_token_nll(logits, batch.input_ids, batch.response_mask)
         loss = total / count.clamp(min=1.0)
         return loss, {"train/loss": loss.item()}, int(batch.attention_mask.sum())
 
+    has_val = bool(val.kept)
+
     def evaluate(step: int) -> dict[str, float]:
-        metrics = evaluate_lm(model, tokenizer, val_prompts, val_responses, cfg.max_length, cfg.eval_batch_size)
+        metrics = evaluate_lm(model, val, pad, cfg.eval_batch_size)
         log(metrics, step)
         return metrics
 
-    model = train_loop(model, len(prompts), cfg.epochs, cfg.seed, cfg.optim, loss_fn, log, "sft",
-                       evaluate if val_prompts else None, cfg.eval_every)
-    return model, (evaluate_lm(model, tokenizer, val_prompts, val_responses, cfg.max_length, cfg.eval_batch_size)
-                   if val_prompts else {})
+    model = train_loop(model, len(train_rows), cfg.epochs, cfg.seed, cfg.optim, loss_fn, log, "sft",
+                       evaluate if has_val else None, cfg.eval_every)
+    metrics = evaluate_lm(model, val, pad, cfg.eval_batch_size) if has_val else {}
+    return model, {**metrics, **{k: float(v) for k, v in counts.items()}}

@@ -11,7 +11,8 @@ from rlhf_pipeline.pipelines.data_processing.nodes import (
     split_preferences,
 )
 
-SPLIT = {"seed": 0, "fractions": {"sft_train": 0.35, "rm_train": 0.35, "rm_val": 0.05, "ppo_prompts": 0.15, "eval_prompts": 0.1}}
+SPLIT = {"seed": 0, "fractions": {"sft_train": 0.3, "rm_train": 0.3, "rm_val": 0.05, "ppo_prompts": 0.15, "eval_prompts": 0.1,
+                                  "judge_train": 0.1}}
 
 
 def rows_of(records) -> list[RawRow]:
@@ -27,10 +28,11 @@ def preferences() -> pd.DataFrame:
 
 
 def test_no_prompt_crosses_splits_and_eval_is_unseen(preferences):
-    sft, rm_train, rm_val, ppo, evaluation, sizes = split_preferences(preferences, SPLIT)
+    sft, rm_train, rm_val, ppo, evaluation, judge, sizes = split_preferences(preferences, SPLIT)
     training = set(sft["prompt"]) | set(rm_train["prompt"]) | set(rm_val["prompt"]) | set(ppo["prompt"])
     assert evaluation["prompt"].nunique() == len(evaluation) > 20
-    assert not set(evaluation["prompt"]) & training
+    assert not set(evaluation["prompt"]) & (training | set(judge["prompt"]))
+    assert len(judge) > 50 and not set(judge["prompt"]) & training  # PPO's RM and the judge share no prompt
     assert not set(sft["prompt"]) & set(rm_train["prompt"])
     assert not set(rm_train["prompt"]) & set(rm_val["prompt"])
     assert sizes["eval_prompts_size"]["value"] == len(evaluation)
@@ -43,6 +45,15 @@ def test_duplicates_are_dropped(preferences):
     pairs_out = len(outputs[0]) + len(outputs[1]) + len(outputs[2])
     pairs_in = split_preferences(preferences.drop_duplicates(), SPLIT)
     assert pairs_out == len(pairs_in[0]) + len(pairs_in[1]) + len(pairs_in[2])
+
+
+def test_max_pairs_splits_a_seeded_sample(preferences):
+    outputs = split_preferences(preferences, {**SPLIT, "max_pairs": 600})
+    pairs = len(outputs[0]) + len(outputs[1]) + len(outputs[2]) + len(outputs[5])
+    assert 400 < pairs < 600  # ppo and eval splits hold unique prompts, not pairs
+    assert outputs[6]["sft_train_size"]["value"] == len(outputs[0]) < 0.4 * 600
+    again = split_preferences(preferences, {**SPLIT, "max_pairs": 600})
+    assert outputs[0].equals(again[0])
 
 
 def test_split_is_stable_per_prompt_and_close_to_fractions():

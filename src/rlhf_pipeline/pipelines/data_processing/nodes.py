@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from rlhf_pipeline.data import assign_splits, raw_rows_from_source
+from rlhf_pipeline.data import SPLITS, assign_splits, raw_rows_from_source
 from rlhf_pipeline.hh import RawRow, parse_rows
 from rlhf_pipeline.task import TaskConfig, classify_request, generate_preference_rows
 
@@ -52,19 +52,24 @@ def parse_preferences(
 
 def split_preferences(
     preferences: pd.DataFrame, split: dict[str, Any]
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, dict[str, float]]]:
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, dict[str, float]]]:
     """De-duplicate pairs and split them by prompt, so that no prompt crosses two splits.
 
     Args:
         preferences: Valid pairs from ``parse_preferences``.
-        split: ``fractions`` per split name and the ``seed`` of the prompt hashing.
+        split: ``fractions`` per split name, the ``seed`` of the prompt hashing and ``max_pairs`` (optional: a
+            seeded sample of at most this many pairs is split, for a run on a budget).
 
     Returns:
         ``sft_train`` (prompt, response = chosen), ``rm_train`` and ``rm_val`` (prompt, chosen, rejected),
-        ``ppo_prompts`` and ``eval_prompts`` (unique prompts, with the request category), and split sizes.
+        ``ppo_prompts`` and ``eval_prompts`` (unique prompts, with the request category), ``judge_train``
+        (pairs for the evaluation's judge reward model, which PPO never sees), and split sizes.
     """
     pairs = preferences.drop_duplicates(["prompt", "chosen", "rejected"], ignore_index=True)
     logger.info("Dropped %d duplicate pair(s)", len(preferences) - len(pairs))
+    if split.get("max_pairs") and len(pairs) > split["max_pairs"]:  # a budget run on a sample of a large set
+        pairs = pairs.sample(n=split["max_pairs"], random_state=split["seed"]).reset_index(drop=True)
+        logger.info("Kept a seeded sample of %d pair(s) (data_processing.split.max_pairs)", len(pairs))
     pairs = pairs.assign(split=assign_splits(pairs["prompt"], split["fractions"], split["seed"]))
 
     def pairs_of(name: str) -> pd.DataFrame:
@@ -75,8 +80,9 @@ def split_preferences(
         return pd.DataFrame({"prompt": prompts, "category": [classify_request(p).category for p in prompts]})
 
     sft_train = pairs_of("sft_train")[["prompt", "chosen"]].rename(columns={"chosen": "response"})
-    outputs = (sft_train, pairs_of("rm_train"), pairs_of("rm_val"), prompts_of("ppo_prompts"), prompts_of("eval_prompts"))
-    names = ("sft_train", "rm_train", "rm_val", "ppo_prompts", "eval_prompts")
+    outputs = (sft_train, pairs_of("rm_train"), pairs_of("rm_val"), prompts_of("ppo_prompts"), prompts_of("eval_prompts"),
+               pairs_of("judge_train"))
+    names = SPLITS
     for name, frame in zip(names, outputs, strict=True):
         if frame.empty:
             raise ValueError(f"data_processing.split: split '{name}' is empty; raise its fraction or the data size")

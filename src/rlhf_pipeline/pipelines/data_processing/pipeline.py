@@ -22,7 +22,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             node(
                 split_preferences,
                 ["preferences", "params:data_processing.split"],
-                ["sft_train", "rm_train", "rm_val", "ppo_prompts", "eval_prompts", "split_sizes"],
+                ["sft_train", "rm_train", "rm_val", "ppo_prompts", "eval_prompts", "judge_train", "split_sizes"],
                 name="split_preferences_node",
             ),
         ]

@@ -11,11 +11,13 @@ import matplotlib
 matplotlib.use("Agg")  # headless: figures go to files and MLflow
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 
 from rlhf_pipeline.evaluation import distinct_n, kl_and_perplexity, win_rate  # noqa: E402
-from rlhf_pipeline.generation import SamplingConfig, generate_texts  # noqa: E402
-from rlhf_pipeline.modeling import ModelBundle  # noqa: E402
-from rlhf_pipeline.pipelines.tracking import mlflow_logger  # noqa: E402
+from rlhf_pipeline.generation import SamplingConfig, fit_prompts, generate_texts  # noqa: E402
+from rlhf_pipeline.modeling import ModelBundle, load_value_model  # noqa: E402
+from rlhf_pipeline.pipelines.reward_model.nodes import fit_reward_model  # noqa: E402
+from rlhf_pipeline.pipelines.tracking import mlflow_logger, strict_json  # noqa: E402
 from rlhf_pipeline.task import gold_score  # noqa: E402
 from rlhf_pipeline.task.gold import REFUSAL  # noqa: E402
 from rlhf_pipeline.training.reward import score_responses  # noqa: E402
@@ -24,69 +26,126 @@ logger = logging.getLogger(__name__)
 CURVES = ("reward/raw_score", "kl/sequence", "response/perplexity", "response/length")
 
 
-def _nanmean(values) -> float:
+def _mean(values) -> float | None:
+    """Mean of the values that exist (not NaN); ``None`` when none does, e.g. gold scores on real data."""
     kept = [v for v in values if not math.isnan(v)]
-    return sum(kept) / len(kept) if kept else math.nan
+    return sum(kept) / len(kept) if kept else None
+
+
+def _correlation(a: list[float], b: list[float]) -> float | None:
+    """Pearson correlation over the pairs where both exist; ``None`` with fewer than 3 or no spread."""
+    pairs = [(x, y) for x, y in zip(a, b, strict=True) if not (math.isnan(x) or math.isnan(y))]
+    if len(pairs) < 3:
+        return None
+    x, y = torch.tensor(pairs, dtype=torch.float64).T
+    if x.std() == 0 or y.std() == 0:
+        return None
+    return torch.corrcoef(torch.stack([x, y]))[0, 1].item()
+
+
+def train_judge_model(sft_model: ModelBundle, judge_train: pd.DataFrame, rm_val: pd.DataFrame,
+                      judge: dict[str, Any]) -> tuple[ModelBundle, dict[str, float | None]]:
+    """The judge: a reward model that PPO never optimised, to measure reward hacking without gold labels.
+
+    Args:
+        sft_model: Backbone of a trained judge (as for the proxy RM).
+        judge_train: Preference pairs disjoint from ``rm_train`` (Gao et al. 2022's proxy-vs-gold protocol).
+        rm_val: Held-out pairs that measure the judge.
+        judge: ``path`` of a saved value-head model to use as it is, or ``null`` to train one with the
+            ``RewardConfig`` fields and ``stats_sample`` given here.
+
+    Returns:
+        The judge model and its metrics (its accuracy on ``rm_val`` and, on the embedded task, its
+        agreement with gold).
+    """
+    params = dict(judge)
+    path = params.pop("path", None)
+    if path:
+        logger.info("Judge: the reward model saved in %s", path)
+        return load_value_model(path), {"path": path}
+    return fit_reward_model(sft_model, judge_train, rm_val, params, "judge")
 
 
 def evaluate_policies(
-    eval_prompts: pd.DataFrame, sft_model: ModelBundle, reward_model: ModelBundle, evaluation: dict[str, Any],
-    **ppo_policies: ModelBundle,
-) -> tuple[dict[str, dict[str, float]], pd.DataFrame, pd.DataFrame]:
+    eval_prompts: pd.DataFrame, sft_model: ModelBundle, reward_model: ModelBundle, judge_model: ModelBundle,
+    evaluation: dict[str, Any], **ppo_policies: ModelBundle,
+) -> tuple[dict[str, dict[str, float | None]], pd.DataFrame, pd.DataFrame]:
     """Sample every policy on the held-out prompts with fixed settings and seed, and compare with SFT.
 
     Args:
         eval_prompts: ``prompt`` and ``category`` of the held-out prompts.
         sft_model: The SFT policy (baseline and KL reference).
         reward_model: Scores responses (the proxy the policies were trained on).
+        judge_model: Scores responses too, but no policy was trained on it.
         evaluation: ``sampling``, ``seed``, ``max_length``, ``max_prompts``.
         **ppo_policies: One trained policy per PPO variant, by name.
 
     Returns:
-        The summary (one object per policy), the same as a table, and every sampled response with its scores.
+        The summary (one object per policy; ``null`` where a value does not exist, e.g. gold scores on real
+        data), the same as a table, and every sampled response with its scores.
     """
     prompts_frame = eval_prompts.head(evaluation["max_prompts"])
-    prompts, categories = prompts_frame["prompt"].tolist(), prompts_frame["category"].tolist()
     sampling, max_length = SamplingConfig(**evaluation["sampling"]), evaluation["max_length"]
+    encoder = sft_model.encoder()
+    kept, prompt_ids = fit_prompts(encoder, prompts_frame["prompt"].tolist(),
+                                   max(max_length - sampling.max_new_tokens, 1), sampling.max_new_tokens)
+    prompts_frame = prompts_frame.iloc[kept]
+    prompts, categories = prompts_frame["prompt"].tolist(), prompts_frame["category"].tolist()
     policies = {"sft": sft_model, **ppo_policies}
     samples, per_policy = [], {}
     for name, bundle in policies.items():
-        responses = generate_texts(bundle.model, sft_model.tokenizer, prompts, sampling, seed=evaluation["seed"])
+        responses = generate_texts(bundle.model, sft_model.tokenizer, prompt_ids, sampling, seed=evaluation["seed"])
         gold = [gold_score(p, r) for p, r in zip(prompts, responses, strict=True)]
-        rm = score_responses(reward_model.model, sft_model.tokenizer, prompts, responses, max_length).tolist()
-        per_policy[name] = {"responses": responses, "gold": gold, "rm": rm}
-        samples += [{"policy": name, "prompt": p, "category": c, "response": r, "gold_score": g, "rm_score": s}
-                    for p, c, r, g, s in zip(prompts, categories, responses, gold, rm, strict=True)]
+        rm = score_responses(reward_model.model, reward_model.encoder(), prompts, responses, max_length).tolist()
+        judge = score_responses(judge_model.model, judge_model.encoder(), prompts, responses, max_length).tolist()
+        per_policy[name] = {"responses": responses, "gold": gold, "rm": rm, "judge": judge}
+        samples += [{"policy": name, "prompt": p, "category": c, "response": r, "gold_score": g, "rm_score": s,
+                     "judge_score": j}
+                    for p, c, r, g, s, j in zip(prompts, categories, responses, gold, rm, judge, strict=True)]
     summary = {}
     baseline = per_policy["sft"]
+    harmful = [c == "harmful" for c in categories]
+    harmless = [c not in ("harmful", "unknown") for c in categories]  # requests the task knows to be harmless
     for name, result in per_policy.items():
-        refused = [bool(REFUSAL.search(r)) for r in result["responses"]]
-        harmful = [c == "harmful" for c in categories]
+        refused = [float(bool(REFUSAL.search(r))) for r in result["responses"]]
         summary[name] = {
-            "gold_score": _nanmean(result["gold"]),
-            "rm_score": _nanmean(result["rm"]),
+            "gold_score": _mean(result["gold"]),
+            "rm_score": _mean(result["rm"]),
+            "judge_score": _mean(result["judge"]),
             "win_rate_vs_sft_gold": win_rate(result["gold"], baseline["gold"]),
             "win_rate_vs_sft_rm": win_rate(result["rm"], baseline["rm"]),
-            **kl_and_perplexity(policies[name].model, sft_model.model, sft_model.tokenizer, prompts, result["responses"], max_length),
-            "response_length": sum(len(r.split()) for r in result["responses"]) / len(prompts),
+            "win_rate_vs_sft_judge": win_rate(result["judge"], baseline["judge"]),
+            "judge_gold_correlation": _correlation(result["judge"], result["gold"]),
+            **kl_and_perplexity(policies[name].model, sft_model.model, encoder, prompts, result["responses"], max_length),
+            "response_length": sum(len(r.split()) for r in result["responses"]) / max(len(prompts), 1),
             "distinct_1": distinct_n(result["responses"], 1),
             "distinct_2": distinct_n(result["responses"], 2),
-            "refusal_rate_harmful": _nanmean([float(r) for r, h in zip(refused, harmful, strict=True) if h]),
-            "refusal_rate_harmless": _nanmean([float(r) for r, h in zip(refused, harmful, strict=True) if not h]),
+            "refusal_rate_harmful": _mean([r for r, h in zip(refused, harmful, strict=True) if h]),
+            "refusal_rate_harmless": _mean([r for r, h in zip(refused, harmless, strict=True) if h]),
+            "prompts": len(prompts),
+            "prompts_dropped": len(eval_prompts.head(evaluation["max_prompts"])) - len(prompts),
         }
-        logger.info("%s: gold %.3f, RM %.3f, win vs SFT (gold) %.2f, KL %.3f", name, summary[name]["gold_score"],
-                    summary[name]["rm_score"], summary[name]["win_rate_vs_sft_gold"], summary[name]["kl_to_sft"])
-        mlflow_logger(f"evaluation/{name}")({k: v for k, v in summary[name].items() if not math.isnan(v)}, 0)
+        summary[name] = strict_json(summary[name])
+        logger.info("%s: gold %s, RM %.3f, judge %.3f, win vs SFT (judge) %s, KL %.3f", name, summary[name]["gold_score"],
+                    summary[name]["rm_score"], summary[name]["judge_score"], summary[name]["win_rate_vs_sft_judge"],
+                    summary[name]["kl_to_sft"])
+        mlflow_logger(f"evaluation/{name}")(summary[name], 0)
     table = pd.DataFrame.from_dict(summary, orient="index").rename_axis("policy").reset_index()
     return summary, table, pd.DataFrame(samples)
 
 
 def summary_markdown(table: pd.DataFrame) -> str:
-    """The comparison table as Markdown."""
+    """The comparison table as Markdown; a value that does not exist (no gold reward) reads ``n/a``."""
     columns = list(table.columns)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+    def cell(value) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "n/a"
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
     for _, row in table.iterrows():
-        lines.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row) + " |")
+        lines.append("| " + " | ".join(cell(v) for v in row) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -104,11 +163,12 @@ def plot_training_curves(**histories: pd.DataFrame) -> plt.Figure:
 
 
 def plot_comparison(table: pd.DataFrame) -> plt.Figure:
-    """Bars of the final comparison: gold score, RM score, KL to SFT and win rate by gold."""
-    metrics = ["gold_score", "rm_score", "kl_to_sft", "win_rate_vs_sft_gold"]
-    figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2))
+    """Bars of the final comparison: gold, RM and judge scores, KL to SFT, win rates by gold and by judge."""
+    metrics = ["gold_score", "rm_score", "judge_score", "kl_to_sft", "win_rate_vs_sft_gold", "win_rate_vs_sft_judge"]
+    figure, axes = plt.subplots(1, len(metrics), figsize=(3.5 * len(metrics), 3.2))
     for metric, axis in zip(metrics, axes, strict=True):
-        axis.bar(table["policy"], table[metric], color=["grey", "tab:blue", "tab:orange", "tab:green"][: len(table)])
-        axis.set_title(metric)
+        values = pd.to_numeric(table[metric], errors="coerce")  # null (no gold reward) draws no bar
+        axis.bar(table["policy"], values.fillna(0.0), color=["grey", "tab:blue", "tab:orange", "tab:green"][: len(table)])
+        axis.set_title(metric if values.notna().any() else f"{metric} (n/a)")
     figure.tight_layout()
     return figure

@@ -47,9 +47,10 @@ def train_ppo(
                      (sft_train["prompt"].tolist(), sft_train["response"].tolist()), cfg, launch,
                      checkpoint_dir=checkpoint_dir, score_prior=prior, log=mlflow_logger(f"ppo/{name}"),
                      metric_prefix=f"ppo/{name}/")
+    mlflow_logger(f"ppo/{name}")({"prompts_dropped": result.prompts_dropped}, 0)
     history = pd.DataFrame(result.history)
     if not history.empty:
         last = history.iloc[-1]
         logger.info("PPO %s: %d iterations, RM score %.3f, KL %.3f, length %.1f", name, len(history),
                     last["reward/raw_score"], last["kl/sequence"], last["response/length"])
-    return ModelBundle(result.policy, sft_model.tokenizer), history, result.samples
+    return sft_model.with_model(result.policy), history, result.samples

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 
 from rlhf_pipeline.config import config_from
 from rlhf_pipeline.modeling import ModelBundle, ValueHeadModel
-from rlhf_pipeline.pipelines.tracking import mlflow_logger
+from rlhf_pipeline.pipelines.tracking import mlflow_logger, strict_json
 from rlhf_pipeline.task import gold_score
 from rlhf_pipeline.training.engine import OptimConfig
 from rlhf_pipeline.training.reward import RewardConfig, ranking_accuracy, score_responses, train_reward_model
@@ -34,10 +33,62 @@ def gold_ordered(pairs: pd.DataFrame) -> pd.DataFrame:
     })
 
 
+def fit_reward_model(sft_model: ModelBundle, train_pairs: pd.DataFrame, val_pairs: pd.DataFrame, params: dict[str, Any],
+                     log_prefix: str) -> tuple[ModelBundle, dict[str, float | None]]:
+    """Train a scalar-head RM from the SFT model on ``train_pairs`` and measure it on ``val_pairs``: the reward
+    model PPO optimises, and the judge it never sees, are made by this one function."""
+    params = dict(params)
+    stats_sample = params.pop("stats_sample")
+    cfg = config_from(RewardConfig, params, optim=OptimConfig)
+    log = mlflow_logger(log_prefix)
+    encoder = sft_model.encoder()
+    model, fit_counts = train_reward_model(ValueHeadModel(sft_model.model, seed=cfg.seed), encoder,
+                                           train_pairs["prompt"].tolist(), train_pairs["chosen"].tolist(),
+                                           train_pairs["rejected"].tolist(), cfg, log)
+
+    def scores(frame: pd.DataFrame, column: str) -> torch.Tensor:
+        return score_responses(model, encoder, frame["prompt"].tolist(), frame[column].tolist(), cfg.max_length,
+                               cfg.eval_batch_size)
+
+    def accuracy(frame: pd.DataFrame) -> float | None:
+        """Ranking accuracy over the pairs that fit the context (None without any)."""
+        chosen, rejected = scores(frame, "chosen"), scores(frame, "rejected")
+        fits = ~(chosen.isnan() | rejected.isnan())
+        return ranking_accuracy(chosen[fits], rejected[fits]) if fits.any() else None
+
+    val_chosen, val_rejected = scores(val_pairs, "chosen"), scores(val_pairs, "rejected")
+    val_fits = ~(val_chosen.isnan() | val_rejected.isnan())
+    gold_pairs = gold_ordered(val_pairs)
+    sample = train_pairs.sample(n=min(stats_sample, len(train_pairs)), random_state=cfg.seed)
+    train_scores = torch.cat([scores(sample, "chosen"), scores(sample, "rejected")])
+    lengths = torch.tensor([len(r.split()) for r in pd.concat([sample["chosen"], sample["rejected"]])], dtype=torch.float)
+    fits = ~train_scores.isnan()
+    train_scores, lengths = train_scores[fits], lengths[fits]
+    metrics = {
+        "val_accuracy": ranking_accuracy(val_chosen[val_fits], val_rejected[val_fits]) if val_fits.any() else None,
+        "val_margin": (val_chosen[val_fits] - val_rejected[val_fits]).mean().item() if val_fits.any() else None,
+        "gold_agreement": accuracy(gold_pairs) if len(gold_pairs) else None,
+        "label_gold_agreement": float(gold_pairs["label_agrees_with_gold"].mean()) if len(gold_pairs) else None,
+        "reward_mean": train_scores.mean().item(),
+        "reward_std": train_scores.std().item(),
+        "length_correlation": torch.corrcoef(torch.stack([train_scores, lengths]))[0, 1].item(),
+        "stats_count": float(train_scores.numel()),
+        "train_pairs": len(train_pairs),
+        "val_pairs": len(val_pairs),
+        "val_pairs_dropped": int((~val_fits).sum()),
+        "gold_pairs": len(gold_pairs),
+        **fit_counts,
+    }
+    logger.info("%s: val accuracy %s, gold agreement %s, score mean %.3f std %.3f", log_prefix, metrics["val_accuracy"],
+                metrics["gold_agreement"], metrics["reward_mean"], metrics["reward_std"])
+    log(metrics, 0)
+    return sft_model.with_model(model), strict_json(metrics)
+
+
 def train_reward_model_node(
     sft_model: ModelBundle, rm_train: pd.DataFrame, rm_val: pd.DataFrame, reward_model: dict[str, Any]
-) -> tuple[ModelBundle, dict[str, float]]:
-    """Train the reward model from the SFT model and measure it.
+) -> tuple[ModelBundle, dict[str, float | None]]:
+    """Train the reward model that PPO optimises, from the SFT model, and measure it.
 
     Args:
         sft_model: The SFT model; its LM becomes the RM's backbone under a fresh scalar head.
@@ -48,40 +99,8 @@ def train_reward_model_node(
     Returns:
         The reward model and its metrics: ``val_accuracy``, ``val_margin``, ``gold_agreement`` (accuracy on
         gold-labelled rm_val pairs), ``label_gold_agreement`` (how often the noisy labels agree with gold),
-        ``reward_mean``/``reward_std`` over training responses (PPO normalises scores with them) and
-        ``length_correlation`` (of score with response length: the annotators' bias the RM picked up).
+        ``reward_mean``/``reward_std`` over training responses (PPO normalises scores with them),
+        ``length_correlation`` (of score with response length: the annotators' bias the RM picked up) and
+        the pairs dropped or truncated to fit the context. Gold metrics are ``null`` without a gold reward.
     """
-    params = dict(reward_model)
-    stats_sample = params.pop("stats_sample")
-    cfg = config_from(RewardConfig, params, optim=OptimConfig)
-    log = mlflow_logger("reward_model")
-    tokenizer = sft_model.tokenizer
-    model = train_reward_model(ValueHeadModel(sft_model.model, seed=cfg.seed), tokenizer, rm_train["prompt"].tolist(),
-                               rm_train["chosen"].tolist(), rm_train["rejected"].tolist(), cfg, log)
-
-    def scores(frame: pd.DataFrame, column: str) -> torch.Tensor:
-        return score_responses(model, tokenizer, frame["prompt"].tolist(), frame[column].tolist(), cfg.max_length,
-                               cfg.eval_batch_size)
-
-    val_chosen, val_rejected = scores(rm_val, "chosen"), scores(rm_val, "rejected")
-    gold_pairs = gold_ordered(rm_val)
-    sample = rm_train.sample(n=min(stats_sample, len(rm_train)), random_state=cfg.seed)
-    train_scores = torch.cat([scores(sample, "chosen"), scores(sample, "rejected")])
-    lengths = torch.tensor([len(r.split()) for r in pd.concat([sample["chosen"], sample["rejected"]])], dtype=torch.float)
-    metrics = {
-        "val_accuracy": ranking_accuracy(val_chosen, val_rejected),
-        "val_margin": (val_chosen - val_rejected).mean().item(),
-        "gold_agreement": ranking_accuracy(scores(gold_pairs, "chosen"), scores(gold_pairs, "rejected"))
-        if len(gold_pairs) else math.nan,
-        "label_gold_agreement": float(gold_pairs["label_agrees_with_gold"].mean()) if len(gold_pairs) else math.nan,
-        "reward_mean": train_scores.mean().item(),
-        "reward_std": train_scores.std().item(),
-        "length_correlation": torch.corrcoef(torch.stack([train_scores, lengths]))[0, 1].item(),
-        "stats_count": float(train_scores.numel()),
-        "val_pairs": len(rm_val),
-        "gold_pairs": len(gold_pairs),
-    }
-    logger.info("Reward model: val accuracy %.3f, gold agreement %.3f, score mean %.3f std %.3f",
-                metrics["val_accuracy"], metrics["gold_agreement"], metrics["reward_mean"], metrics["reward_std"])
-    log({k: v for k, v in metrics.items() if not math.isnan(v)}, 0)
-    return ModelBundle(model, tokenizer), metrics
+    return fit_reward_model(sft_model, rm_train, rm_val, reward_model, "reward_model")

@@ -10,15 +10,16 @@ import pandas as pd
 
 from rlhf_pipeline.config import config_from
 from rlhf_pipeline.data import prompt_bucket
-from rlhf_pipeline.generation import SamplingConfig, generate_texts
+from rlhf_pipeline.generation import SamplingConfig, fit_prompts, generate_texts
 from rlhf_pipeline.modeling import (
     ModelBundle,
     TinyModelConfig,
     build_tiny_model,
+    load_gguf,
     load_policy,
     train_tokenizer,
 )
-from rlhf_pipeline.pipelines.tracking import mlflow_logger
+from rlhf_pipeline.pipelines.tracking import mlflow_logger, strict_json
 from rlhf_pipeline.task import gold_score
 from rlhf_pipeline.training.engine import OptimConfig
 from rlhf_pipeline.training.sft import SFTConfig, train_sft
@@ -32,19 +33,26 @@ def prepare_base_model(sft_train: pd.DataFrame, rm_train: pd.DataFrame, model: d
     Args:
         sft_train: Demonstrations (their text trains the tiny tokenizer).
         rm_train: Preference pairs (their text too).
-        model: ``name_or_path`` (``tiny``, a local directory or a hub id), ``trust_remote_code``, ``dtype``
-            and the ``tiny`` model's shape.
+        model: ``name_or_path`` (``tiny``, a local directory or a hub id), or ``gguf`` (``package`` and ``file``
+            of a GGUF file shipped in an installed Python package), ``prompt_format`` (``hh`` or
+            ``chat_template``), ``trust_remote_code``, ``dtype`` and the ``tiny`` model's shape.
 
     Returns:
-        The tiny model with a BPE tokenizer trained on the corpus, or the loaded Hugging Face causal LM.
+        The tiny model with a BPE tokenizer trained on the corpus, or the loaded (de-quantised) causal LM,
+        with the prompt format every later stage uses.
     """
+    prompt_format = model.get("prompt_format", "hh")
+    if model.get("gguf"):
+        return load_gguf(model["gguf"]["package"], model["gguf"]["file"], prompt_format, model.get("dtype"))
     if model["name_or_path"] != "tiny":
-        return load_policy(model["name_or_path"], model.get("trust_remote_code", False), model.get("dtype"))
+        return load_policy(model["name_or_path"], model.get("trust_remote_code", False), model.get("dtype"), prompt_format)
     tiny = TinyModelConfig(**model.get("tiny", {}))
     corpus = pd.concat([sft_train["prompt"] + " " + sft_train["response"], rm_train["prompt"] + " " + rm_train["chosen"],
                         rm_train["prompt"] + " " + rm_train["rejected"]])
     tokenizer = train_tokenizer(corpus.tolist(), tiny.vocab_size)
-    return ModelBundle(build_tiny_model(tokenizer, tiny), tokenizer)
+    bundle = ModelBundle(build_tiny_model(tokenizer, tiny), tokenizer, prompt_format)
+    bundle.encoder()  # fail here, not stages later, on a prompt format the tokenizer cannot serve
+    return bundle
 
 
 def held_out_mask(prompts: pd.Series, fraction: float, seed: int) -> pd.Series:
@@ -52,10 +60,10 @@ def held_out_mask(prompts: pd.Series, fraction: float, seed: int) -> pd.Series:
     return prompts.map(lambda p: prompt_bucket(p, seed + 1) < fraction)
 
 
-def mean_gold_score(prompts: list[str], responses: list[str]) -> float:
-    """Mean gold reward, ``nan`` when the prompts are not of the embedded task."""
+def mean_gold_score(prompts: list[str], responses: list[str]) -> float | None:
+    """Mean gold reward, ``None`` when the prompts are not of the embedded task (no gold reward)."""
     scores = [s for s in (gold_score(p, r) for p, r in zip(prompts, responses, strict=True)) if not math.isnan(s)]
-    return sum(scores) / len(scores) if scores else math.nan
+    return sum(scores) / len(scores) if scores else None
 
 
 def train_sft_model(base_model: ModelBundle, sft_train: pd.DataFrame, sft: dict[str, Any]) -> tuple[ModelBundle, dict]:
@@ -67,8 +75,9 @@ def train_sft_model(base_model: ModelBundle, sft_train: pd.DataFrame, sft: dict[
         sft: ``SFTConfig`` fields plus ``val_fraction``, ``sampling`` and ``gold_eval_prompts``.
 
     Returns:
-        The SFT model and its metrics: held-out loss/perplexity and the mean gold score of sampled
-        responses before and after training.
+        The SFT model and its metrics: held-out loss/perplexity, the demonstrations dropped or truncated to
+        fit the context, and the mean gold score of sampled responses before and after training (``null``
+        without a gold reward).
     """
     params = dict(sft)
     val_fraction, gold_prompts = params.pop("val_fraction"), params.pop("gold_eval_prompts")
@@ -76,18 +85,23 @@ def train_sft_model(base_model: ModelBundle, sft_train: pd.DataFrame, sft: dict[
     cfg = config_from(SFTConfig, params, optim=OptimConfig)
     held_out = held_out_mask(sft_train["prompt"], val_fraction, cfg.seed)
     train, val = sft_train[~held_out], sft_train[held_out]
+    encoder = base_model.encoder()
     eval_prompts = val["prompt"].drop_duplicates().head(gold_prompts).tolist()
+    kept, eval_prompt_ids = fit_prompts(encoder, eval_prompts, max(cfg.max_length - sampling.max_new_tokens, 1),
+                                        sampling.max_new_tokens)
     log = mlflow_logger("sft")
 
-    def gold_of_samples(model) -> float:
-        return mean_gold_score(eval_prompts, generate_texts(model, base_model.tokenizer, eval_prompts, sampling, seed=cfg.seed))
+    def gold_of_samples(model) -> float | None:
+        responses = generate_texts(model, base_model.tokenizer, eval_prompt_ids, sampling, seed=cfg.seed)
+        return mean_gold_score([eval_prompts[i] for i in kept], responses)
 
     gold_before = gold_of_samples(base_model.model)
-    model, val_metrics = train_sft(base_model.model, base_model.tokenizer, train["prompt"].tolist(), train["response"].tolist(),
-                                   val["prompt"].tolist(), val["response"].tolist(), cfg, log)
-    metrics = {**{k.replace("/", "_"): v for k, v in val_metrics.items()}, "gold_score_before": gold_before,
-               "gold_score_after": gold_of_samples(model), "train_examples": len(train), "val_examples": len(val)}
-    logger.info("SFT: val loss %.3f, gold score of samples %.3f -> %.3f", metrics.get("val_loss", math.nan),
-                gold_before, metrics["gold_score_after"])
-    log({k: v for k, v in metrics.items() if isinstance(v, float) and not math.isnan(v)}, 0)
-    return ModelBundle(model, base_model.tokenizer), metrics
+    model, train_metrics = train_sft(base_model.model, encoder, train["prompt"].tolist(), train["response"].tolist(),
+                                     val["prompt"].tolist(), val["response"].tolist(), cfg, log)
+    metrics = {**{k.replace("/", "_"): v for k, v in train_metrics.items()}, "gold_score_before": gold_before,
+               "gold_score_after": gold_of_samples(model), "train_examples": len(train), "val_examples": len(val),
+               "gold_eval_prompts_dropped": len(eval_prompts) - len(kept)}
+    logger.info("SFT: val loss %s, gold score of samples %s -> %s", metrics.get("val_loss"), gold_before,
+                metrics["gold_score_after"])
+    log(metrics, 0)
+    return base_model.with_model(model), strict_json(metrics)

@@ -1,0 +1,143 @@
+"""The one place that turns an HH dialogue into token ids that fit the model's context.
+
+Every stage (SFT, reward modelling, PPO rollouts, PPO-ptx, evaluation) encodes through ``DialogueEncoder``:
+
+* **Prompt formats.** ``hh`` keeps the raw ``\\n\\nHuman: ...\\n\\nAssistant:`` text (the tokenizer adds its
+  BOS, if it has one); ``chat_template`` turns the HH turns into ``user``/``assistant`` messages for the
+  tokenizer's own chat template (which brings its special tokens). A response is its tokens then EOS.
+* **Context budget.** The limit is ``min(max_length, model positions)``. A prompt too long for it loses
+  its oldest turns, cut at a ``Human:`` turn so that the latest turns stay and the final ``Human:`` turn
+  always survives. A training pair whose response does not fit even beside the final turn alone keeps the
+  start of its response and its EOS (``truncated``); a row whose final turn leaves less than
+  ``min_response_tokens`` is dropped (``None``), never a crash. Callers count both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from rlhf_pipeline.hh import render_prompt, split_turns
+
+PROMPT_FORMATS = ("hh", "chat_template")
+ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One prompt with one or more responses (a preference pair shares one prompt cut)."""
+
+    prompt_ids: list[int]
+    response_ids: list[list[int]]  # each ends with EOS
+    truncated: bool  # a response lost tokens (its EOS kept)
+    prompt_cut: bool  # the prompt lost its oldest turns
+
+
+def context_length(config) -> int | None:
+    """Positions the model can attend over (``n_positions``/``max_position_embeddings``), if it says."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+class DialogueEncoder:
+    """Encodes prompts and responses for one tokenizer, prompt format and context length."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_format: str = "hh", max_positions: int | None = None,
+                 min_response_tokens: int = 8):
+        if prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"model.prompt_format: unknown {prompt_format!r}; valid: {', '.join(PROMPT_FORMATS)}")
+        if prompt_format == "chat_template" and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("model.prompt_format is chat_template but the tokenizer has no chat template; use hh")
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token: responses could never end")
+        self.tokenizer, self.prompt_format = tokenizer, prompt_format
+        self.max_positions, self.min_response_tokens = max_positions, min_response_tokens
+
+    def limit(self, max_length: int) -> int:
+        """Tokens a sequence may hold: the stage's ``max_length`` capped by the model's positions."""
+        return min(max_length, self.max_positions) if self.max_positions else max_length
+
+    # --- pieces ------------------------------------------------------------------------------------
+    def render(self, turns: Sequence[tuple[str, str]]) -> list[int]:
+        """Token ids of a prompt made of ``turns`` (speaker, text) followed by an open assistant turn."""
+        if self.prompt_format == "hh":
+            return self.tokenizer(render_prompt(list(turns)))["input_ids"]
+        messages = [{"role": ROLES[speaker], "content": text} for speaker, text in turns]
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_candidates(self, prompt: str) -> list[list[int]]:
+        """The prompt's encodings from whole to its final ``Human:`` turn alone, cut at ``Human:`` turns."""
+        turns = split_turns(prompt)
+        if turns and turns[-1] == ("Assistant", ""):
+            turns = turns[:-1]  # the canonical prompt ends with the open "Assistant:" turn
+        if not turns or turns[-1][0] != "Human":
+            raise ValueError(f"prompt does not end with a 'Human:' turn: {prompt[-80:]!r}")
+        starts = [i for i, (speaker, _) in enumerate(turns) if speaker == "Human"]
+        return [self.render(turns[start:]) for start in starts]
+
+    def response_ids(self, response: str) -> list[int]:
+        """Token ids of a response and its EOS, tokenised apart from the prompt exactly as sampling sees it."""
+        text = " " + response.strip() if self.prompt_format == "hh" else response.strip()
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+
+    # --- fitting -------------------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str, budget: int) -> tuple[list[int], bool] | None:
+        """The longest encoding of ``prompt`` (cut at a ``Human:`` turn) within ``budget`` tokens and whether
+        it was cut; ``None`` when even the final ``Human:`` turn alone is longer."""
+        whole = self.render_whole(prompt)
+        if len(whole) <= budget:
+            return whole, False
+        fitting = next((ids for ids in self.prompt_candidates(prompt)[1:] if len(ids) <= budget), None)
+        return (fitting, True) if fitting is not None else None
+
+    def render_whole(self, prompt: str) -> list[int]:
+        if self.prompt_format == "hh":  # the canonical text is already rendered: no need to split it
+            return self.tokenizer(prompt)["input_ids"]
+        return self.prompt_candidates(prompt)[0]
+
+    def sampling_prompt(self, prompt: str, max_prompt_length: int, max_new_tokens: int) -> list[int] | None:
+        """Prompt ids that leave room for ``max_new_tokens`` within the model's positions, or ``None``."""
+        budget = self.limit(max_prompt_length + max_new_tokens) - max_new_tokens
+        fitted = self.prompt_ids(prompt, min(budget, max_prompt_length))
+        return fitted[0] if fitted else None
+
+    def encode(self, prompt: str, responses: Sequence[str], max_length: int) -> Encoded | None:
+        """``prompt`` with each of ``responses`` within ``limit(max_length)`` tokens, or ``None`` if impossible."""
+        limit = self.limit(max_length)
+        response_ids = [self.response_ids(r) for r in responses]
+        longest = max(len(ids) for ids in response_ids)
+        fitted = self.prompt_ids(prompt, limit - longest)
+        if fitted is not None:
+            return Encoded(fitted[0], response_ids, truncated=False, prompt_cut=fitted[1])
+        candidates = self.prompt_candidates(prompt)
+        room = limit - len(candidates[-1])  # beside the final Human turn alone
+        if room < self.min_response_tokens:
+            return None
+        eos = self.tokenizer.eos_token_id
+        cut = [ids if len(ids) <= room else ids[: room - 1] + [eos] for ids in response_ids]
+        return Encoded(candidates[-1], cut, truncated=True, prompt_cut=len(candidates) > 1)
+
+    def encode_many(self, prompts: Sequence[str], responses: Sequence[Sequence[str]], max_length: int) -> EncodedRows:
+        """Encode every row (``responses[i]`` are the responses of ``prompts[i]``) and count what did not fit."""
+        rows = [self.encode(p, r, max_length) for p, r in zip(prompts, responses, strict=True)]
+        return EncodedRows(rows)
+
+
+@dataclass
+class EncodedRows:
+    """Encoded rows in input order, ``None`` where a row cannot fit."""
+
+    rows: list[Encoded | None]
+
+    @property
+    def kept(self) -> list[int]:
+        return [i for i, row in enumerate(self.rows) if row is not None]
+
+    def counts(self, prefix: str) -> dict[str, int]:
+        """``<prefix>_dropped`` (could not fit), ``_truncated`` (response cut) and ``_prompt_cut`` (turns dropped)."""
+        kept = [row for row in self.rows if row is not None]
+        return {f"{prefix}_dropped": len(self.rows) - len(kept),
+                f"{prefix}_truncated": sum(row.truncated for row in kept),
+                f"{prefix}_prompt_cut": sum(row.prompt_cut for row in kept)}

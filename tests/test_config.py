@@ -17,3 +17,50 @@ def test_nested_configs_and_validation():
         PPOConfig(reward_normalisation=True, reward_scaling=True)
     with pytest.raises(ValueError, match="multiple of"):
         PPOConfig(rollout_batch_size=10, mini_batch_size=4)
+
+
+# --- the Kedro configuration layer: parameters merge softly -------------------------------------------
+def load_parameters(conf_source, env: str, runtime_params: dict | None = None) -> dict:
+    from kedro.config import OmegaConfigLoader
+
+    from rlhf_pipeline import settings
+
+    return OmegaConfigLoader(str(conf_source), env=env, runtime_params=runtime_params,
+                             **settings.CONFIG_LOADER_ARGS)["parameters"]
+
+
+def test_runtime_params_compose_with_an_environment():
+    from tests.conftest import PROJECT_ROOT
+
+    params = load_parameters(PROJECT_ROOT / "conf", "test", {"data_processing": {"strict": True}})
+    assert params["data_processing"]["strict"] is True
+    assert params["data_processing"]["source"]["kind"] == "synthetic"  # siblings of the overridden key survive
+    assert params["data_processing"]["split"]["fractions"]["judge_train"] == 0.10
+    assert params["task"] == {**params["task"], "num_pairs": 400, "seed": 0, "harmful_rate": 0.25}  # env + base
+
+
+def test_an_environment_states_only_what_differs(tmp_path):
+    import shutil
+
+    from tests.conftest import PROJECT_ROOT
+
+    shutil.copytree(PROJECT_ROOT / "conf/base", tmp_path / "base")
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local/parameters.yml").write_text("data_processing:\n  source: {kind: jsonl, paths: [a.jsonl]}\n")
+    params = load_parameters(tmp_path, "local")
+    assert params["data_processing"]["source"] == {"kind": "jsonl", "paths": ["a.jsonl"], "hub_id": "Anthropic/hh-rlhf",
+                                                   "hub_split": "train", "data_dir": None}
+    assert params["data_processing"]["strict"] is False and "fractions" in params["data_processing"]["split"]
+
+
+def test_test_environment_shrinks_sizes_and_keeps_each_presets_tricks():
+    from tests.conftest import PROJECT_ROOT
+
+    ppo = load_parameters(PROJECT_ROOT / "conf", "test")["ppo"]
+    for preset in ppo.values():
+        assert preset["iterations"] == 3 and preset["sampling"] == {**preset["sampling"], "max_new_tokens": 12,
+                                                                      "temperature": 0.8}
+        config_from(PPOConfig, {k: v for k, v in preset.items() if k not in ("name", "checkpoint_dir", "launcher")},
+                    policy_optim=OptimConfig, critic_optim=OptimConfig)  # every merged preset is a valid config
+    assert ppo["ppo_max"]["reward_clip"] == 0.8 and ppo["ppo_max"]["ptx_coef"] == 0.1
+    assert ppo["vanilla"]["kl_coef"] == 0.0 and ppo["vanilla"]["reward_clip"] is None and ppo["vanilla"]["name"] == "vanilla"

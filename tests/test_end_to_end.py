@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import kedro
+from tests.test_smollm2 import strict_json
 
 pytestmark = pytest.mark.slow
 
@@ -23,17 +24,19 @@ def artifacts_of(run_id: str, path: str = "") -> set[str]:
 
 
 def test_data_processing(project_copy):
-    kedro(project_copy, "run", "--pipeline", "data_processing", "--env", "test")
+    # --params composes with the environment (it once replaced the whole data_processing key)
+    kedro(project_copy, "run", "--pipeline", "data_processing", "--env", "test", "--params", "data_processing.strict=true")
     raw_lines = (project_copy / "data/01_raw/synthetic_hh.jsonl").read_text().splitlines()
     assert len(raw_lines) == 400  # conf/test: task.num_pairs
     splits = {name: pd.read_parquet(project_copy / f"data/05_model_input/{name}.parquet")
-              for name in ("sft_train", "rm_train", "rm_val", "ppo_prompts", "eval_prompts")}
+              for name in ("sft_train", "rm_train", "rm_val", "ppo_prompts", "eval_prompts", "judge_train")}
     assert all(len(frame) for frame in splits.values())
     assert not set(splits["eval_prompts"]["prompt"]) & set().union(*(set(f["prompt"]) for n, f in splits.items() if n != "eval_prompts"))
     run = runs_of(project_copy).iloc[-1]
     assert run["metrics.data.rows_valid"] == 400 and run["metrics.data.rows_quarantined"] == 0
     assert run["metrics.data.eval_prompts_size"] == len(splits["eval_prompts"])
     assert run["params.task.num_pairs"] == "400"  # parameters are logged, flattened
+    assert run["params.data_processing.strict"] == "True"
 
 
 def test_sft(project_copy):
@@ -64,7 +67,7 @@ def test_kedro_viz_build_lists_nodes_and_datasets(project_copy):
     graph = json.loads((project_copy / "build/api/main").read_text())
     names = {node["name"] for node in graph["nodes"]}
     assert {"generate_task_data_node", "split_preferences_node", "train_sft_model_node", "train_reward_model_node",
-            "train_ppo_node"} <= names
+            "train_ppo_node", "train_judge_model_node"} <= names
     assert {"synthetic_hh", "eval_prompts", "sft_model", "reward_model_metrics"} <= names
     assert "data_processing" in {p["id"] for p in graph["pipelines"]}
 
@@ -89,11 +92,17 @@ def test_ppo_both_variants(project_copy):
 
 def test_evaluation(project_copy):
     kedro(project_copy, "run", "--pipeline", "evaluation", "--env", "test")
-    summary = json.loads((project_copy / "data/08_reporting/evaluation_summary.json").read_text())
+    reporting = project_copy / "data/08_reporting"
+    summary = strict_json(reporting / "evaluation_summary.json")
     assert set(summary) == {"sft", "ppo_max", "vanilla"}
-    keys = {"gold_score", "rm_score", "win_rate_vs_sft_gold", "win_rate_vs_sft_rm", "kl_to_sft", "perplexity", "response_length"}
+    keys = {"gold_score", "rm_score", "judge_score", "win_rate_vs_sft_gold", "win_rate_vs_sft_rm", "win_rate_vs_sft_judge",
+            "judge_gold_correlation", "kl_to_sft", "perplexity", "response_length"}
     for policy in summary.values():
-        assert keys <= set(policy)
+        assert keys <= set(policy) and isinstance(policy["gold_score"], float) and isinstance(policy["judge_score"], float)
+    judge = strict_json(reporting / "judge_metrics.json")  # the judge trained on judge_train: measured against gold
+    assert 0.0 <= judge["gold_agreement"] <= 1.0 and judge["train_pairs"] > 0
+    for name in ("sft_metrics.json", "reward_model_metrics.json"):
+        strict_json(reporting / name)
     assert summary["sft"]["win_rate_vs_sft_gold"] == 0.5 and summary["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-5)
     for name in ("evaluation_summary.md", "evaluation_summary.csv", "training_curves.png", "comparison.png"):
         assert (project_copy / "data/08_reporting" / name).stat().st_size > 0

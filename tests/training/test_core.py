@@ -145,3 +145,21 @@ def test_value_head_starts_from_its_seed_whatever_ran_before(tokenizer):
 
     torch.testing.assert_close(head(0, draws_before=1), head(0, draws_before=1000))
     assert not torch.equal(head(0, draws_before=1), head(1, draws_before=1))
+
+
+def test_extra_deepspeed_config_merges_into_nested_sections():
+    from rlhf_pipeline.training.engine import deepspeed_config
+
+    offload = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}, "gradient_clipping": 0.5}
+    config = deepspeed_config(OptimConfig(zero_stage=2, extra_ds_config=offload), total_steps=10)
+    assert config["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu"}}
+    assert config["gradient_clipping"] == 0.5 and config["optimizer"]["type"] == "AdamW"
+
+
+def test_value_head_reads_a_bf16_backbone(tokenizer):
+    lm = build_tiny_model(tokenizer, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2)).to(torch.bfloat16)
+    model = ValueHeadModel(lm)
+    assert model.value_head.weight.dtype == torch.float32
+    ids = torch.tensor([[3, 4, 5]])
+    values, _ = model(ids, torch.ones_like(ids))  # a dtype mismatch raised here before
+    assert values.shape == (1, 3) and values.dtype == torch.float32

@@ -112,8 +112,16 @@ def deepspeed_config(cfg: OptimConfig, total_steps: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    config.update(cfg.extra_ds_config)
-    return config
+    return deep_merge(config, cfg.extra_ds_config)
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """``override`` merged into a copy of ``base`` key by key at every depth: ``{"zero_optimization":
+    {"offload_optimizer": ...}}`` adds to the generated ZeRO section instead of replacing its ``stage``."""
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
 
 
 def make_engine(model: nn.Module, cfg: OptimConfig, total_steps: int):

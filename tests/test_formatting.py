@@ -12,7 +12,13 @@ from transformers import PreTrainedTokenizerFast
 
 from rlhf_pipeline.evaluation import kl_and_perplexity
 from rlhf_pipeline.formatting import DialogueEncoder
-from rlhf_pipeline.generation import SamplingConfig, fit_prompts, generate_texts, response_mask_of, sample_responses
+from rlhf_pipeline.generation import (
+    SamplingConfig,
+    fit_prompts,
+    generate_texts,
+    response_mask_of,
+    sample_responses,
+)
 from rlhf_pipeline.hh import render_prompt
 from rlhf_pipeline.modeling import (
     ModelBundle,
@@ -25,7 +31,12 @@ from rlhf_pipeline.modeling import (
 )
 from rlhf_pipeline.rl.trainer import PPOConfig, PPOTrainer
 from rlhf_pipeline.training.engine import OptimConfig
-from rlhf_pipeline.training.reward import RewardConfig, encode_preferences, score_responses, train_reward_model
+from rlhf_pipeline.training.reward import (
+    RewardConfig,
+    encode_preferences,
+    score_responses,
+    train_reward_model,
+)
 from rlhf_pipeline.training.sft import SFTConfig, train_sft
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()

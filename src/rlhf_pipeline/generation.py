@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,9 +49,10 @@ def sample_responses(
     device = next(model.parameters()).device
     input_ids, attention_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    stops = stop_token_ids(model, tokenizer)
     # a sampled pad token would read as padding and punch a hole in the response mask
     suppress = list(model.generation_config.suppress_tokens or [])
-    if tokenizer.pad_token_id != tokenizer.eos_token_id:
+    if tokenizer.pad_token_id not in stops:
         suppress.append(tokenizer.pad_token_id)
     was_training = model.training
     model.eval()
@@ -58,28 +60,39 @@ def sample_responses(
         input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=cfg.max_new_tokens,
         do_sample=cfg.do_sample, temperature=cfg.temperature if cfg.do_sample else None,
         top_p=cfg.top_p if cfg.do_sample else None, top_k=0 if cfg.do_sample else None,
-        repetition_penalty=cfg.repetition_penalty, eos_token_id=tokenizer.eos_token_id,
+        repetition_penalty=cfg.repetition_penalty, eos_token_id=stops,
         pad_token_id=tokenizer.pad_token_id, suppress_tokens=suppress or None, use_cache=True,
     )
     model.train(was_training)
     response_ids = output[:, input_ids.shape[1]:]
-    return input_ids, attention_mask, mask_after_eos(response_ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return input_ids, attention_mask, mask_after_eos(response_ids, stops, tokenizer.pad_token_id)
 
 
-def mask_after_eos(response_ids: torch.Tensor, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Tokens that end a response: the tokenizer's EOS (what training appends) and every EOS the model's
+    ``generation_config`` names (e.g. Llama-3's ``<|eot_id|>`` beside ``<|end_of_text|>``)."""
+    configured = model.generation_config.eos_token_id
+    configured = configured if isinstance(configured, list) else [configured] if configured is not None else []
+    return list(dict.fromkeys([tokenizer.eos_token_id, *configured]))
+
+
+def after_first_stop(response_ids: torch.Tensor, stop_ids: Sequence[int]) -> torch.Tensor:
+    """True at the positions after each row's first stop token ``(B, R)``."""
+    is_stop = torch.isin(response_ids, torch.tensor(list(stop_ids), device=response_ids.device))
+    return (is_stop.cumsum(dim=1) - is_stop.long()) > 0
+
+
+def mask_after_eos(response_ids: torch.Tensor, stop_ids: Sequence[int], pad_token_id: int) -> torch.Tensor:
     """Replace every token after the first EOS with padding (``generate`` may keep sampling other rows)."""
-    is_eos = response_ids == eos_token_id
-    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
-    return response_ids.masked_fill(after_eos, pad_token_id)
+    return response_ids.masked_fill(after_first_stop(response_ids, stop_ids), pad_token_id)
 
 
-def response_mask_of(response_ids: torch.Tensor, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+def response_mask_of(response_ids: torch.Tensor, stop_ids: Sequence[int], pad_token_id: int) -> torch.Tensor:
     """1 for real response tokens up to and including the first EOS, 0 after it ``(B, R)``."""
-    is_eos = response_ids == eos_token_id
-    before_or_at_eos = (is_eos.cumsum(dim=1) - is_eos.long()) == 0
-    if eos_token_id == pad_token_id:
-        return before_or_at_eos.long()
-    return (before_or_at_eos & (response_ids != pad_token_id)).long()
+    after_stop = after_first_stop(response_ids, stop_ids)
+    if pad_token_id in stop_ids:  # padding is a stop token: only what follows the first one is padding
+        return (~after_stop).long()
+    return (~after_stop & (response_ids != pad_token_id)).long()
 
 
 def decode_responses(tokenizer: PreTrainedTokenizerBase, response_ids: torch.Tensor) -> list[str]:

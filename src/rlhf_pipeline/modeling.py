@@ -206,6 +206,15 @@ class ValueHeadModel(nn.Module):
     def config(self):
         return self.lm.config
 
+    def freeze_unused_lm_head(self) -> ValueHeadModel:
+        """Freeze an untied LM head, in place, for a model that reads only values (the PPO critic): it would
+        carry gradients and optimiser state for nothing (Llama-3-8B's is 525M parameters). A tied head is the
+        input embedding, which the values do need, so it keeps training."""
+        head, embedding = self.lm.get_output_embeddings(), self.lm.get_input_embeddings()
+        if head is not None and head.weight is not embedding.weight:
+            head.requires_grad_(False)
+        return self
+
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_lm_logits: bool = False,
         position_ids: torch.Tensor | None = None,

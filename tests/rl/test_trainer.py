@@ -79,6 +79,13 @@ def test_resume_after_interruption_ends_at_the_configured_step(tokenizer, tmp_pa
     assert again.iteration == 0 and not (tmp_path / "latest").exists()  # a finished run is not resumed
 
 
+def test_only_the_latest_checkpoints_stay_on_disk(tokenizer, tmp_path):
+    make_trainer(tokenizer, iterations=4, checkpoint_dir=tmp_path, ppo_epochs=1, keep_checkpoints=1).train()
+    assert sorted(p.name for p in tmp_path.glob("iteration_*")) == ["iteration_4.json", "iteration_4_rng.safetensors"]
+    for engine in ("policy", "critic"):
+        assert sorted(p.name for p in (tmp_path / engine).glob("iteration_*")) == ["iteration_4"]
+
+
 def test_vanilla_settings_and_collapse_alarm_stop(tokenizer):
     trainer = make_trainer(tokenizer, iterations=5, reward_normalisation=False, reward_clip=None,
                            advantage_normalisation=False, value_clip=None, alarm_length_growth=0.5, stop_on_alarm=True)

@@ -69,9 +69,13 @@ def test_ranking_loss_and_accuracy_by_hand():
 
 def test_response_masks_stop_after_eos():
     ids = torch.tensor([[5, 6, 0, 7, 8], [5, 0, 1, 1, 1]])  # eos = 0, pad = 1
-    cleaned = mask_after_eos(ids, eos_token_id=0, pad_token_id=1)
+    cleaned = mask_after_eos(ids, stop_ids=[0], pad_token_id=1)
     assert cleaned.tolist() == [[5, 6, 0, 1, 1], [5, 0, 1, 1, 1]]
-    assert response_mask_of(cleaned, 0, 1).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]]
+    assert response_mask_of(cleaned, [0], 1).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]]
+    # a second end-of-turn token (Llama-3's <|eot_id|> beside <|end_of_text|>) ends a response as well
+    two_stops = torch.tensor([[5, 9, 7, 0, 8], [5, 6, 0, 9, 8]])  # 0 and 9 both stop
+    assert mask_after_eos(two_stops, [0, 9], 1).tolist() == [[5, 9, 1, 1, 1], [5, 6, 0, 1, 1]]
+    assert response_mask_of(two_stops, [0, 9], 1).tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]]
 
 
 def test_sampling_never_emits_the_pad_token_and_keeps_the_models_suppressed_tokens(tokenizer):
@@ -163,3 +167,32 @@ def test_value_head_reads_a_bf16_backbone(tokenizer):
     ids = torch.tensor([[3, 4, 5]])
     values, _ = model(ids, torch.ones_like(ids))  # a dtype mismatch raised here before
     assert values.shape == (1, 3) and values.dtype == torch.float32
+
+
+def test_sampling_stops_at_every_eos_the_generation_config_names(tokenizer):
+    model = build_tiny_model(tokenizer, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2))
+    end_of_turn = 7  # e.g. Llama-3's <|eot_id|> beside the tokenizer's EOS
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
+    model.generation_config.suppress_tokens = [i for i in range(len(tokenizer)) if i not in (5, end_of_turn)]
+    torch.manual_seed(0)
+    _, _, response = sample_responses(model, tokenizer, [tokenizer("Say hi.")["input_ids"]] * 8,
+                                      SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=1.0))
+    mask = response_mask_of(response, [tokenizer.eos_token_id, end_of_turn], tokenizer.pad_token_id)
+    stopped = (response == end_of_turn).any(dim=1)
+    assert stopped.any()  # with two tokens allowed, some rows sample the end-of-turn token
+    for row, length in zip(response.tolist(), mask.sum(dim=1).tolist(), strict=True):
+        if end_of_turn in row:
+            assert row.index(end_of_turn) == length - 1 and set(row[length:]) <= {tokenizer.pad_token_id}
+
+
+def test_critic_freezes_an_untied_lm_head_and_keeps_a_tied_one(tokenizer):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tied = ValueHeadModel(build_tiny_model(tokenizer, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2)))
+    assert tied.freeze_unused_lm_head().lm.get_output_embeddings().weight.requires_grad  # GPT-2 ties it to wte
+    untied = ValueHeadModel(AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        tie_word_embeddings=False)))
+    untied.freeze_unused_lm_head()
+    assert not untied.lm.get_output_embeddings().weight.requires_grad
+    assert untied.lm.get_input_embeddings().weight.requires_grad and untied.value_head.weight.requires_grad

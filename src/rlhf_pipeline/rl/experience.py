@@ -15,13 +15,18 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from rlhf_pipeline.generation import SamplingConfig, response_mask_of, sample_responses
+from rlhf_pipeline.generation import SamplingConfig, response_mask_of, sample_responses, stop_token_ids
+from rlhf_pipeline.training.devices import synchronize
 
 
 @contextmanager
 def timer(name: str, timings: dict[str, float]) -> Iterator[None]:
+    """Add the phase's wall-clock seconds to ``timings``; GPU work it queued is waited for at both ends, so
+    that it is counted in this phase and not the next."""
+    synchronize()
     started = time.perf_counter()
     yield
+    synchronize()
     timings[f"timing/{name}"] = timings.get(f"timing/{name}", 0.0) + time.perf_counter() - started
 
 
@@ -89,7 +94,7 @@ def make_experience(policy, reference, critic, reward_model, tokenizer, prompt_i
     with timer("generate", timings):
         prompt, prompt_mask, response = sample_responses(policy, tokenizer, prompt_ids, sampling)
     with timer("score", timings):
-        response_mask = response_mask_of(response, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        response_mask = response_mask_of(response, stop_token_ids(policy, tokenizer), tokenizer.pad_token_id)
         sequences = torch.cat([prompt, response], dim=1)
         attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
         position_ids = positions(attention_mask)

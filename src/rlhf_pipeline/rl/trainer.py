@@ -33,6 +33,7 @@ from rlhf_pipeline.rl.experience import (
     timer,
 )
 from rlhf_pipeline.training.batching import collate_encoded, masked_token_nll
+from rlhf_pipeline.training.devices import rng_state, set_rng_state
 from rlhf_pipeline.training.engine import (
     LogFn,
     OptimConfig,
@@ -87,6 +88,8 @@ class PPOConfig:
     critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5))
     checkpoint_every: int = 10
     """Iterations between checkpoints (0: none)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk, the latest ones (at 8B a policy + critic checkpoint is ~220 GB)."""
     sample_every: int = 10
     """Iterations between logged sample responses."""
     alarm_kl: float | None = None
@@ -119,7 +122,10 @@ class PPOResult:
 
 def merge_moments(moments: F.RunningMoments, values: torch.Tensor) -> None:
     """Update the running score moments with this step's scores of every rank."""
-    stats = torch.tensor([values.numel(), values.sum().item(), (values**2).sum().item()], dtype=torch.float64)
+    # on the scores' device: an NCCL group all-reduces GPU tensors only
+    values = values.double()
+    stats = torch.stack([torch.tensor(float(values.numel()), dtype=torch.float64, device=values.device), values.sum(),
+                         (values**2).sum()])
     if world()[1] > 1:
         torch.distributed.all_reduce(stats)
     count, total, squares = stats.tolist()
@@ -168,10 +174,15 @@ class PPOTrainer:
             critic = copy.deepcopy(reward_model).requires_grad_(True)
         else:
             critic = ValueHeadModel(copy.deepcopy(policy), seed=cfg.seed)
+        if isinstance(critic, ValueHeadModel):
+            critic.freeze_unused_lm_head()
         updates = cfg.iterations * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
         mini = {"micro_batch_size": cfg.mini_batch_size, "grad_accum": 1}
         self.policy = make_engine(policy, OptimConfig(**{**asdict(cfg.policy_optim), **mini}), updates)
         self.critic = make_engine(critic, OptimConfig(**{**asdict(cfg.critic_optim), **mini}), updates)
+        # the engines moved their modules to this rank's device; the frozen models follow them there
+        self.reference.to(self.policy.device)
+        self.reward_model.to(self.policy.device)
         kept, self.prompt_ids = fit_prompts(encoder, prompts, cfg.max_prompt_length, cfg.sampling.max_new_tokens)
         if not self.prompt_ids:
             raise ValueError(f"ppo: none of the {len(prompts)} prompts fits max_prompt_length {cfg.max_prompt_length} "
@@ -225,10 +236,10 @@ class PPOTrainer:
             alarms = self.alarms(metrics)
             if alarms:
                 logger.warning("Collapse alarm at iteration %d: %s", self.iteration, "; ".join(alarms))
-                if self.cfg.stop_on_alarm:
-                    stopped = True
-                    logger.warning("Stopping early; the last checkpoint before the alarm is kept")
-                    break
+            if self.cfg.stop_on_alarm and self.any_rank(bool(alarms)):
+                stopped = True
+                logger.warning("Stopping early; the last checkpoint before the alarm is kept")
+                break
             if self.checkpoint_dir and self.cfg.checkpoint_every and self.iteration % self.cfg.checkpoint_every == 0:
                 self.save_checkpoint()
         progress.close()
@@ -324,6 +335,15 @@ class PPOTrainer:
         return total / count.clamp(min=1.0)
 
     # --- monitors --------------------------------------------------------------------------------
+    def any_rank(self, flag: bool) -> bool:
+        """``flag`` OR-ed over the ranks: every rank takes the same decision (one leaving the loop alone would
+        leave the others waiting in a collective)."""
+        if self.world_size == 1:
+            return flag
+        decision = torch.tensor(float(flag), device=self.policy.device)
+        torch.distributed.all_reduce(decision, op=torch.distributed.ReduceOp.MAX)
+        return bool(decision.item())
+
     def alarms(self, metrics: dict[str, float]) -> list[str]:
         cfg, alarms = self.cfg, []
         if not self.first:
@@ -356,9 +376,20 @@ class PPOTrainer:
             state = {"iteration": self.iteration, "moments": self.moments.state_dict(), "first": self.first,
                      "history": self.history, "config": json_config(self.cfg)}
             (self.checkpoint_dir / f"{tag}.json").write_text(json.dumps(state))
-            save_file({"torch_rng": torch.get_rng_state()}, str(self.checkpoint_dir / f"{tag}_rng.safetensors"))
+            save_file(rng_state(), str(self.checkpoint_dir / f"{tag}_rng.safetensors"))
             (self.checkpoint_dir / "latest").write_text(tag)
+            self.prune_checkpoints()
         logger.info("Saved checkpoint %s", tag)
+
+    def prune_checkpoints(self) -> None:
+        """Delete all but the latest ``keep_checkpoints`` checkpoints (engines' folders and trainer state)."""
+        tags = sorted((int(p.stem.split("_")[1]) for p in self.checkpoint_dir.glob("iteration_*.json")), reverse=True)
+        for iteration in tags[max(self.cfg.keep_checkpoints, 1):]:
+            tag = f"iteration_{iteration}"
+            for engine in ("policy", "critic"):
+                shutil.rmtree(self.checkpoint_dir / engine / tag, ignore_errors=True)
+            for path in (self.checkpoint_dir / f"{tag}.json", self.checkpoint_dir / f"{tag}_rng.safetensors"):
+                path.unlink(missing_ok=True)
 
     def load_checkpoint(self) -> None:
         tag = (self.checkpoint_dir / "latest").read_text().strip()
@@ -372,7 +403,7 @@ class PPOTrainer:
         self.critic.load_checkpoint(str(self.checkpoint_dir / "critic"), tag=tag)
         self.iteration, self.first, self.history = state["iteration"], state["first"], state["history"]
         self.moments.load_state_dict(state["moments"])
-        torch.set_rng_state(load_file(str(self.checkpoint_dir / f"{tag}_rng.safetensors"))["torch_rng"])
+        set_rng_state(load_file(str(self.checkpoint_dir / f"{tag}_rng.safetensors")))
         logger.info("Resumed from checkpoint %s", tag)
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from rlhf_pipeline.training.devices import adamw_params, backend, bf16_supported
+
 logger = logging.getLogger(__name__)
 
 LogFn = Callable[[dict[str, float], int], None]
@@ -54,7 +56,7 @@ class OptimConfig:
 
 def bf16_enabled(setting: str | bool) -> bool:
     if str(setting).lower() == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return bf16_supported()
     return str(setting).lower() == "true"
 
 
@@ -69,7 +71,7 @@ def init_distributed() -> None:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    deepspeed.init_distributed(dist_backend=backend(), verbose=False)
 
 
 DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -91,9 +93,7 @@ def world() -> tuple[int, int]:
 def deepspeed_config(cfg: OptimConfig, total_steps: int) -> dict:
     """The DeepSpeed config for ``cfg`` over ``total_steps`` optimiser steps."""
     total_steps = max(1, total_steps)
-    adamw = {"lr": cfg.lr, "betas": list(cfg.betas), "weight_decay": cfg.weight_decay}
-    if not torch.cuda.is_available():  # torch's AdamW with its fused CPU kernel (GPUs get DeepSpeed's FusedAdam)
-        adamw.update(torch_adam=True, fused=True)
+    adamw = adamw_params(cfg.lr, cfg.betas, cfg.weight_decay)
     config = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,

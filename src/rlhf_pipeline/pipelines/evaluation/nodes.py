@@ -20,6 +20,7 @@ from rlhf_pipeline.pipelines.reward_model.nodes import fit_reward_model  # noqa:
 from rlhf_pipeline.pipelines.tracking import mlflow_logger, strict_json  # noqa: E402
 from rlhf_pipeline.task import gold_score  # noqa: E402
 from rlhf_pipeline.task.gold import REFUSAL  # noqa: E402
+from rlhf_pipeline.training.devices import to_rank_device  # noqa: E402
 from rlhf_pipeline.training.reward import score_responses  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ def evaluate_policies(
     prompts_frame = prompts_frame.iloc[kept]
     prompts, categories = prompts_frame["prompt"].tolist(), prompts_frame["category"].tolist()
     policies = {"sft": sft_model, **ppo_policies}
+    for bundle in (*policies.values(), reward_model, judge_model):
+        to_rank_device(bundle.model)  # an 8B model must not sample on the CPU for hours
     samples, per_policy = [], {}
     for name, bundle in policies.items():
         responses = generate_texts(bundle.model, sft_model.tokenizer, prompt_ids, sampling, seed=evaluation["seed"])

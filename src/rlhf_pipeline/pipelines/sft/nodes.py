@@ -21,6 +21,7 @@ from rlhf_pipeline.modeling import (
 )
 from rlhf_pipeline.pipelines.tracking import mlflow_logger, strict_json
 from rlhf_pipeline.task import gold_score
+from rlhf_pipeline.training.devices import to_rank_device
 from rlhf_pipeline.training.engine import OptimConfig
 from rlhf_pipeline.training.sft import SFTConfig, train_sft
 
@@ -92,7 +93,7 @@ def train_sft_model(base_model: ModelBundle, sft_train: pd.DataFrame, sft: dict[
     log = mlflow_logger("sft")
 
     def gold_of_samples(model) -> float | None:
-        responses = generate_texts(model, base_model.tokenizer, eval_prompt_ids, sampling, seed=cfg.seed)
+        responses = generate_texts(to_rank_device(model), base_model.tokenizer, eval_prompt_ids, sampling, seed=cfg.seed)
         return mean_gold_score([eval_prompts[i] for i in kept], responses)
 
     gold_before = gold_of_samples(base_model.model)

@@ -42,7 +42,7 @@ def test_data_processing(project_copy):
 def test_sft(project_copy):
     kedro(project_copy, "run", "--pipeline", "sft", "--env", "test")
     metrics = json.loads((project_copy / "data/08_reporting/sft_metrics.json").read_text())
-    assert metrics["val_loss"] > 0 and metrics["train_examples"] > 0
+    assert 0 < metrics["val_loss"] < metrics["val_loss_before"] and metrics["train_examples"] > 0
     [version] = list((project_copy / "data/06_models/sft_model").iterdir())
     assert (version / "sft_model" / "model.safetensors").exists()
     run = runs_of(project_copy).iloc[-1]

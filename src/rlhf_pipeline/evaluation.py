@@ -8,8 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from rlhf_pipeline.formatting import DialogueEncoder
-from rlhf_pipeline.rl.experience import token_logprobs
-from rlhf_pipeline.training.batching import TokenBatch, score_encoded
+from rlhf_pipeline.training.batching import TokenBatch, response_logprob_sums, score_encoded
 
 
 def win_rate(scores: Sequence[float], baseline_scores: Sequence[float]) -> float:
@@ -28,18 +27,14 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
 
 @torch.no_grad()
 def response_logprobs(model, encoder: DialogueEncoder, prompts: list[str], responses: list[str], max_length: int,
-                      batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                      batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probability of each response (EOS included) under ``model`` and its token count, ``(N,)``
     each; NaN for a pair that cannot fit the context."""
     device = next(model.parameters()).device
     model.eval()
 
     def logprob_and_count(batch: TokenBatch) -> torch.Tensor:
-        batch = batch.to(device)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[:, :-1]
-        logp = token_logprobs(logits, batch.input_ids[:, 1:])
-        mask = batch.response_mask[:, 1:].float()
-        return torch.stack([(logp * mask).sum(1), mask.sum(1)], dim=1)
+        return torch.stack(response_logprob_sums(model, batch.to(device)), dim=1)
 
     rows = encoder.encode_many(prompts, [[r] for r in responses], max_length)
     out = score_encoded(rows, encoder.tokenizer.pad_token_id, batch_size, logprob_and_count)

@@ -115,6 +115,7 @@ def test_deepspeed_sft_memorises_a_batch(tokenizer, zero_stage):
     assert len(losses) == 25
     assert losses[-1] < 0.2 * losses[0]
     assert metrics["val/loss"] < 0.25 * losses[0]  # held-out copy of the batch: memorised too
+    assert metrics["val/loss_before"] > 4 * metrics["val/loss"]
 
 
 def test_reward_model_learns_a_preference(tokenizer):
@@ -196,3 +197,19 @@ def test_critic_freezes_an_untied_lm_head_and_keeps_a_tied_one(tokenizer):
     untied.freeze_unused_lm_head()
     assert not untied.lm.get_output_embeddings().weight.requires_grad
     assert untied.lm.get_input_embeddings().weight.requires_grad and untied.value_head.weight.requires_grad
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_response_logprobs_in_chunks_equal_the_full_logits(tokenizer, arch):
+    from rlhf_pipeline.training.batching import response_logprob_sums
+
+    model = build_tiny_model(tokenizer, TinyModelConfig(arch=arch, hidden_size=32, num_layers=1, num_heads=2)).eval()
+    encoder = DialogueEncoder(tokenizer)
+    rows = [encoder.encode("\n\nHuman: What is 2 plus 3?\n\nAssistant:", [r], 64) for r in ("2 plus 3 is 5.", "hi")]
+    batch = collate_encoded(rows, tokenizer.pad_token_id)
+    with torch.no_grad():
+        sums, counts = response_logprob_sums(model, batch, chunk_tokens=3)  # chunks that split rows
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    for row in range(2):
+        total, count = masked_token_nll(logits[row:row + 1], batch.input_ids[row:row + 1], batch.response_mask[row:row + 1])
+        assert counts[row] == count and sums[row].item() == pytest.approx(-total.item(), rel=1e-5)

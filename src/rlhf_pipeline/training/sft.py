@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rlhf_pipeline.formatting import DialogueEncoder, EncodedRows
-from rlhf_pipeline.training.batching import collate_encoded, masked_token_nll
+from rlhf_pipeline.training.batching import collate_encoded, masked_token_nll, response_logprob_sums
 from rlhf_pipeline.training.engine import LogFn, OptimConfig, no_logging
 from rlhf_pipeline.training.loop import train_loop
 
@@ -36,10 +36,8 @@ def evaluate_lm(model, rows: EncodedRows, pad_token_id: int, batch_size: int) ->
     kept = [rows.rows[i] for i in rows.kept]
     nll_sum, count = 0.0, 0.0
     for start in range(0, len(kept), batch_size):
-        batch = collate_encoded(kept[start:start + batch_size], pad_token_id).to(device)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        total, n = masked_token_nll(logits, batch.input_ids, batch.response_mask)
-        nll_sum, count = nll_sum + total.item(), count + n.item()
+        logprobs, n = response_logprob_sums(model, collate_encoded(kept[start:start + batch_size], pad_token_id).to(device))
+        nll_sum, count = nll_sum - logprobs.sum().item(), count + n.sum().item()
     loss = nll_sum / max(count, 1.0)
     return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
 
@@ -49,7 +47,8 @@ def train_sft(
     val_responses: list[str], cfg: SFTConfig, log: LogFn = no_logging,
 ) -> tuple[torch.nn.Module, dict[str, float]]:
     """Fine-tune ``model`` on (prompt, response) demonstrations; returns the model and metrics (held-out
-    loss, and how many demonstrations were dropped, truncated or lost turns to fit the context)."""
+    loss after and before training, and how many demonstrations were dropped, truncated or lost turns to
+    fit the context)."""
     pad = encoder.tokenizer.pad_token_id
     encoded = encoder.encode_many(prompts, [[r] for r in responses], cfg.max_length)
     val = encoder.encode_many(val_prompts, [[r] for r in val_responses], cfg.max_length)
@@ -74,7 +73,9 @@ def train_sft(
         log(metrics, step)
         return metrics
 
+    # the held-out loss before training says what SFT bought where no gold reward exists (real data)
+    before = {f"{k}_before": v for k, v in evaluate_lm(model, val, pad, cfg.eval_batch_size).items()} if has_val else {}
     model = train_loop(model, len(train_rows), cfg.epochs, cfg.seed, cfg.optim, loss_fn, log, "sft",
                        evaluate if has_val else None, cfg.eval_every)
     metrics = evaluate_lm(model, val, pad, cfg.eval_batch_size) if has_val else {}
-    return model, {**metrics, **{k: float(v) for k, v in counts.items()}}
+    return model, {**metrics, **before, **{k: float(v) for k, v in counts.items()}}

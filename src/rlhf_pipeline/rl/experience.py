@@ -89,10 +89,11 @@ def response_values(value_model, sequences, attention_mask, position_ids, prompt
 
 @torch.no_grad()
 def make_experience(policy, reference, critic, reward_model, tokenizer, prompt_ids: list[list[int]],
-                    sampling: SamplingConfig, timings: dict[str, float]) -> Experience:
-    """Roll out ``prompt_ids`` with ``policy`` and score the rollouts (no advantages yet)."""
+                    sampling: SamplingConfig, timings: dict[str, float], generator=None) -> Experience:
+    """Roll out ``prompt_ids`` with ``generator`` (a whole-weight copy of ``policy``, or ``policy`` itself)
+    and score the rollouts (no advantages yet)."""
     with timer("generate", timings):
-        prompt, prompt_mask, response = sample_responses(policy, tokenizer, prompt_ids, sampling)
+        prompt, prompt_mask, response = sample_responses(generator or policy, tokenizer, prompt_ids, sampling)
     with timer("score", timings):
         response_mask = response_mask_of(response, stop_token_ids(policy, tokenizer), tokenizer.pad_token_id)
         sequences = torch.cat([prompt, response], dim=1)

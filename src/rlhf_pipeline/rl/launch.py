@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -43,6 +44,8 @@ class LaunchConfig:
     master_port: int = 29500
     job_dir: str = "data/06_models/ppo/job"
     """Folder for the launcher's inputs and outputs."""
+    timeout_s: float | None = None
+    """Wall-clock limit of the launched job (None: none); a job past it is killed and the node fails."""
 
 
 def run_ppo(policy: ModelBundle, reward_model: ModelBundle, prompts: list[str], ptx_data: tuple[list[str], list[str]],
@@ -70,13 +73,30 @@ def run_ppo(policy: ModelBundle, reward_model: ModelBundle, prompts: list[str], 
         command += ["--hostfile", launch.hostfile]
     command += ["--num_gpus", str(launch.num_processes), "--module", "rlhf_pipeline.rl.launch", str(job.resolve())]
     logger.info("Launching PPO on %d process(es) per node: %s", launch.num_processes, " ".join(command))
-    subprocess.run(command, check=True, env=launch_environment())
+    run_job(command, launch.timeout_s)
     output = job / "output"
     samples = json.loads((output / "samples.json").read_text())
     history = json.loads((output / "history.json").read_text())
     status = json.loads((output / "status.json").read_text())
     return PPOResult(load_policy(str(output / "policy")).model, history, samples, status["stopped_early"],
                      status["prompts_dropped"])
+
+
+def run_job(command: list[str], timeout_s: float | None) -> None:
+    """Run the launcher in its own process group, so that a timeout or an interrupt stops every rank it
+    started, not only the launcher (orphaned ranks would hold the GPUs)."""
+    process = subprocess.Popen(command, env=launch_environment(), start_new_session=True)
+    try:
+        returncode = process.wait(timeout=timeout_s)
+    except BaseException as stop:  # the timeout, or Ctrl-C in the kedro run
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        if isinstance(stop, subprocess.TimeoutExpired):
+            raise TimeoutError(f"the PPO job ran past launcher.timeout_s = {timeout_s} s; it was stopped with its "
+                               "ranks") from None
+        raise
+    if returncode:
+        raise subprocess.CalledProcessError(returncode, command)
 
 
 def launch_environment() -> dict[str, str]:

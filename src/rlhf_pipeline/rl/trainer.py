@@ -197,6 +197,7 @@ class PPOTrainer:
         if score_prior:
             count, mean, std = score_prior
             self.moments.update(count, mean, std**2 * count)
+        self.generation_copy: torch.nn.Module | None = None  # ZeRO-3 only: see rollout_policy
         self.iteration = 0
         self.first: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
@@ -256,12 +257,25 @@ class PPOTrainer:
         policy.load_state_dict(whole_state_dict(self.policy))
         return policy
 
+    def rollout_policy(self) -> torch.nn.Module:
+        """The model that generates. Under ZeRO-3, a whole copy refreshed once per rollout (every rank calls
+        this): generating from the partitioned engine would all-gather every layer for every new token,
+        and ranks whose rows hit EOS at different steps would wait for each other in those all-gathers."""
+        if not self.policy.zero_optimization_partition_weights():
+            return self.policy.module
+        if self.generation_copy is None:
+            self.generation_copy = copy.deepcopy(self.reference)  # same architecture, frozen, on this device
+        self.generation_copy.load_state_dict(whole_state_dict(self.policy, device=self.policy.device))
+        return self.generation_copy
+
     def step(self) -> tuple[dict[str, float], Experience]:
         cfg, timings = self.cfg, {}
         prompt_ids = [self.prompt_ids[i] for i in self.prompt_batch()]
         self.policy.eval()
+        with timer("gather", timings):
+            generator = self.rollout_policy()
         exp = make_experience(self.policy.module, self.reference, self.critic.module, self.reward_model, self.tokenizer,
-                              prompt_ids, cfg.sampling, timings)
+                              prompt_ids, cfg.sampling, timings, generator=generator)
         with timer("advantages", timings):
             exp = compute_advantages(exp, cfg, self.moments)
         with timer("update", timings):

@@ -140,14 +140,14 @@ def make_engine(model: nn.Module, cfg: OptimConfig, total_steps: int):
     return engine
 
 
-def whole_state_dict(engine) -> dict[str, torch.Tensor]:
-    """The engine's model weights, whole, on the CPU. ZeRO-3 partitions the parameters across ranks, so
-    there every rank must call this (it gathers them)."""
+def whole_state_dict(engine, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The engine's model weights, whole, copied to ``device``. ZeRO-3 partitions the parameters across
+    ranks, so there every rank must call this (it gathers them)."""
     import deepspeed
 
     partitioned = engine.zero_optimization_partition_weights()
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=partitioned):
-        return {name: tensor.detach().to("cpu", copy=True) for name, tensor in engine.module.state_dict().items()}
+        return {name: tensor.detach().to(device, copy=True) for name, tensor in engine.module.state_dict().items()}
 
 
 def grad_norm(engine) -> float:

@@ -77,9 +77,10 @@ def encode_preferences(encoder: DialogueEncoder, prompts: list[str], chosen: lis
 
 def train_reward_model(
     model: ValueHeadModel, encoder: DialogueEncoder, prompts: list[str], chosen: list[str], rejected: list[str],
-    cfg: RewardConfig, log: LogFn = no_logging,
+    cfg: RewardConfig, log: LogFn = no_logging, description: str = "reward_model",
 ) -> tuple[ValueHeadModel, dict[str, int]]:
-    """Train the scalar head (and the LM under it) on preference pairs; returns it and the fitting counts."""
+    """Train the scalar head (and the LM under it) on preference pairs; returns it and the fitting counts
+    (``description`` names the progress bar)."""
     pairs, counts = encode_preferences(encoder, prompts, chosen, rejected, cfg.max_length)
     if counts["pairs_dropped"] or counts["pairs_truncated"]:
         logger.warning("Reward model: %s of %d pairs (context %d tokens)", counts, len(prompts), encoder.limit(cfg.max_length))
@@ -108,4 +109,4 @@ def train_reward_model(
         metrics["train/loss"] = loss.item()
         return loss, metrics, int(batch.attention_mask.sum())
 
-    return train_loop(model, len(pairs), cfg.epochs, cfg.seed, cfg.optim, loss_fn, log, "reward_model"), counts
+    return train_loop(model, len(pairs), cfg.epochs, cfg.seed, cfg.optim, loss_fn, log, description), counts

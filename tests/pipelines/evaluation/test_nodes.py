@@ -7,7 +7,13 @@ import pandas as pd
 import pytest
 import torch
 
-from rlhf_pipeline.modeling import ModelBundle, TinyModelConfig, ValueHeadModel, build_tiny_model, train_tokenizer
+from rlhf_pipeline.modeling import (
+    ModelBundle,
+    TinyModelConfig,
+    ValueHeadModel,
+    build_tiny_model,
+    train_tokenizer,
+)
 from rlhf_pipeline.pipelines.evaluation.nodes import evaluate_policies, summary_markdown, train_judge_model
 from rlhf_pipeline.pipelines.tracking import strict_json
 

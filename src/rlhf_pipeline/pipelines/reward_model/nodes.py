@@ -44,7 +44,7 @@ def fit_reward_model(sft_model: ModelBundle, train_pairs: pd.DataFrame, val_pair
     encoder = sft_model.encoder()
     model, fit_counts = train_reward_model(ValueHeadModel(sft_model.model, seed=cfg.seed), encoder,
                                            train_pairs["prompt"].tolist(), train_pairs["chosen"].tolist(),
-                                           train_pairs["rejected"].tolist(), cfg, log)
+                                           train_pairs["rejected"].tolist(), cfg, log, log_prefix)
 
     def scores(frame: pd.DataFrame, column: str) -> torch.Tensor:
         return score_responses(model, encoder, frame["prompt"].tolist(), frame[column].tolist(), cfg.max_length,

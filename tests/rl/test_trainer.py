@@ -79,6 +79,23 @@ def test_resume_after_interruption_ends_at_the_configured_step(tokenizer, tmp_pa
     assert again.iteration == 0 and not (tmp_path / "latest").exists()  # a finished run is not resumed
 
 
+def test_scoring_in_chunks_equals_one_forward_over_the_buffer(tokenizer):
+    from rlhf_pipeline.rl.experience import make_experience
+
+    trainer = make_trainer(tokenizer, iterations=1, critic_from_reward_model=False)
+
+    def experience(forward_batch_size):
+        torch.manual_seed(0)  # the same rollouts both times
+        return make_experience(trainer.policy.module, trainer.reference, trainer.critic.module, trainer.reward_model,
+                               tokenizer, trainer.prompt_ids[:5], trainer.cfg.sampling, {},
+                               forward_batch_size=forward_batch_size)
+
+    whole, chunked = experience(None), experience(2)  # chunks of 2, 2 and 1 rows
+    assert torch.equal(whole.sequences, chunked.sequences)
+    for name in ("logprobs", "ref_logprobs", "values", "raw_scores"):
+        torch.testing.assert_close(getattr(chunked, name), getattr(whole, name), msg=name)
+
+
 def test_only_the_latest_checkpoints_stay_on_disk(tokenizer, tmp_path):
     make_trainer(tokenizer, iterations=4, checkpoint_dir=tmp_path, ppo_epochs=1, keep_checkpoints=1).train()
     assert sorted(p.name for p in tmp_path.glob("iteration_*")) == ["iteration_4.json", "iteration_4_rng.safetensors"]

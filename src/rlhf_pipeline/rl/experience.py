@@ -89,9 +89,10 @@ def response_values(value_model, sequences, attention_mask, position_ids, prompt
 
 @torch.no_grad()
 def make_experience(policy, reference, critic, reward_model, tokenizer, prompt_ids: list[list[int]],
-                    sampling: SamplingConfig, timings: dict[str, float], generator=None) -> Experience:
+                    sampling: SamplingConfig, timings: dict[str, float], generator=None,
+                    forward_batch_size: int | None = None) -> Experience:
     """Roll out ``prompt_ids`` with ``generator`` (a whole-weight copy of ``policy``, or ``policy`` itself)
-    and score the rollouts (no advantages yet)."""
+    and score the rollouts (no advantages yet), ``forward_batch_size`` rows per scoring forward pass."""
     with timer("generate", timings):
         prompt, prompt_mask, response = sample_responses(generator or policy, tokenizer, prompt_ids, sampling)
     with timer("score", timings):
@@ -100,12 +101,15 @@ def make_experience(policy, reference, critic, reward_model, tokenizer, prompt_i
         attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
         position_ids = positions(attention_mask)
         width = prompt.shape[1]
-        args = (sequences, attention_mask, position_ids, width)
-        logprobs = token_logprobs(response_logits(policy, *args), response)
-        ref_logprobs = token_logprobs(response_logits(reference, *args), response)
-        values = response_values(critic, *args)
-        rm_values, _ = reward_model(sequences, attention_mask, position_ids=position_ids)
         last = width + (response_mask.sum(dim=1) - 1).clamp(min=0)  # the EOS (or last) response token
-        raw_scores = rm_values.float().gather(1, last.unsqueeze(1)).squeeze(1)
+        scored = []
+        for rows in torch.arange(len(sequences)).split(forward_batch_size or len(sequences)):
+            args = (sequences[rows], attention_mask[rows], position_ids[rows], width)
+            rm_values, _ = reward_model(args[0], args[1], position_ids=args[2])
+            scored.append((token_logprobs(response_logits(policy, *args), response[rows]),
+                           token_logprobs(response_logits(reference, *args), response[rows]),
+                           response_values(critic, *args),
+                           rm_values.float().gather(1, last[rows].unsqueeze(1)).squeeze(1)))
+        logprobs, ref_logprobs, values, raw_scores = (torch.cat(parts) for parts in zip(*scored, strict=True))
     return Experience(sequences, attention_mask, position_ids, response_mask.float(), logprobs, ref_logprobs,
                       values * response_mask, raw_scores)

@@ -58,6 +58,8 @@ class PPOConfig:
     """Prompts rolled out per iteration per rank (the experience buffer)."""
     mini_batch_size: int = 8
     ppo_epochs: int = 1
+    forward_batch_size: int | None = None
+    """Rollouts per scoring forward pass (None: the whole buffer at once; lower it when that does not fit)."""
     max_prompt_length: int = 96
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     kl_coef: float = 0.05
@@ -275,7 +277,8 @@ class PPOTrainer:
         with timer("gather", timings):
             generator = self.rollout_policy()
         exp = make_experience(self.policy.module, self.reference, self.critic.module, self.reward_model, self.tokenizer,
-                              prompt_ids, cfg.sampling, timings, generator=generator)
+                              prompt_ids, cfg.sampling, timings, generator=generator,
+                              forward_batch_size=cfg.forward_batch_size)
         with timer("advantages", timings):
             exp = compute_advantages(exp, cfg, self.moments)
         with timer("update", timings):

@@ -96,6 +96,30 @@ def test_scoring_in_chunks_equals_one_forward_over_the_buffer(tokenizer):
         torch.testing.assert_close(getattr(chunked, name), getattr(whole, name), msg=name)
 
 
+def test_micro_batches_give_the_mini_batchs_update(tokenizer):
+    """Token-weighted accumulation: norms before clipping (scale-sensitive, unlike Adam's step) and weights agree."""
+    from rlhf_pipeline.rl.experience import make_experience
+    from rlhf_pipeline.rl.trainer import compute_advantages
+
+    settings = {"ppo_epochs": 1, "ptx_coef": 0.0}
+    whole = make_trainer(tokenizer, iterations=1, **settings)
+    micro = make_trainer(tokenizer, iterations=1, micro_batch_size=2, **settings)  # 4 micro-batches per mini-batch
+    assert micro.policy.gradient_accumulation_steps() == 4
+    torch.manual_seed(0)
+    exp = make_experience(whole.policy.module, whole.reference, whole.critic.module, whole.reward_model, tokenizer,
+                          whole.prompt_ids, whole.cfg.sampling, {})
+    exp = compute_advantages(exp, whole.cfg, whole.moments)
+    assert len(set(exp.response_mask.sum(dim=1).tolist())) > 1  # unequal lengths: plain averaging would differ
+    torch.manual_seed(1)
+    whole_metrics = whole.update(exp)
+    torch.manual_seed(1)  # the same mini-batch order
+    micro_metrics = micro.update(exp)
+    for key in ("policy/grad_norm", "value/grad_norm", "loss/policy", "loss/value"):
+        assert micro_metrics[key] == pytest.approx(whole_metrics[key], rel=1e-4), key
+    for a, b in zip(whole.policy.module.parameters(), micro.policy.module.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_only_the_latest_checkpoints_stay_on_disk(tokenizer, tmp_path):
     make_trainer(tokenizer, iterations=4, checkpoint_dir=tmp_path, ppo_epochs=1, keep_checkpoints=1).train()
     assert sorted(p.name for p in tmp_path.glob("iteration_*")) == ["iteration_4.json", "iteration_4_rng.safetensors"]

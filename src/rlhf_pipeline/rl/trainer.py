@@ -57,6 +57,9 @@ class PPOConfig:
     rollout_batch_size: int = 32
     """Prompts rolled out per iteration per rank (the experience buffer)."""
     mini_batch_size: int = 8
+    micro_batch_size: int | None = None
+    """Rollouts per forward/backward inside a mini-batch (None: the whole mini-batch). Gradients accumulate
+    weighted by response tokens, so an update equals the whole mini-batch's; only memory changes."""
     ppo_epochs: int = 1
     forward_batch_size: int | None = None
     """Rollouts per scoring forward pass (None: the whole buffer at once; lower it when that does not fit)."""
@@ -110,6 +113,8 @@ class PPOConfig:
             raise ValueError("ppo: reward_normalisation and reward_scaling are alternatives; turn one off")
         if self.rollout_batch_size % self.mini_batch_size:
             raise ValueError("ppo.rollout_batch_size must be a multiple of ppo.mini_batch_size")
+        if self.micro_batch_size and self.mini_batch_size % self.micro_batch_size:
+            raise ValueError("ppo.mini_batch_size must be a multiple of ppo.micro_batch_size")
 
 
 @dataclass
@@ -179,7 +184,8 @@ class PPOTrainer:
         if isinstance(critic, ValueHeadModel):
             critic.freeze_unused_lm_head()
         updates = cfg.iterations * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
-        mini = {"micro_batch_size": cfg.mini_batch_size, "grad_accum": 1}
+        micro = cfg.micro_batch_size or cfg.mini_batch_size
+        mini = {"micro_batch_size": micro, "grad_accum": cfg.mini_batch_size // micro}
         self.policy = make_engine(policy, OptimConfig(**{**asdict(cfg.policy_optim), **mini}), updates)
         self.critic = make_engine(critic, OptimConfig(**{**asdict(cfg.critic_optim), **mini}), updates)
         # the engines moved their modules to this rank's device; the frozen models follow them there
@@ -292,35 +298,45 @@ class PPOTrainer:
         return metrics, exp
 
     def update(self, exp: Experience) -> dict[str, float]:
-        """PPO epochs over shuffled mini-batches; the critic always trains, the policy after warm-up."""
+        """PPO epochs over shuffled mini-batches; the critic always trains, the policy after warm-up. Each
+        mini-batch runs as micro-batches whose losses are weighted by their share of its response tokens
+        (times the accumulation steps, which DeepSpeed divides out), so the gradient is the mini-batch's."""
         cfg = self.cfg
         train_policy = self.iteration >= cfg.critic_warmup_iterations
-        sums: dict[str, float] = {}
-        count = 0
+        micro = cfg.micro_batch_size or cfg.mini_batch_size
+        accumulation = cfg.mini_batch_size // micro
+        records: list[tuple[float, dict[str, float]]] = []  # (share of the mini-batch's tokens, metrics)
         self.policy.train()
         self.critic.train()
         for _ in range(cfg.ppo_epochs):
             for index in torch.randperm(exp.sequences.shape[0]).split(cfg.mini_batch_size):
                 batch = exp.select(index)
-                metrics = self.critic_update(batch)
+                tokens = batch.response_mask.sum().clamp(min=1.0)
+                for number, part in enumerate(torch.arange(len(index)).split(micro)):
+                    micro_batch = batch.select(part)
+                    share = micro_batch.response_mask.sum() / tokens
+                    records.append((share.item(), self.critic_update(micro_batch, share * accumulation)))
+                    if train_policy:
+                        records.append((share.item(), self.policy_update(micro_batch, share * accumulation,
+                                                                         with_ptx=number == 0)))
+                records.append((1.0, {"value/grad_norm": grad_norm(self.critic)}))  # read at the optimiser step
                 if train_policy:
-                    metrics.update(self.policy_update(batch))
-                for key, value in metrics.items():
-                    sums[key] = sums.get(key, 0.0) + float(value)
-                count += 1
-        return {key: value / count for key, value in sums.items()}
+                    records.append((1.0, {"policy/grad_norm": grad_norm(self.policy)}))
+        keys = dict.fromkeys(key for _, record in records for key in record)
+        return {key: sum(w * r[key] for w, r in records if key in r) / sum(w for w, r in records if key in r)
+                for key in keys}
 
-    def critic_update(self, batch: Experience) -> dict[str, float]:
+    def critic_update(self, batch: Experience, weight: torch.Tensor | float = 1.0) -> dict[str, float]:
         args = (batch.sequences, batch.attention_mask, batch.position_ids, batch.prompt_width)
         values = response_values(self.critic, *args)
         loss, metrics = F.value_loss(values, batch.values, batch.returns, batch.response_mask, self.cfg.value_clip)
-        self.critic.backward(loss)
+        self.critic.backward(loss * weight)
         self.critic.step()
-        return {"loss/value": loss.item(), "value/grad_norm": grad_norm(self.critic),
+        return {"loss/value": loss.item(),
                 "value/explained_variance": F.explained_variance(values.detach(), batch.returns, batch.response_mask).item(),
                 **{k: v.item() for k, v in metrics.items()}}
 
-    def policy_update(self, batch: Experience) -> dict[str, float]:
+    def policy_update(self, batch: Experience, weight: torch.Tensor | float = 1.0, with_ptx: bool = True) -> dict[str, float]:
         cfg = self.cfg
         args = (batch.sequences, batch.attention_mask, batch.position_ids, batch.prompt_width)
         # one log-softmax over the vocabulary serves both the ratio and the entropy
@@ -333,13 +349,13 @@ class PPOTrainer:
         out = {"loss/policy": loss.item(), "policy/entropy": entropy.item()}
         if cfg.entropy_coef:
             loss = loss + cfg.entropy_coef * (entropy - cfg.entropy_target).abs()
-        if cfg.ptx_coef and self.ptx_rows:
+        loss = loss * weight
+        if cfg.ptx_coef and self.ptx_rows and with_ptx:  # once per mini-batch, at full weight
             ptx_loss = self.ptx_loss()
-            loss = loss + cfg.ptx_coef * ptx_loss
+            loss = loss + cfg.ptx_coef * ptx_loss * self.policy.gradient_accumulation_steps()
             out["loss/ptx"] = ptx_loss.item()
         self.policy.backward(loss)
         self.policy.step()
-        out["policy/grad_norm"] = grad_norm(self.policy)
         return {**out, **{k: v.item() for k, v in metrics.items()}}
 
     def ptx_loss(self) -> torch.Tensor:

@@ -45,7 +45,8 @@ def kl_and_perplexity(policy, reference, encoder: DialogueEncoder, prompts: list
                       max_length: int) -> dict[str, float]:
     """KL(π‖π_ref) per sequence, estimated on the policy's own samples (k1), and the policy's perplexity of them."""
     policy_logp, counts = response_logprobs(policy, encoder, prompts, responses, max_length)
-    reference_logp, _ = response_logprobs(reference, encoder, prompts, responses, max_length)
+    reference_logp = policy_logp if policy is reference else response_logprobs(reference, encoder, prompts, responses,
+                                                                                  max_length)[0]
     fits = ~policy_logp.isnan()
     policy_logp, counts, reference_logp = policy_logp[fits], counts[fits], reference_logp[fits]
     return {"kl_to_sft": (policy_logp - reference_logp).mean().item(),

@@ -67,15 +67,20 @@ class DialogueEncoder:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def prompt_candidates(self, prompt: str) -> list[list[int]]:
-        """The prompt's encodings from whole to its final ``Human:`` turn alone, cut at ``Human:`` turns."""
+    @staticmethod
+    def turns_of(prompt: str) -> list[tuple[str, str]]:
+        """The prompt's turns without its open ``Assistant:`` turn; the last one must be a ``Human:`` turn."""
         turns = split_turns(prompt)
         if turns and turns[-1] == ("Assistant", ""):
             turns = turns[:-1]  # the canonical prompt ends with the open "Assistant:" turn
         if not turns or turns[-1][0] != "Human":
             raise ValueError(f"prompt does not end with a 'Human:' turn: {prompt[-80:]!r}")
-        starts = [i for i, (speaker, _) in enumerate(turns) if speaker == "Human"]
-        return [self.render(turns[start:]) for start in starts]
+        return turns
+
+    def prompt_candidates(self, prompt: str) -> list[list[int]]:
+        """The prompt's encodings from whole to its final ``Human:`` turn alone, cut at ``Human:`` turns."""
+        turns = self.turns_of(prompt)
+        return [self.render(turns[start:]) for start, (speaker, _) in enumerate(turns) if speaker == "Human"]
 
     def response_ids(self, response: str) -> list[int]:
         """Token ids of a response and its EOS, tokenised apart from the prompt exactly as sampling sees it."""
@@ -93,10 +98,10 @@ class DialogueEncoder:
         return (fitting, True) if fitting is not None else None
 
     def render_whole(self, prompt: str) -> list[int]:
-        """Token ids of the whole prompt."""
+        """Token ids of the whole prompt (the common case: no cut candidates are rendered)."""
         if self.prompt_format == "hh":  # the canonical text is already rendered: no need to split it
             return self.tokenizer(prompt)["input_ids"]
-        return self.prompt_candidates(prompt)[0]
+        return self.render(self.turns_of(prompt))
 
     def sampling_prompt(self, prompt: str, max_prompt_length: int, max_new_tokens: int) -> list[int] | None:
         """Prompt ids that leave room for ``max_new_tokens`` within the model's positions, or ``None``."""
@@ -107,12 +112,15 @@ class DialogueEncoder:
         """``prompt`` with each of ``responses`` within ``limit(max_length)`` tokens, or ``None`` if impossible."""
         limit = self.limit(max_length)
         response_ids = [self.response_ids(r) for r in responses]
-        longest = max(len(ids) for ids in response_ids)
-        fitted = self.prompt_ids(prompt, limit - longest)
-        if fitted is not None:
-            return Encoded(fitted[0], response_ids, truncated=False, prompt_cut=fitted[1])
-        candidates = self.prompt_candidates(prompt)
-        room = limit - len(candidates[-1])  # beside the final Human turn alone
+        room = limit - max(len(ids) for ids in response_ids)  # for the prompt beside the longest response
+        whole = self.render_whole(prompt)
+        if len(whole) <= room:
+            return Encoded(whole, response_ids, truncated=False, prompt_cut=False)
+        candidates = self.prompt_candidates(prompt)  # rendered once, only for prompts that need a cut
+        fitting = next((ids for ids in candidates[1:] if len(ids) <= room), None)
+        if fitting is not None:
+            return Encoded(fitting, response_ids, truncated=False, prompt_cut=True)
+        room = limit - len(candidates[-1])  # for the response beside the final Human turn alone
         if room < self.min_response_tokens:
             return None
         eos = self.tokenizer.eos_token_id

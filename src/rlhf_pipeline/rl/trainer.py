@@ -314,11 +314,11 @@ class PPOTrainer:
                 tokens = batch.response_mask.sum().clamp(min=1.0)
                 for number, part in enumerate(torch.arange(len(index)).split(micro)):
                     micro_batch = batch.select(part)
-                    share = micro_batch.response_mask.sum() / tokens
-                    records.append((share.item(), self.critic_update(micro_batch, share * accumulation)))
+                    share = (micro_batch.response_mask.sum() / tokens).item()
+                    records.append((share, self.critic_update(micro_batch, share * accumulation)))
                     if train_policy:
-                        records.append((share.item(), self.policy_update(micro_batch, share * accumulation,
-                                                                         with_ptx=number == 0)))
+                        records.append((share, self.policy_update(micro_batch, share * accumulation,
+                                                                  with_ptx=number == 0)))
                 records.append((1.0, {"value/grad_norm": grad_norm(self.critic)}))  # read at the optimiser step
                 if train_policy:
                     records.append((1.0, {"policy/grad_norm": grad_norm(self.policy)}))
@@ -326,7 +326,7 @@ class PPOTrainer:
         return {key: sum(w * r[key] for w, r in records if key in r) / sum(w for w, r in records if key in r)
                 for key in keys}
 
-    def critic_update(self, batch: Experience, weight: torch.Tensor | float = 1.0) -> dict[str, float]:
+    def critic_update(self, batch: Experience, weight: float = 1.0) -> dict[str, float]:
         args = (batch.sequences, batch.attention_mask, batch.position_ids, batch.prompt_width)
         values = response_values(self.critic, *args)
         loss, metrics = F.value_loss(values, batch.values, batch.returns, batch.response_mask, self.cfg.value_clip)
@@ -336,7 +336,7 @@ class PPOTrainer:
                 "value/explained_variance": F.explained_variance(values.detach(), batch.returns, batch.response_mask).item(),
                 **{k: v.item() for k, v in metrics.items()}}
 
-    def policy_update(self, batch: Experience, weight: torch.Tensor | float = 1.0, with_ptx: bool = True) -> dict[str, float]:
+    def policy_update(self, batch: Experience, weight: float = 1.0, with_ptx: bool = True) -> dict[str, float]:
         cfg = self.cfg
         args = (batch.sequences, batch.attention_mask, batch.position_ids, batch.prompt_width)
         # one log-softmax over the vocabulary serves both the ratio and the entropy

@@ -95,12 +95,13 @@ def evaluate_policies(
     policies = {"sft": sft_model, **ppo_policies}
     for bundle in (*policies.values(), reward_model, judge_model):
         to_rank_device(bundle.model)  # an 8B model must not sample on the CPU for hours
+    rm_encoder, judge_encoder = reward_model.encoder(), judge_model.encoder()
     samples, per_policy = [], {}
     for name, bundle in policies.items():
         responses = generate_texts(bundle.model, sft_model.tokenizer, prompt_ids, sampling, seed=evaluation["seed"])
         gold = [gold_score(p, r) for p, r in zip(prompts, responses, strict=True)]
-        rm = score_responses(reward_model.model, reward_model.encoder(), prompts, responses, max_length).tolist()
-        judge = score_responses(judge_model.model, judge_model.encoder(), prompts, responses, max_length).tolist()
+        rm = score_responses(reward_model.model, rm_encoder, prompts, responses, max_length).tolist()
+        judge = score_responses(judge_model.model, judge_encoder, prompts, responses, max_length).tolist()
         per_policy[name] = {"responses": responses, "gold": gold, "rm": rm, "judge": judge}
         samples += [{"policy": name, "prompt": p, "category": c, "response": r, "gold_score": g, "rm_score": s,
                      "judge_score": j}

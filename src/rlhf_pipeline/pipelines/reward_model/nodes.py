@@ -50,24 +50,24 @@ def fit_reward_model(sft_model: ModelBundle, train_pairs: pd.DataFrame, val_pair
         return score_responses(model, encoder, frame["prompt"].tolist(), frame[column].tolist(), cfg.max_length,
                                cfg.eval_batch_size)
 
-    def accuracy(frame: pd.DataFrame) -> float | None:
-        """Ranking accuracy over the pairs that fit the context (None without any)."""
+    def fitting_pair_scores(frame: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chosen and rejected scores of the pairs that fit the context."""
         chosen, rejected = scores(frame, "chosen"), scores(frame, "rejected")
         fits = ~(chosen.isnan() | rejected.isnan())
-        return ranking_accuracy(chosen[fits], rejected[fits]) if fits.any() else None
+        return chosen[fits], rejected[fits]
 
-    val_chosen, val_rejected = scores(val_pairs, "chosen"), scores(val_pairs, "rejected")
-    val_fits = ~(val_chosen.isnan() | val_rejected.isnan())
+    val_chosen, val_rejected = fitting_pair_scores(val_pairs)
     gold_pairs = gold_ordered(val_pairs)
+    gold_chosen, gold_rejected = fitting_pair_scores(gold_pairs) if len(gold_pairs) else (torch.zeros(0), torch.zeros(0))
     sample = train_pairs.sample(n=min(stats_sample, len(train_pairs)), random_state=cfg.seed)
     train_scores = torch.cat([scores(sample, "chosen"), scores(sample, "rejected")])
     lengths = torch.tensor([len(r.split()) for r in pd.concat([sample["chosen"], sample["rejected"]])], dtype=torch.float)
     fits = ~train_scores.isnan()
     train_scores, lengths = train_scores[fits], lengths[fits]
     metrics = {
-        "val_accuracy": ranking_accuracy(val_chosen[val_fits], val_rejected[val_fits]) if val_fits.any() else None,
-        "val_margin": (val_chosen[val_fits] - val_rejected[val_fits]).mean().item() if val_fits.any() else None,
-        "gold_agreement": accuracy(gold_pairs) if len(gold_pairs) else None,
+        "val_accuracy": ranking_accuracy(val_chosen, val_rejected) if len(val_chosen) else None,
+        "val_margin": (val_chosen - val_rejected).mean().item() if len(val_chosen) else None,
+        "gold_agreement": ranking_accuracy(gold_chosen, gold_rejected) if len(gold_chosen) else None,
         "label_gold_agreement": float(gold_pairs["label_agrees_with_gold"].mean()) if len(gold_pairs) else None,
         "reward_mean": train_scores.mean().item(),
         "reward_std": train_scores.std().item(),
@@ -75,7 +75,7 @@ def fit_reward_model(sft_model: ModelBundle, train_pairs: pd.DataFrame, val_pair
         "stats_count": float(train_scores.numel()),
         "train_pairs": len(train_pairs),
         "val_pairs": len(val_pairs),
-        "val_pairs_dropped": int((~val_fits).sum()),
+        "val_pairs_dropped": len(val_pairs) - len(val_chosen),
         "gold_pairs": len(gold_pairs),
         **fit_counts,
     }

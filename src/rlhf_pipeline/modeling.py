@@ -32,6 +32,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from rlhf_pipeline.adapters import transformer_of
 from rlhf_pipeline.formatting import DialogueEncoder, context_length
 
 logger = logging.getLogger(__name__)
@@ -193,14 +194,17 @@ def load_gguf(package: str, filename: str, prompt_format: str = "hh", dtype: str
 class ValueHeadModel(nn.Module):
     """A causal LM whose last hidden state feeds a scalar head: rewards (last token) or values (every token)."""
 
-    def __init__(self, lm: PreTrainedModel, seed: int = 0):
-        """The head's initial weights come from ``seed`` alone, not from whatever ran before in the process."""
+    def __init__(self, lm: PreTrainedModel, seed: int = 0, value_head: nn.Linear | None = None):
+        """``lm`` may carry LoRA adapters (a peft model). A new head's initial weights come from ``seed``
+        alone, not from whatever ran before in the process."""
         super().__init__()
         self.lm = lm
-        self.value_head = nn.Linear(lm.config.hidden_size, 1)
-        nn.init.normal_(self.value_head.weight, std=1.0 / (lm.config.hidden_size + 1) ** 0.5,
-                        generator=torch.Generator().manual_seed(seed))
-        nn.init.zeros_(self.value_head.bias)
+        if value_head is None:
+            value_head = nn.Linear(lm.config.hidden_size, 1)
+            nn.init.normal_(value_head.weight, std=1.0 / (lm.config.hidden_size + 1) ** 0.5,
+                            generator=torch.Generator().manual_seed(seed))
+            nn.init.zeros_(value_head.bias)
+        self.value_head = value_head
 
     @property
     def config(self):
@@ -210,7 +214,8 @@ class ValueHeadModel(nn.Module):
         """Freeze an untied LM head, in place, for a model that reads only values (the PPO critic): it would
         carry gradients and optimiser state for nothing (Llama-3-8B's is 525M parameters). A tied head is the
         input embedding, which the values do need, so it keeps training."""
-        head, embedding = self.lm.get_output_embeddings(), self.lm.get_input_embeddings()
+        lm = transformer_of(self)
+        head, embedding = lm.get_output_embeddings(), lm.get_input_embeddings()
         if head is not None and head.weight is not embedding.weight:
             head.requires_grad_(False)
         return self
@@ -220,11 +225,12 @@ class ValueHeadModel(nn.Module):
         position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-token values ``(B, T)`` and, if asked, the LM logits ``(B, T, V)``."""
-        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                    use_cache=False).last_hidden_state
+        lm = transformer_of(self)
+        hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False).last_hidden_state
         # the head may be fp32 under a bf16 backbone (or the reverse): it reads the hidden state in its own dtype
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
-        logits = self.lm.get_output_embeddings()(hidden) if return_lm_logits else None
+        logits = lm.get_output_embeddings()(hidden) if return_lm_logits else None
         return values, logits
 
     def save_pretrained(self, path: str) -> None:

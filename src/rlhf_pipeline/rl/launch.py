@@ -24,11 +24,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from rlhf_pipeline.config import config_from
-from rlhf_pipeline.generation import SamplingConfig
 from rlhf_pipeline.modeling import ModelBundle, load_policy, load_value_model
 from rlhf_pipeline.rl.trainer import PPOConfig, PPOResult, PPOTrainer
-from rlhf_pipeline.training.engine import LogFn, OptimConfig, child_environment, no_logging, world
+from rlhf_pipeline.training.engine import LogFn, child_environment, no_logging, world
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +129,7 @@ def worker(job_dir: str) -> None:
     """Entry point of each launched rank."""
     job = Path(job_dir)
     spec = json.loads((job / "job.json").read_text())
-    cfg = config_from(PPOConfig, spec["ppo"], sampling=SamplingConfig, policy_optim=OptimConfig, critic_optim=OptimConfig)
+    cfg = PPOConfig.from_params(spec["ppo"])
     policy = load_policy(str(job / "policy"))
     reward_model = load_value_model(str(job / "reward_model"))
     prompts = pd.read_parquet(job / "prompts.parquet")["prompt"].tolist()

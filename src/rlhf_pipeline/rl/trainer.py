@@ -20,6 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from rlhf_pipeline.adapters import AdaptersOff, LoraSettings, add_lora, merge_adapters
+from rlhf_pipeline.config import config_from
 from rlhf_pipeline.formatting import DialogueEncoder
 from rlhf_pipeline.generation import SamplingConfig, decode_responses, fit_prompts
 from rlhf_pipeline.modeling import ValueHeadModel, disable_dropout, use_fused_gelu
@@ -35,11 +37,13 @@ from rlhf_pipeline.rl.experience import (
 from rlhf_pipeline.training.batching import collate_encoded, masked_token_nll
 from rlhf_pipeline.training.devices import rng_state, set_rng_state
 from rlhf_pipeline.training.engine import (
+    FROZEN_PLACEMENTS,
     LogFn,
     OptimConfig,
     grad_norm,
     init_distributed,
     make_engine,
+    make_frozen_engine,
     no_logging,
     whole_state_dict,
     world,
@@ -91,6 +95,11 @@ class PPOConfig:
     ptx_batch_size: int = 8
     policy_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
     critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5))
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters for policy and critic (``r: 0``: off); the reference is then the policy, adapters off."""
+    frozen_models: str = "device"
+    """Where the frozen reference and reward model live: ``device`` (whole on each rank), ``zero3``
+    (partitioned over the ranks) or ``zero3_offload`` (in CPU memory, streamed in for each forward)."""
     checkpoint_every: int = 10
     """Iterations between checkpoints (0: none)."""
     keep_checkpoints: int = 2
@@ -115,6 +124,17 @@ class PPOConfig:
             raise ValueError("ppo.rollout_batch_size must be a multiple of ppo.mini_batch_size")
         if self.micro_batch_size and self.mini_batch_size % self.micro_batch_size:
             raise ValueError("ppo.mini_batch_size must be a multiple of ppo.micro_batch_size")
+        if self.frozen_models not in FROZEN_PLACEMENTS:
+            raise ValueError(f"ppo.frozen_models: unknown {self.frozen_models!r}; valid: {', '.join(FROZEN_PLACEMENTS)}")
+        if self.lora.enabled and 3 in (self.policy_optim.zero_stage, self.critic_optim.zero_stage):
+            raise ValueError("ppo.lora: LoRA trains with ZeRO stage 0-2 (its trainable state is small); "
+                             "use frozen_models: zero3 to partition the frozen weights instead")
+
+    @classmethod
+    def from_params(cls, params: dict) -> PPOConfig:
+        """The config from YAML parameters or a job file, nested sections included."""
+        return config_from(cls, params, sampling=SamplingConfig, policy_optim=OptimConfig, critic_optim=OptimConfig,
+                           lora=LoraSettings)
 
 
 @dataclass
@@ -175,22 +195,23 @@ class PPOTrainer:
             # old log-probs come from eval mode; with dropout on in training the ratio would start away from 1
             disable_dropout(model)
             use_fused_gelu(model)
-        self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
-        self.reward_model = reward_model.eval().requires_grad_(False)
-        if cfg.critic_from_reward_model:
-            critic = copy.deepcopy(reward_model).requires_grad_(True)
-        else:
-            critic = ValueHeadModel(copy.deepcopy(policy), seed=cfg.seed)
-        if isinstance(critic, ValueHeadModel):
-            critic.freeze_unused_lm_head()
+        policy, reference, reward_model, critic = self.build_models(policy, reward_model)
+        # ZeRO-3 only: a whole copy that generates, refreshed once per rollout (see rollout_policy)
+        self.generation_copy = copy.deepcopy(policy).eval().requires_grad_(False) \
+            if cfg.policy_optim.zero_stage == 3 else None
         updates = cfg.iterations * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
         micro = cfg.micro_batch_size or cfg.mini_batch_size
         mini = {"micro_batch_size": micro, "grad_accum": cfg.mini_batch_size // micro}
         self.policy = make_engine(policy, OptimConfig(**{**asdict(cfg.policy_optim), **mini}), updates)
         self.critic = make_engine(critic, OptimConfig(**{**asdict(cfg.critic_optim), **mini}), updates)
-        # the engines moved their modules to this rank's device; the frozen models follow them there
-        self.reference.to(self.policy.device)
-        self.reward_model.to(self.policy.device)
+        # the frozen models join the engines on this rank's device, in the policy's precision
+        bf16 = self.policy.bfloat16_enabled()
+        self.reference = reference if cfg.lora.enabled else make_frozen_engine(reference, cfg.frozen_models, bf16)
+        if isinstance(reward_model, AdaptersOff):  # the critic's engine placed the shared weights, not its head
+            reward_model.model.value_head.to(self.critic.device)
+            self.reward_model = reward_model
+        else:
+            self.reward_model = make_frozen_engine(reward_model, cfg.frozen_models, bf16)
         kept, self.prompt_ids = fit_prompts(encoder, prompts, cfg.max_prompt_length, cfg.sampling.max_new_tokens)
         if not self.prompt_ids:
             raise ValueError(f"ppo: none of the {len(prompts)} prompts fits max_prompt_length {cfg.max_prompt_length} "
@@ -205,7 +226,6 @@ class PPOTrainer:
         if score_prior:
             count, mean, std = score_prior
             self.moments.update(count, mean, std**2 * count)
-        self.generation_copy: torch.nn.Module | None = None  # ZeRO-3 only: see rollout_policy
         self.iteration = 0
         self.first: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
@@ -218,6 +238,30 @@ class PPOTrainer:
                 torch.distributed.barrier()
         elif self.checkpoint_dir and (self.checkpoint_dir / "latest").exists():
             self.load_checkpoint()
+
+    def build_models(self, policy, reward_model):
+        """``(policy, reference, reward model, critic)`` before the engines exist. With LoRA, the policy gets
+        adapters and the reference is the policy with them off; a critic from the reward model gets its own
+        adapters and value head on the reward model's base weights, which the reward model scores with."""
+        cfg = self.cfg
+        if not cfg.lora.enabled:
+            reference = copy.deepcopy(policy)
+            critic = copy.deepcopy(reward_model) if cfg.critic_from_reward_model else \
+                ValueHeadModel(copy.deepcopy(policy), seed=cfg.seed)
+            critic.requires_grad_(True)
+            if isinstance(critic, ValueHeadModel):
+                critic.freeze_unused_lm_head()
+            return policy, reference, reward_model, critic
+        if cfg.critic_from_reward_model:
+            if not isinstance(reward_model, ValueHeadModel):
+                raise TypeError("ppo.lora with critic_from_reward_model needs a ValueHeadModel reward model")
+            head = copy.deepcopy(reward_model.value_head).requires_grad_(True)
+            critic = ValueHeadModel(disable_dropout(add_lora(reward_model.lm, cfg.lora)), value_head=head)
+            reward_model = AdaptersOff(ValueHeadModel(critic.lm, value_head=reward_model.value_head.requires_grad_(False)))
+        else:
+            critic = ValueHeadModel(disable_dropout(add_lora(copy.deepcopy(policy), cfg.lora)), seed=cfg.seed)
+        policy = disable_dropout(add_lora(policy, cfg.lora))
+        return policy, AdaptersOff(policy), reward_model, critic.freeze_unused_lm_head()
 
     # --- the loop ------------------------------------------------------------------------------
     def prompt_batch(self) -> list[int]:
@@ -258,21 +302,22 @@ class PPOTrainer:
         return PPOResult(self.trained_policy(), self.history, samples, stopped, self.prompts_dropped)
 
     def trained_policy(self) -> torch.nn.Module:
-        """The policy with whole weights; under ZeRO-3 a fresh copy (every rank must call this)."""
-        if not self.policy.zero_optimization_partition_weights():
+        """The policy with whole weights (every rank must call this): LoRA adapters merged into the base
+        weights; under ZeRO-3 the whole copy."""
+        if self.cfg.lora.enabled:
+            return merge_adapters(self.policy.module)
+        if self.generation_copy is None:
             return self.policy.module
-        policy = copy.deepcopy(self.reference).requires_grad_(True)
-        policy.load_state_dict(whole_state_dict(self.policy))
-        return policy
+        return self.rollout_policy().requires_grad_(True)
 
     def rollout_policy(self) -> torch.nn.Module:
         """The model that generates. Under ZeRO-3, a whole copy refreshed once per rollout (every rank calls
         this): generating from the partitioned engine would all-gather every layer for every new token,
         and ranks whose rows hit EOS at different steps would wait for each other in those all-gathers."""
-        if not self.policy.zero_optimization_partition_weights():
-            return self.policy.module
         if self.generation_copy is None:
-            self.generation_copy = copy.deepcopy(self.reference)  # same architecture, frozen, on this device
+            return self.policy.module
+        dtype = torch.bfloat16 if self.policy.bfloat16_enabled() else None
+        self.generation_copy.to(self.policy.device, dtype=dtype)
         self.generation_copy.load_state_dict(whole_state_dict(self.policy, device=self.policy.device))
         return self.generation_copy
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from rlhf_pipeline.training.devices import adamw_params, backend, bf16_supported
+from rlhf_pipeline.adapters import enable_gradient_checkpointing
+from rlhf_pipeline.training.devices import adamw_params, backend, bf16_supported, rank_device
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ class OptimConfig:
     grad_accum: int = 1
     bf16: str = "auto"
     """``auto`` (on a GPU that supports it), ``true`` or ``false``."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: memory for ~one extra forward pass of compute."""
     extra_ds_config: dict = field(default_factory=dict)
     """Merged over the generated DeepSpeed config (e.g. offload settings)."""
 
@@ -132,11 +135,37 @@ def make_engine(model: nn.Module, cfg: OptimConfig, total_steps: int):
     from rlhf_pipeline.training.checkpointing import use_weights_only_checkpoints
 
     init_distributed()
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=deepspeed_config(cfg, total_steps),
     )
     use_weights_only_checkpoints(engine)
+    return engine
+
+
+FROZEN_PLACEMENTS = ("device", "zero3", "zero3_offload")
+
+
+def make_frozen_engine(model: nn.Module, placement: str, bf16: bool):
+    """A frozen model (reference, reward model) for inference only: ``device`` keeps it whole on this rank's
+    device; ``zero3`` partitions its parameters across the ranks (gathered layer by layer in each forward);
+    ``zero3_offload`` keeps them in CPU memory and streams them to the device. Returns the callable to run."""
+    import deepspeed
+
+    if placement not in FROZEN_PLACEMENTS:
+        raise ValueError(f"frozen_models: unknown {placement!r}; valid: {', '.join(FROZEN_PLACEMENTS)}")
+    model = model.eval().requires_grad_(False)
+    if placement == "device":
+        return model.to(rank_device(), dtype=torch.bfloat16 if bf16 else None)
+    init_distributed()
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0,
+            "offload_param": {"device": "cpu" if placement == "zero3_offload" else "none", "pin_memory": True}}
+    engine, *_ = deepspeed.initialize(model=model, config={
+        "train_micro_batch_size_per_gpu": 1, "zero_optimization": zero, "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9})
+    engine.eval()
     return engine
 
 

@@ -8,12 +8,10 @@ from typing import Any
 import pandas as pd
 
 from rlhf_pipeline.config import config_from
-from rlhf_pipeline.generation import SamplingConfig
 from rlhf_pipeline.modeling import ModelBundle
 from rlhf_pipeline.pipelines.tracking import mlflow_logger
 from rlhf_pipeline.rl.launch import LaunchConfig, run_ppo
 from rlhf_pipeline.rl.trainer import PPOConfig
-from rlhf_pipeline.training.engine import OptimConfig
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +38,7 @@ def train_ppo(
     params = dict(ppo)
     name, checkpoint_dir = params.pop("name"), params.pop("checkpoint_dir", None)
     launch = config_from(LaunchConfig, params.pop("launcher", {}))
-    cfg = config_from(PPOConfig, params, sampling=SamplingConfig, policy_optim=OptimConfig, critic_optim=OptimConfig)
+    cfg = PPOConfig.from_params(params)
     prior = (float(reward_model_metrics.get("stats_count", 100)), reward_model_metrics["reward_mean"],
              reward_model_metrics["reward_std"])
     result = run_ppo(sft_model, reward_model, ppo_prompts["prompt"].tolist(),

@@ -1,0 +1,150 @@
+"""Memory options for real sizes, each checked against the plain path on CPU: LoRA (the reference is the policy
+with its adapters off), gradient checkpointing, frozen models partitioned or offloaded by ZeRO-3, and the
+ZeRO-3 policy's once-per-rollout gather for generation."""
+
+import pytest
+import torch
+
+from rlhf_pipeline.adapters import LoraSettings, add_lora, enable_gradient_checkpointing
+from rlhf_pipeline.formatting import DialogueEncoder
+from rlhf_pipeline.generation import SamplingConfig
+from rlhf_pipeline.modeling import TinyModelConfig, ValueHeadModel, build_tiny_model, train_tokenizer
+from rlhf_pipeline.rl.experience import make_experience, positions, response_logits
+from rlhf_pipeline.rl.trainer import PPOConfig, PPOTrainer
+from rlhf_pipeline.training.engine import OptimConfig
+
+PROMPTS = [f"\n\nHuman: Tell me about item {i}.\n\nAssistant:" for i in range(16)]
+ARCHS = ("gpt2", "llama")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(PROMPTS * 5, vocab_size=300)
+
+
+def tiny(tokenizer, arch: str, seed: int = 0):
+    return build_tiny_model(tokenizer, TinyModelConfig(arch=arch, hidden_size=32, num_layers=2, num_heads=2, seed=seed))
+
+
+def trainer_for(tokenizer, arch="gpt2", iterations=2, **overrides) -> PPOTrainer:
+    optim = OptimConfig(lr=5e-3, warmup_ratio=0.0, zero_stage=2)
+    cfg = PPOConfig(**{
+        "iterations": iterations, "rollout_batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 2,
+        "sampling": SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=1.0), "ptx_coef": 0.0,
+        "policy_optim": optim, "critic_optim": optim, "checkpoint_every": 0, "sample_every": 0, **overrides})
+    return PPOTrainer(tiny(tokenizer, arch), ValueHeadModel(tiny(tokenizer, arch, seed=1), seed=2),
+                      DialogueEncoder(tokenizer), PROMPTS, cfg)
+
+
+def batch(tokenizer):
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS[:4]]
+    width = max(map(len, ids))
+    sequences = torch.tensor([[tokenizer.pad_token_id] * (width - len(row)) + row for row in ids])
+    mask = (sequences != tokenizer.pad_token_id).long()
+    return sequences, mask, positions(mask)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_reference_is_the_base_model_and_the_merged_policy_is_the_trained_one(tokenizer, arch, tmp_path):
+    base_policy, base_rm = tiny(tokenizer, arch).eval(), ValueHeadModel(tiny(tokenizer, arch, seed=1), seed=2).eval()
+    trainer = trainer_for(tokenizer, arch, lora=LoraSettings(r=4, alpha=8))
+    assert not any(p.requires_grad for n, p in trainer.policy.module.named_parameters() if "lora_" not in n)
+    for _ in range(2):  # steps, not train(): train() merges the adapters at the end
+        trainer.step()
+        trainer.iteration += 1
+    sequences, mask, position_ids = batch(tokenizer)
+    width = sequences.shape[1] - 3
+
+    def logits(model):
+        return response_logits(model, sequences, mask, position_ids, width)
+
+    with torch.no_grad():
+        trained = logits(trainer.policy.module)
+        assert not torch.allclose(trained, logits(base_policy), atol=1e-4)  # the adapters trained
+        torch.testing.assert_close(logits(trainer.reference), logits(base_policy))  # adapters off = SFT model
+        # the critic trains its own adapters and head on the reward model's weights; the RM scores without them
+        torch.testing.assert_close(trainer.reward_model(sequences, mask, position_ids=position_ids)[0],
+                                   base_rm(sequences, mask, position_ids=position_ids)[0])
+        assert not torch.allclose(trainer.critic.module(sequences, mask, position_ids=position_ids)[0],
+                                  base_rm(sequences, mask, position_ids=position_ids)[0], atol=1e-4)
+    merged = trainer.trained_policy()
+    assert type(merged) is type(base_policy)  # an ordinary transformers model, no peft wrapper
+    merged.save_pretrained(tmp_path)
+    reloaded = type(base_policy).from_pretrained(tmp_path).eval()
+    assert set(reloaded.state_dict()) == set(base_policy.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(logits(reloaded), trained, atol=1e-5, rtol=1e-4)
+
+
+def test_lora_refuses_zero3_and_unknown_placements():
+    with pytest.raises(ValueError, match="ZeRO stage 0-2"):
+        PPOConfig(lora=LoraSettings(r=8), policy_optim=OptimConfig(zero_stage=3))
+    with pytest.raises(ValueError, match="frozen_models: unknown 'gpu'"):
+        PPOConfig(frozen_models="gpu")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("adapted", [False, True], ids=["full", "lora"])
+def test_checkpointed_gradients_equal_plain_gradients(tokenizer, arch, adapted):
+    sequences, mask, position_ids = batch(tokenizer)
+    grads = []
+    for checkpointed in (False, True):
+        lm = tiny(tokenizer, arch)
+        model = ValueHeadModel(add_lora(lm, LoraSettings(r=4)) if adapted else lm, seed=3)
+        # LoRA's B starts at zero, so A would get no gradient: give B values to check every path
+        torch.manual_seed(4)
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter)
+        if checkpointed:
+            enable_gradient_checkpointing(model)
+        model.train()
+        values, logits = model(sequences, mask, return_lm_logits=True, position_ids=position_ids)
+        (values.square().mean() + logits.float().logsumexp(-1).mean()).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert transformer_checkpointing_is_on(model)
+    assert grads[0].keys() == grads[1].keys() and all(g is not None for g in grads[1].values())
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)
+
+
+def transformer_checkpointing_is_on(model) -> bool:
+    from rlhf_pipeline.adapters import transformer_of
+
+    transformer = transformer_of(model)
+    return getattr(transformer, "is_activation_checkpointing", None) or transformer.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("placement", ["zero3", "zero3_offload"])
+def test_frozen_models_under_zero3_score_as_whole_models(tokenizer, placement):
+    def experience(trainer):
+        torch.manual_seed(0)
+        return make_experience(trainer.policy.module, trainer.reference, trainer.critic.module, trainer.reward_model,
+                               tokenizer, trainer.prompt_ids[:6], trainer.cfg.sampling, {})
+
+    whole = experience(trainer_for(tokenizer))
+    sharded = trainer_for(tokenizer, frozen_models=placement)
+    assert sharded.reference.module.transformer.wte.weight.numel() == 0  # partitioned, not a whole copy
+    parted = experience(sharded)
+    assert torch.equal(parted.sequences, whole.sequences)
+    for name in ("logprobs", "ref_logprobs", "values", "raw_scores"):
+        torch.testing.assert_close(getattr(parted, name), getattr(whole, name), msg=name)
+
+
+def test_zero3_policy_generates_from_one_gather_per_rollout_the_same_samples(tokenizer):
+    zero3 = OptimConfig(lr=5e-3, warmup_ratio=0.0, zero_stage=3,
+                        extra_ds_config={"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
+    plain, sharded = trainer_for(tokenizer), trainer_for(tokenizer, policy_optim=zero3)
+    assert sharded.policy.module.transformer.wte.weight.numel() == 0
+    generator = sharded.rollout_policy()
+    assert generator is sharded.generation_copy and generator.transformer.wte.weight.numel() > 0
+    for name, tensor in plain.policy.module.state_dict().items():
+        torch.testing.assert_close(generator.state_dict()[name], tensor, msg=name)
+    rollouts = []
+    for trainer in (plain, sharded):
+        torch.manual_seed(0)
+        metrics, exp = trainer.step()
+        rollouts.append(exp.sequences)
+    assert torch.equal(rollouts[1], rollouts[0])
+    assert sharded.generation_copy is generator  # refreshed in place, not rebuilt
+    assert metrics["timing/gather"] > 0

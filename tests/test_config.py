@@ -60,7 +60,7 @@ def test_test_environment_shrinks_sizes_and_keeps_each_presets_tricks():
     for preset in ppo.values():
         assert preset["iterations"] == 3 and preset["sampling"] == {**preset["sampling"], "max_new_tokens": 12,
                                                                       "temperature": 0.8}
-        config_from(PPOConfig, {k: v for k, v in preset.items() if k not in ("name", "checkpoint_dir", "launcher")},
-                    policy_optim=OptimConfig, critic_optim=OptimConfig)  # every merged preset is a valid config
+        cfg = PPOConfig.from_params({k: v for k, v in preset.items() if k not in ("name", "checkpoint_dir", "launcher")})
+        assert cfg.sampling.max_new_tokens == 12 and not cfg.lora.enabled  # every merged preset is a valid config
     assert ppo["ppo_max"]["reward_clip"] == 0.8 and ppo["ppo_max"]["ptx_coef"] == 0.1
     assert ppo["vanilla"]["kl_coef"] == 0.0 and ppo["vanilla"]["reward_clip"] is None and ppo["vanilla"]["name"] == "vanilla"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -23,6 +23,12 @@ class SamplingConfig:
     top_p: float = 0.9
     repetition_penalty: float = 1.0
     do_sample: bool = True
+    batch_size: int | None = None
+    """Prompts per ``generate`` call (None: all at once). Prompts are grouped by length, so a call pads only
+    to its own longest prompt."""
+    cache_implementation: str | None = None
+    """``static``: a pre-allocated KV cache, with which transformers compiles the decoding step on a GPU
+    (``benchmarks/bench_gpu.py`` measures whether that wins); None: the dynamic cache."""
 
 
 def left_pad(prompt_ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,8 +53,6 @@ def sample_responses(
         (B, R) right-padded with the pad token after the first EOS (which is kept).
     """
     device = next(model.parameters()).device
-    input_ids, attention_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     stops = stop_token_ids(model, tokenizer)
     # a sampled pad token would read as padding and punch a hole in the response mask
     suppress = list(model.generation_config.suppress_tokens or [])
@@ -56,16 +60,27 @@ def sample_responses(
         suppress.append(tokenizer.pad_token_id)
     was_training = model.training
     model.eval()
-    output = model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=cfg.max_new_tokens,
-        do_sample=cfg.do_sample, temperature=cfg.temperature if cfg.do_sample else None,
-        top_p=cfg.top_p if cfg.do_sample else None, top_k=0 if cfg.do_sample else None,
-        repetition_penalty=cfg.repetition_penalty, eos_token_id=stops,
-        pad_token_id=tokenizer.pad_token_id, suppress_tokens=suppress or None, use_cache=True,
-    )
+    by_length = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    parts = []
+    for group in [by_length[start:start + (cfg.batch_size or len(by_length))]
+                  for start in range(0, len(by_length), cfg.batch_size or len(by_length) or 1)]:
+        input_ids, attention_mask = left_pad([prompt_ids[i] for i in group], tokenizer.pad_token_id)
+        output = model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+            max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
+            temperature=cfg.temperature if cfg.do_sample else None, top_p=cfg.top_p if cfg.do_sample else None,
+            top_k=0 if cfg.do_sample else None, repetition_penalty=cfg.repetition_penalty, eos_token_id=stops,
+            pad_token_id=tokenizer.pad_token_id, suppress_tokens=suppress or None, use_cache=True,
+            cache_implementation=cfg.cache_implementation,
+        )
+        parts.append((group, output[:, input_ids.shape[1]:]))
     model.train(was_training)
-    response_ids = output[:, input_ids.shape[1]:]
-    return input_ids, attention_mask, mask_after_eos(response_ids, stops, tokenizer.pad_token_id)
+    input_ids, attention_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
+    response_ids = torch.full((len(prompt_ids), max(part.shape[1] for _, part in parts)), tokenizer.pad_token_id,
+                              dtype=torch.long, device=device)
+    for group, part in parts:
+        response_ids[torch.tensor(group, device=device), :part.shape[1]] = part
+    return input_ids.to(device), attention_mask.to(device), mask_after_eos(response_ids, stops, tokenizer.pad_token_id)
 
 
 def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -114,10 +129,9 @@ def generate_texts(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[list[int]], cfg: SamplingConfig,
     batch_size: int = 32, seed: int = 0,
 ) -> list[str]:
-    """Responses (text) to fitted prompts (``fit_prompts``), sampled in batches with a fixed seed."""
+    """Responses (text) to fitted prompts (``fit_prompts``), sampled ``batch_size`` at a time with a fixed seed."""
+    if not prompt_ids:
+        return []
     torch.manual_seed(seed)
-    texts: list[str] = []
-    for start in range(0, len(prompt_ids), batch_size):
-        _, _, response_ids = sample_responses(model, tokenizer, prompt_ids[start:start + batch_size], cfg)
-        texts.extend(decode_responses(tokenizer, response_ids))
-    return texts
+    _, _, response_ids = sample_responses(model, tokenizer, prompt_ids, replace(cfg, batch_size=batch_size))
+    return decode_responses(tokenizer, response_ids)

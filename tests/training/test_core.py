@@ -1,7 +1,10 @@
+import gc
 import math
+from dataclasses import replace
 
 import pytest
 import torch
+from deepspeed.runtime.engine import DeepSpeedEngine
 
 from rlhf_pipeline.formatting import DialogueEncoder
 from rlhf_pipeline.generation import SamplingConfig, mask_after_eos, response_mask_of, sample_responses
@@ -88,6 +91,22 @@ def test_sampling_never_emits_the_pad_token_and_keeps_the_models_suppressed_toke
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_length_grouped_batches_and_the_static_cache_sample_what_one_plain_call_samples(tokenizer, arch):
+    """Greedy decoding makes the three paths comparable token for token; rows come back in the prompts' order."""
+    model = build_tiny_model(tokenizer, TinyModelConfig(arch=arch, hidden_size=32, num_layers=2, num_heads=2))
+    prompts = [tokenizer("Say hi" + " now" * n + ".")["input_ids"] for n in (6, 0, 3, 9, 1, 4, 2)]
+    greedy = SamplingConfig(max_new_tokens=10, do_sample=False)
+    plain = sample_responses(model, tokenizer, prompts, greedy)
+    assert plain[0].shape == (7, max(map(len, prompts)))
+    for settings in ({"batch_size": 3}, {"cache_implementation": "static"},
+                     {"batch_size": 2, "cache_implementation": "static"}):
+        prompt, mask, response = sample_responses(model, tokenizer, prompts, replace(greedy, **settings))
+        assert torch.equal(prompt, plain[0]) and torch.equal(mask, plain[1]), settings
+        assert torch.equal(response, plain[2][:, :response.shape[1]]), settings
+        assert (plain[2][:, response.shape[1]:] == tokenizer.pad_token_id).all(), settings
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_any_causal_lm_loads_from_a_local_directory(tmp_path, tokenizer, arch):
     model = build_tiny_model(tokenizer, TinyModelConfig(arch=arch, hidden_size=32, num_layers=1, num_heads=2))
     ModelBundle(model, tokenizer).save_pretrained(str(tmp_path))
@@ -116,6 +135,10 @@ def test_deepspeed_sft_memorises_a_batch(tokenizer, zero_stage):
     assert losses[-1] < 0.2 * losses[0]
     assert metrics["val/loss"] < 0.25 * losses[0]  # held-out copy of the batch: memorised too
     assert metrics["val/loss_before"] > 4 * metrics["val/loss"]
+    # the returned model holds no engine: DeepSpeed's hooks would keep its optimizer state alive
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, DeepSpeedEngine) and o.module is model]
+    assert not model._forward_hooks and not model._forward_pre_hooks
 
 
 def test_reward_model_learns_a_preference(tokenizer):

@@ -61,6 +61,9 @@ def run_ppo(policy: ModelBundle, reward_model: ModelBundle, prompts: list[str], 
     job.mkdir(parents=True, exist_ok=True)
     policy.save_pretrained(str(job / "policy"))
     reward_model.save_pretrained(str(job / "reward_model"))
+    for bundle in (policy, reward_model):  # the ranks load their own copies: this process's leave the GPUs
+        bundle.model.to("cpu")
+    release_device_memory()
     pd.DataFrame({"prompt": prompts}).to_parquet(job / "prompts.parquet")
     pd.DataFrame({"prompt": ptx_data[0], "response": ptx_data[1]}).to_parquet(job / "ptx.parquet")
     (job / "job.json").write_text(json.dumps({

@@ -45,6 +45,7 @@ from rlhf_pipeline.training.engine import (
     make_engine,
     make_frozen_engine,
     no_logging,
+    release_engine,
     whole_state_dict,
     world,
 )
@@ -299,16 +300,17 @@ class PPOTrainer:
         if self.checkpoint_dir and self.rank == 0:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             (self.checkpoint_dir / "complete").write_text(str(self.iteration))  # the next run starts afresh
-        return PPOResult(self.trained_policy(), self.history, samples, stopped, self.prompts_dropped)
+        policy = self.trained_policy()
+        release_engine(self.critic)  # optimizer states go now, not when the policy does
+        release_engine(self.policy)
+        return PPOResult(policy, self.history, samples, stopped, self.prompts_dropped)
 
     def trained_policy(self) -> torch.nn.Module:
-        """The policy with whole weights (every rank must call this): LoRA adapters merged into the base
-        weights; under ZeRO-3 the whole copy."""
-        if self.cfg.lora.enabled:
-            return merge_adapters(self.policy.module)
-        if self.generation_copy is None:
-            return self.policy.module
-        return self.rollout_policy().requires_grad_(True)
+        """The policy with whole weights (every rank must call this): under ZeRO-3 the whole copy; with LoRA
+        the adapters merged into the base weights."""
+        if self.generation_copy is not None:
+            return self.rollout_policy().requires_grad_(True)
+        return merge_adapters(self.policy.module)
 
     def rollout_policy(self) -> torch.nn.Module:
         """The model that generates. Under ZeRO-3, a whole copy refreshed once per rollout (every rank calls
@@ -339,6 +341,7 @@ class PPOTrainer:
             **rollout_metrics(exp), **update_metrics, **timings,
             "timing/total": sum(timings.values()),
             "timing/tokens_per_s": n_tokens / max(sum(timings.values()), 1e-9),
+            "timing/generate_tokens_per_s": n_tokens / max(timings["timing/generate"], 1e-9),
         }
         return metrics, exp
 

@@ -6,6 +6,7 @@ Nothing else in the project calls ``torch.cuda`` directly. Under the ``deepspeed
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 
@@ -45,6 +46,14 @@ def synchronize() -> None:
     """Wait for queued GPU work, so that a wall-clock timer measures the phase that queued it."""
     if has_cuda():
         torch.cuda.synchronize()
+
+
+def release_device_memory() -> None:
+    """Collect unreachable objects and hand the GPU memory cached for them back to the driver, so that
+    another process (a launched PPO rank) can use it."""
+    gc.collect()
+    if has_cuda():
+        torch.cuda.empty_cache()
 
 
 def fused_adam_available() -> bool:

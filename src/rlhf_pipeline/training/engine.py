@@ -17,7 +17,13 @@ import torch
 from torch import nn
 
 from rlhf_pipeline.adapters import enable_gradient_checkpointing
-from rlhf_pipeline.training.devices import adamw_params, backend, bf16_supported, rank_device
+from rlhf_pipeline.training.devices import (
+    adamw_params,
+    backend,
+    bf16_supported,
+    rank_device,
+    release_device_memory,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +183,20 @@ def whole_state_dict(engine, device: torch.device | str = "cpu") -> dict[str, to
     partitioned = engine.zero_optimization_partition_weights()
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=partitioned):
         return {name: tensor.detach().to(device, copy=True) for name, tensor in engine.module.state_dict().items()}
+
+
+def release_engine(engine) -> nn.Module:
+    """The engine's module, freed of the engine: its optimizer state and gradient buffers go, and so does the
+    device memory cached for them (in a Kedro run, SFT's optimizer state would otherwise stay on the GPU
+    through RM and PPO training). DeepSpeed's forward hooks on the module would keep the whole engine alive."""
+    module = engine.module
+    engine.destroy()  # the optimizer's gradient hooks
+    for handle in (getattr(engine, "module_forward_pre_hook", None), getattr(engine, "module_forward_post_hook", None)):
+        if handle is not None:
+            handle.remove()
+    del engine
+    release_device_memory()
+    return module
 
 
 def grad_norm(engine) -> float:

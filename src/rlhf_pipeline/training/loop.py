@@ -10,7 +10,15 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from rlhf_pipeline.training.engine import LogFn, OptimConfig, grad_norm, init_distributed, make_engine, world
+from rlhf_pipeline.training.engine import (
+    LogFn,
+    OptimConfig,
+    grad_norm,
+    init_distributed,
+    make_engine,
+    release_engine,
+    world,
+)
 
 
 def micro_batches(num_items: int, micro_batch_size: int, epochs: int, seed: int) -> Iterator[tuple[int, list[int]]]:
@@ -40,6 +48,10 @@ def train_loop(
     Logs every optimiser step: the mean of each metric over its micro-batches, learning rate, gradient
     norm and tokens/s. Returns the trained module.
     """
+    if cfg.zero_stage == 3:
+        raise ValueError("optim.zero_stage: SFT and reward-model training return whole models and run ZeRO 0-2; "
+                         "for models that need partitioned weights use gradient_checkpointing and "
+                         "extra_ds_config offload_optimizer (ZeRO-3 is supported in PPO)")
     init_distributed()
     torch.manual_seed(seed + world()[0])  # dropout draws do not depend on what ran before in this process
     total_steps = optimizer_steps(num_items, epochs, cfg)
@@ -70,4 +82,4 @@ def train_loop(
                 evaluate(step)
     progress.close()
     engine.eval()
-    return engine.module
+    return release_engine(engine)

@@ -26,6 +26,7 @@ import pandas as pd
 
 from rlhf_pipeline.modeling import ModelBundle, load_policy, load_value_model
 from rlhf_pipeline.rl.trainer import PPOConfig, PPOResult, PPOTrainer
+from rlhf_pipeline.training.devices import release_device_memory
 from rlhf_pipeline.training.engine import LogFn, child_environment, no_logging, world
 
 logger = logging.getLogger(__name__)

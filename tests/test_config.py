@@ -64,3 +64,19 @@ def test_test_environment_shrinks_sizes_and_keeps_each_presets_tricks():
         assert cfg.sampling.max_new_tokens == 12 and not cfg.lora.enabled  # every merged preset is a valid config
     assert ppo["ppo_max"]["reward_clip"] == 0.8 and ppo["ppo_max"]["ptx_coef"] == 0.1
     assert ppo["vanilla"]["kl_coef"] == 0.0 and ppo["vanilla"]["reward_clip"] is None and ppo["vanilla"]["name"] == "vanilla"
+
+
+def test_gpu_environment_is_real_lengths_with_lora_and_checkpointing():
+    from tests.conftest import PROJECT_ROOT
+
+    params = load_parameters(PROJECT_ROOT / "conf", "gpu")
+    assert params["model"]["dtype"] == "bfloat16" and params["data_processing"]["source"]["kind"] == "hub"
+    for stage in (params["sft"], params["reward_model"], params["evaluation"]["judge"]):
+        optim = config_from(OptimConfig, stage["optim"])
+        assert optim.gradient_checkpointing and optim.bf16 == "auto" and optim.zero_stage == 2
+    for name, preset in params["ppo"].items():
+        cfg = PPOConfig.from_params({k: v for k, v in preset.items() if k not in ("name", "checkpoint_dir", "launcher")})
+        assert cfg.lora.r == 16 and cfg.policy_optim.gradient_checkpointing and cfg.critic_optim.gradient_checkpointing
+        assert (cfg.max_prompt_length, cfg.sampling.max_new_tokens, cfg.sampling.temperature) == (512, 256, 0.8)
+        assert cfg.rollout_batch_size == 128 and preset["name"] == name
+    assert params["ppo"]["vanilla"]["kl_coef"] == 0.0 and params["ppo"]["ppo_max"]["kl_coef"] == 0.05

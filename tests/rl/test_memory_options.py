@@ -148,3 +148,13 @@ def test_zero3_policy_generates_from_one_gather_per_rollout_the_same_samples(tok
     assert torch.equal(rollouts[1], rollouts[0])
     assert sharded.generation_copy is generator  # refreshed in place, not rebuilt
     assert metrics["timing/gather"] > 0
+
+
+def test_frozen_models_on_the_device_take_the_policys_precision(tokenizer):
+    from rlhf_pipeline.training.engine import make_frozen_engine
+
+    frozen = make_frozen_engine(tiny(tokenizer, "llama"), "device", bf16=True)
+    assert {p.dtype for p in frozen.parameters()} == {torch.bfloat16}  # a bf16 policy's KL starts at 0, not noise
+    assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.training
+    assert {p.dtype for p in make_frozen_engine(tiny(tokenizer, "llama"), "device", bf16=False).parameters()} == \
+        {torch.float32}

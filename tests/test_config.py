@@ -17,6 +17,8 @@ def test_nested_configs_and_validation():
         PPOConfig(reward_normalisation=True, reward_scaling=True)
     with pytest.raises(ValueError, match="multiple of"):
         PPOConfig(rollout_batch_size=10, mini_batch_size=4)
+    with pytest.raises(ValueError, match="alternatives; set one to null"):
+        PPOConfig(micro_batch_size=4, micro_batch_tokens=256)
 
 
 # --- the Kedro configuration layer: parameters merge softly -------------------------------------------

@@ -22,8 +22,13 @@ class EvenTokenReward(nn.Module):
         self.dummy = nn.Parameter(torch.zeros(()))  # a module DeepSpeed could wrap; never trained here
 
     def forward(self, input_ids, attention_mask, return_lm_logits=False, position_ids=None):
-        even = ((input_ids % 2 == 0) & (attention_mask > 0)).float()
-        return even.cumsum(dim=1), None
+        even = (input_ids % 2 == 0).float()
+        if attention_mask is not None:
+            return (even * (attention_mask > 0)).cumsum(dim=1), None
+        # packed rows (no mask): the count restarts where a row's positions restart at 0
+        total = even.cumsum(dim=1)
+        before_row = torch.where(position_ids == 0, total - even, torch.zeros_like(total)).cummax(dim=1).values
+        return total - before_row, None
 
 
 @pytest.fixture(scope="module")
@@ -96,20 +101,24 @@ def test_scoring_in_chunks_equals_one_forward_over_the_buffer(tokenizer):
         torch.testing.assert_close(getattr(chunked, name), getattr(whole, name), msg=name)
 
 
-def test_micro_batches_give_the_mini_batchs_update(tokenizer):
-    """Token-weighted accumulation: norms before clipping (scale-sensitive, unlike Adam's step) and weights agree."""
+@pytest.mark.parametrize("split", [{"micro_batch_size": 2}, {"micro_batch_tokens": 60}, {"micro_batch_size": 2,
+                                                                                        "packing": False}])  # noqa: E501
+def test_micro_batches_give_the_mini_batchs_update(tokenizer, split):
+    """Token-weighted accumulation, packed or not: norms before clipping (scale-sensitive, unlike Adam's step)
+    and weights agree with one unpacked pass over the mini-batch."""
     from rlhf_pipeline.rl.experience import make_experience
     from rlhf_pipeline.rl.trainer import compute_advantages
 
     settings = {"ppo_epochs": 1, "ptx_coef": 0.0}
-    whole = make_trainer(tokenizer, iterations=1, **settings)
-    micro = make_trainer(tokenizer, iterations=1, micro_batch_size=2, **settings)  # 4 micro-batches per mini-batch
-    assert micro.policy.gradient_accumulation_steps() == 4
+    whole = make_trainer(tokenizer, iterations=1, packing=False, **settings)
+    micro = make_trainer(tokenizer, iterations=1, **split, **settings)
     torch.manual_seed(0)
     exp = make_experience(whole.policy.module, whole.reference, whole.critic.module, whole.reward_model, tokenizer,
-                          whole.prompt_ids, whole.cfg.sampling, {})
+                          whole.prompt_ids, whole.cfg.sampling, {}, packing=False)
     exp = compute_advantages(exp, whole.cfg, whole.moments)
     assert len(set(exp.response_mask.sum(dim=1).tolist())) > 1  # unequal lengths: plain averaging would differ
+    parts = micro.micro_batches(exp.select(torch.arange(8)))
+    assert sorted(torch.cat(parts).tolist()) == list(range(8)) and len(parts) > 1
     torch.manual_seed(1)
     whole_metrics = whole.update(exp)
     torch.manual_seed(1)  # the same mini-batch order
@@ -118,6 +127,7 @@ def test_micro_batches_give_the_mini_batchs_update(tokenizer):
         assert micro_metrics[key] == pytest.approx(whole_metrics[key], rel=1e-4), key
     for a, b in zip(whole.policy.module.parameters(), micro.policy.module.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert whole.policy.global_steps == micro.policy.global_steps == 2  # one optimiser step per mini-batch
 
 
 def test_only_the_latest_checkpoints_stay_on_disk(tokenizer, tmp_path):

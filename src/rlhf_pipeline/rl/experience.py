@@ -4,6 +4,13 @@ Phases (each timed as ``timing/<phase>``): ``generate`` samples responses with `
 runs one forward pass each of the policy, the reference, the critic and the reward model over the
 prompt + response sequences; ``advantages`` reparameterises scores, folds the KL penalty into the
 per-token rewards and runs GAE.
+
+Padding-free passes: a buffer is ``(B, P + R)`` - prompts left-padded to the longest prompt, responses
+right-padded to the longest response - and most of it is padding when lengths vary. With packing on, every
+forward (scoring chunk, PPO micro-batch) concatenates its rows' real tokens into one sequence whose position
+ids restart at 0 for each row: transformers then confines attention to each row (a block-diagonal causal
+mask; flash-attention's varlen kernels where installed), so each token gets exactly the padded pass's
+output, and no padding or post-EOS position is computed at all (``ResponseForward``).
 """
 
 from __future__ import annotations
@@ -72,44 +79,114 @@ def response_logits(model, sequences, attention_mask, position_ids, prompt_width
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(token) under ``logits`` (B, R)."""
+    """log p(token) under ``logits`` (..., V) -> (...)."""
     return gather_tokens(torch.log_softmax(logits.float(), dim=-1), tokens)
 
 
 def gather_tokens(log_probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(token) read from a log-softmax over the vocabulary (B, R, V) -> (B, R)."""
+    """log p(token) read from a log-softmax over the vocabulary (..., V) -> (...)."""
     return log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def response_values(value_model, sequences, attention_mask, position_ids, prompt_width: int) -> torch.Tensor:
-    """V(s_t) for each response token t, read where the token is predicted (B, R)."""
-    values, _ = value_model(sequences, attention_mask, position_ids=position_ids)
-    return values[:, prompt_width - 1 : -1].float()
+class ResponseForward:
+    """One forward pass over rows of a buffer, padded or packed, and where its outputs for the response tokens
+    are: ``token_*`` methods return them flat ``(K, ...)`` in row-major order over the response mask, and
+    ``scatter`` puts a flat ``(K,)`` tensor back into ``(B, R)`` with zeros after each EOS."""
+
+    def __init__(self, sequences: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                 response_mask: torch.Tensor, packed: bool):
+        self.shape = response_mask.shape
+        self.prompt_width = sequences.shape[1] - response_mask.shape[1]
+        mask = response_mask.bool()
+        self.rows, self.cols = mask.nonzero(as_tuple=True)
+        self.tokens = sequences[:, self.prompt_width:][mask]
+        self.packed = packed
+        if not packed:
+            self.inputs = {"input_ids": sequences, "attention_mask": attention_mask, "position_ids": position_ids}
+            self.mask = mask
+            self.last = mask.sum(dim=1) - 1
+            return
+        real = attention_mask.bool()
+        self.inputs = {"input_ids": sequences[real].unsqueeze(0), "attention_mask": None,
+                       "position_ids": position_ids[real].unsqueeze(0)}
+        lengths, response_lengths = real.sum(dim=1), mask.sum(dim=1)
+        starts = lengths.cumsum(dim=0) - lengths
+        first_response = starts + lengths - response_lengths  # where each row's response begins in the packed row
+        # the position before a response token predicts it
+        self.predictors = first_response[self.rows] + self.cols - 1
+        self.last = starts + lengths - 1
+
+    @property
+    def computed_tokens(self) -> int:
+        return self.inputs["input_ids"].numel()
+
+    def token_logits(self, model) -> torch.Tensor:
+        """The logits that predict each response token ``(K, V)``; only those positions go through the LM head."""
+        if not self.packed:
+            return response_logits(model, self.inputs["input_ids"], self.inputs["attention_mask"],
+                                   self.inputs["position_ids"], self.prompt_width)[self.mask]
+        return model(**self.inputs, logits_to_keep=self.predictors, use_cache=False).logits[0]
+
+    def token_values(self, value_model) -> torch.Tensor:
+        """V(s_t) for each response token, read where the token is predicted ``(K,)``."""
+        values = self.forward_values(value_model)
+        if not self.packed:
+            return values[:, self.prompt_width - 1 : -1][self.mask]
+        return values[0, self.predictors]
+
+    def last_values(self, value_model) -> torch.Tensor:
+        """The value head at each row's last response token (its EOS, or the last one at the cap) ``(B,)``."""
+        values = self.forward_values(value_model)
+        if not self.packed:
+            return values[:, self.prompt_width:].gather(1, self.last.clamp(min=0).unsqueeze(1)).squeeze(1)
+        return values[0, self.last]
+
+    def forward_values(self, value_model) -> torch.Tensor:
+        values, _ = value_model(self.inputs["input_ids"], self.inputs["attention_mask"],
+                                position_ids=self.inputs["position_ids"])
+        return values.float()
+
+    def scatter(self, flat: torch.Tensor) -> torch.Tensor:
+        out = flat.new_zeros(self.shape)
+        out[self.rows, self.cols] = flat
+        return out
+
+
+def rows_forward(exp: Experience, packed: bool) -> ResponseForward:
+    return ResponseForward(exp.sequences, exp.attention_mask, exp.position_ids, exp.response_mask, packed)
 
 
 @torch.no_grad()
 def make_experience(policy, reference, critic, reward_model, tokenizer, prompt_ids: list[list[int]],
                     sampling: SamplingConfig, timings: dict[str, float], generator=None,
-                    forward_batch_size: int | None = None) -> Experience:
+                    forward_batch_size: int | None = None, packing: bool = True) -> Experience:
     """Roll out ``prompt_ids`` with ``generator`` (a whole-weight copy of ``policy``, or ``policy`` itself)
     and score the rollouts (no advantages yet), ``forward_batch_size`` rows per scoring forward pass."""
     with timer("generate", timings):
         prompt, prompt_mask, response = sample_responses(generator or policy, tokenizer, prompt_ids, sampling)
     with timer("score", timings):
         response_mask = response_mask_of(response, stop_token_ids(policy, tokenizer), tokenizer.pad_token_id)
-        sequences = torch.cat([prompt, response], dim=1)
-        attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
-        position_ids = positions(attention_mask)
-        width = prompt.shape[1]
-        last = width + (response_mask.sum(dim=1) - 1).clamp(min=0)  # the EOS (or last) response token
-        scored = []
-        for rows in torch.arange(len(sequences)).split(forward_batch_size or len(sequences)):
-            args = (sequences[rows], attention_mask[rows], position_ids[rows], width)
-            rm_values, _ = reward_model(args[0], args[1], position_ids=args[2])
-            scored.append((token_logprobs(response_logits(policy, *args), response[rows]),
-                           token_logprobs(response_logits(reference, *args), response[rows]),
-                           response_values(critic, *args),
-                           rm_values.float().gather(1, last[rows].unsqueeze(1)).squeeze(1)))
-        logprobs, ref_logprobs, values, raw_scores = (torch.cat(parts) for parts in zip(*scored, strict=True))
-    return Experience(sequences, attention_mask, position_ids, response_mask.float(), logprobs, ref_logprobs,
-                      values * response_mask, raw_scores)
+        exp = score_rollouts(policy, reference, critic, reward_model, prompt, prompt_mask, response, response_mask,
+                             forward_batch_size, packing)
+    return exp
+
+
+@torch.no_grad()
+def score_rollouts(policy, reference, critic, reward_model, prompt: torch.Tensor, prompt_mask: torch.Tensor,
+                   response: torch.Tensor, response_mask: torch.Tensor, forward_batch_size: int | None = None,
+                   packing: bool = True) -> Experience:
+    """One forward pass of each model over the rollouts, ``forward_batch_size`` rows at a time, packed or
+    padded (see the module docstring)."""
+    sequences = torch.cat([prompt, response], dim=1)
+    attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
+    parts = []
+    for rows in torch.arange(len(response), device=response.device).split(forward_batch_size or len(response)):
+        forward = ResponseForward(sequences[rows], attention_mask[rows], positions(attention_mask[rows]),
+                                  response_mask[rows], packing)
+        parts.append((forward.scatter(token_logprobs(forward.token_logits(policy), forward.tokens)),
+                      forward.scatter(token_logprobs(forward.token_logits(reference), forward.tokens)),
+                      forward.scatter(forward.token_values(critic)),
+                      forward.last_values(reward_model)))
+    logprobs, ref_logprobs, values, raw_scores = (torch.cat(part) for part in zip(*parts, strict=True))
+    return Experience(sequences, attention_mask, positions(attention_mask), response_mask.float(), logprobs,
+                      ref_logprobs, values, raw_scores)

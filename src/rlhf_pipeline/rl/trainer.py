@@ -28,10 +28,10 @@ from rlhf_pipeline.modeling import ValueHeadModel, disable_dropout, use_fused_ge
 from rlhf_pipeline.rl import ppo_max as F
 from rlhf_pipeline.rl.experience import (
     Experience,
+    ResponseForward,
     gather_tokens,
     make_experience,
-    response_logits,
-    response_values,
+    rows_forward,
     timer,
 )
 from rlhf_pipeline.training.batching import collate_encoded, masked_token_nll
@@ -65,6 +65,12 @@ class PPOConfig:
     micro_batch_size: int | None = None
     """Rollouts per forward/backward inside a mini-batch (None: the whole mini-batch). Gradients accumulate
     weighted by response tokens, so an update equals the whole mini-batch's; only memory changes."""
+    micro_batch_tokens: int | None = None
+    """Instead of ``micro_batch_size``: a budget of computed positions (rows x padding-free columns) per
+    micro-batch, so that short rollouts go in larger groups than long ones."""
+    packing: bool = True
+    """Padding-free passes (see ``experience``): forwards run over rows of similar length and only over the
+    columns that hold their tokens. Off: every pass runs over the buffer's full width (for comparison)."""
     ppo_epochs: int = 1
     forward_batch_size: int | None = None
     """Rollouts per scoring forward pass (None: the whole buffer at once; lower it when that does not fit)."""
@@ -125,6 +131,8 @@ class PPOConfig:
             raise ValueError("ppo.rollout_batch_size must be a multiple of ppo.mini_batch_size")
         if self.micro_batch_size and self.mini_batch_size % self.micro_batch_size:
             raise ValueError("ppo.mini_batch_size must be a multiple of ppo.micro_batch_size")
+        if self.micro_batch_size and self.micro_batch_tokens:
+            raise ValueError("ppo: micro_batch_size and micro_batch_tokens are alternatives; set one to null")
         if self.frozen_models not in FROZEN_PLACEMENTS:
             raise ValueError(f"ppo.frozen_models: unknown {self.frozen_models!r}; valid: {', '.join(FROZEN_PLACEMENTS)}")
         if self.lora.enabled and 3 in (self.policy_optim.zero_stage, self.critic_optim.zero_stage):
@@ -201,8 +209,8 @@ class PPOTrainer:
         self.generation_copy = copy.deepcopy(policy).eval().requires_grad_(False) \
             if cfg.policy_optim.zero_stage == 3 else None
         updates = cfg.iterations * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
-        micro = cfg.micro_batch_size or cfg.mini_batch_size
-        mini = {"micro_batch_size": micro, "grad_accum": cfg.mini_batch_size // micro}
+        # one optimiser step per mini-batch: the trainer accumulates its micro-batches (see update)
+        mini = {"micro_batch_size": cfg.mini_batch_size, "grad_accum": 1}
         self.policy = make_engine(policy, OptimConfig(**{**asdict(cfg.policy_optim), **mini}), updates)
         self.critic = make_engine(critic, OptimConfig(**{**asdict(cfg.critic_optim), **mini}), updates)
         # the frozen models join the engines on this rank's device, in the policy's precision
@@ -331,7 +339,7 @@ class PPOTrainer:
             generator = self.rollout_policy()
         exp = make_experience(self.policy.module, self.reference, self.critic.module, self.reward_model, self.tokenizer,
                               prompt_ids, cfg.sampling, timings, generator=generator,
-                              forward_batch_size=cfg.forward_batch_size)
+                              forward_batch_size=cfg.forward_batch_size, packing=cfg.packing)
         with timer("advantages", timings):
             exp = compute_advantages(exp, cfg, self.moments)
         with timer("update", timings):
@@ -346,65 +354,90 @@ class PPOTrainer:
         return metrics, exp
 
     def update(self, exp: Experience) -> dict[str, float]:
-        """PPO epochs over shuffled mini-batches; the critic always trains, the policy after warm-up. Each
-        mini-batch runs as micro-batches whose losses are weighted by their share of its response tokens
-        (times the accumulation steps, which DeepSpeed divides out), so the gradient is the mini-batch's."""
+        """PPO epochs over shuffled mini-batches; the critic always trains, the policy after warm-up. A
+        mini-batch runs as micro-batches (``micro_batches``) whose losses are weighted by their share of its
+        response tokens and whose gradients accumulate to one optimiser step, so the update is the mini-batch's
+        however it is split, packed or padded."""
         cfg = self.cfg
         train_policy = self.iteration >= cfg.critic_warmup_iterations
-        micro = cfg.micro_batch_size or cfg.mini_batch_size
-        accumulation = cfg.mini_batch_size // micro
-        records: list[tuple[float, dict[str, float]]] = []  # (share of the mini-batch's tokens, metrics)
+        engines = (self.critic, self.policy) if train_policy else (self.critic,)
+        records: list[tuple[torch.Tensor | float, dict[str, torch.Tensor]]] = []  # (share of tokens, metrics)
+        real = computed = 0
         self.policy.train()
         self.critic.train()
         for _ in range(cfg.ppo_epochs):
             for index in torch.randperm(exp.sequences.shape[0]).split(cfg.mini_batch_size):
                 batch = exp.select(index)
                 tokens = batch.response_mask.sum().clamp(min=1.0)
-                for number, part in enumerate(torch.arange(len(index)).split(micro)):
+                parts = self.micro_batches(batch)
+                for number, part in enumerate(parts):
                     micro_batch = batch.select(part)
-                    share = (micro_batch.response_mask.sum() / tokens).item()
-                    records.append((share, self.critic_update(micro_batch, share * accumulation)))
+                    forward = rows_forward(micro_batch, cfg.packing)
+                    real, computed = real + micro_batch.attention_mask.sum(), computed + forward.computed_tokens
+                    share = micro_batch.response_mask.sum() / tokens
+                    for engine in engines:  # only the last backward of a mini-batch reduces and steps
+                        engine.set_gradient_accumulation_boundary(number == len(parts) - 1)
+                    records.append((share, self.critic_update(micro_batch, forward, share)))
                     if train_policy:
-                        records.append((share, self.policy_update(micro_batch, share * accumulation,
-                                                                  with_ptx=number == 0)))
+                        records.append((share, self.policy_update(micro_batch, forward, share, with_ptx=number == 0)))
+                for engine in engines:
+                    engine.step()
                 records.append((1.0, {"value/grad_norm": grad_norm(self.critic)}))  # read at the optimiser step
                 if train_policy:
                     records.append((1.0, {"policy/grad_norm": grad_norm(self.policy)}))
+        records = [(float(w), {k: float(torch.as_tensor(v).detach()) for k, v in r.items()}) for w, r in records]
         keys = dict.fromkeys(key for _, record in records for key in record)
-        return {key: sum(w * r[key] for w, r in records if key in r) / sum(w for w, r in records if key in r)
-                for key in keys}
+        metrics = {key: sum(w * r[key] for w, r in records if key in r) / sum(w for w, r in records if key in r)
+                   for key in keys}
+        return {**metrics, "update/real_token_share": float(real) / max(computed, 1)}
 
-    def critic_update(self, batch: Experience, weight: float = 1.0) -> dict[str, float]:
-        args = (batch.sequences, batch.attention_mask, batch.position_ids, batch.prompt_width)
-        values = response_values(self.critic, *args)
+    def micro_batches(self, batch: Experience) -> list[torch.Tensor]:
+        """Row indices of a mini-batch's micro-batches: ``micro_batch_size`` rows each, or, with
+        ``micro_batch_tokens``, consecutive rows while their tokens (their padded width when not packing)
+        stay within the budget, so that short rollouts go in larger groups than long ones."""
+        cfg = self.cfg
+        if not cfg.micro_batch_tokens:
+            return list(torch.arange(len(batch.sequences)).split(cfg.micro_batch_size or cfg.mini_batch_size))
+        lengths = batch.attention_mask.sum(dim=1).tolist() if cfg.packing else [batch.sequences.shape[1]] * len(batch.sequences)
+        parts, current, used = [], [], 0
+        for row, length in enumerate(lengths):
+            if current and used + length > cfg.micro_batch_tokens:
+                parts.append(current)
+                current, used = [], 0
+            current.append(row)
+            used += length
+        parts.append(current)
+        return [torch.tensor(part) for part in parts]
+
+    def critic_update(self, batch: Experience, forward: ResponseForward, weight: torch.Tensor | float = 1.0
+                      ) -> dict[str, torch.Tensor]:
+        values = forward.scatter(forward.token_values(self.critic))
         loss, metrics = F.value_loss(values, batch.values, batch.returns, batch.response_mask, self.cfg.value_clip)
         self.critic.backward(loss * weight)
-        self.critic.step()
-        return {"loss/value": loss.item(),
-                "value/explained_variance": F.explained_variance(values.detach(), batch.returns, batch.response_mask).item(),
-                **{k: v.item() for k, v in metrics.items()}}
+        return {"loss/value": loss.detach(),
+                "value/explained_variance": F.explained_variance(values.detach(), batch.returns, batch.response_mask),
+                **metrics}
 
-    def policy_update(self, batch: Experience, weight: float = 1.0, with_ptx: bool = True) -> dict[str, float]:
+    def policy_update(self, batch: Experience, forward: ResponseForward, weight: torch.Tensor | float = 1.0,
+                      with_ptx: bool = True) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        args = (batch.sequences, batch.attention_mask, batch.position_ids, batch.prompt_width)
         # one log-softmax over the vocabulary serves both the ratio and the entropy
-        log_probs = torch.log_softmax(response_logits(self.policy, *args).float(), dim=-1)
-        logprobs = gather_tokens(log_probs, batch.sequences[:, batch.prompt_width:])
+        log_probs = torch.log_softmax(forward.token_logits(self.policy).float(), dim=-1)  # (K, V)
+        logprobs = forward.scatter(gather_tokens(log_probs, forward.tokens))
         loss, metrics = F.policy_loss(logprobs, batch.logprobs, batch.advantages, batch.response_mask, cfg.clip_eps)
         # without an entropy bonus the entropy is only monitored: no autograd graph over the vocabulary
         with torch.set_grad_enabled(bool(cfg.entropy_coef)):
-            entropy = F.masked_mean(F.entropy(log_probs), batch.response_mask)
-        out = {"loss/policy": loss.item(), "policy/entropy": entropy.item()}
+            entropy = F.masked_mean(forward.scatter(F.entropy(log_probs)), batch.response_mask)
+        out = {"loss/policy": loss.detach(), "policy/entropy": entropy.detach()}
         if cfg.entropy_coef:
             loss = loss + cfg.entropy_coef * (entropy - cfg.entropy_target).abs()
         loss = loss * weight
         if cfg.ptx_coef and self.ptx_rows and with_ptx:  # once per mini-batch, at full weight
             ptx_loss = self.ptx_loss()
-            loss = loss + cfg.ptx_coef * ptx_loss * self.policy.gradient_accumulation_steps()
-            out["loss/ptx"] = ptx_loss.item()
+            loss = loss + cfg.ptx_coef * ptx_loss
+            out["loss/ptx"] = ptx_loss.detach()
         self.policy.backward(loss)
-        self.policy.step()
-        return {**out, **{k: v.item() for k, v in metrics.items()}}
+        return {**out, **metrics}
 
     def ptx_loss(self) -> torch.Tensor:
         """LM loss on a random batch of SFT demonstrations (PPO-ptx)."""

@@ -45,7 +45,7 @@ from rlhf_pipeline.training.engine import OptimConfig
 
 SHAPE = TinyModelConfig(arch="gpt2", vocab_size=2048, hidden_size=224, num_layers=4, num_heads=4, max_positions=256)
 ROLLOUT, MINI_BATCH, EPOCHS, RESPONSE_TOKENS, MAX_PROMPT, LR = 32, 8, 4, 48, 96, 1e-5
-MICRO_BATCH_TOKENS, FORWARD_BATCH = 256, 8  # packed micro-batches and scoring chunks (conf/base's values)
+MICRO_BATCH_TOKENS, FORWARD_BATCH = 512, 8  # packed micro-batches (a whole mini-batch here) and scoring chunks
 
 
 @dataclass
@@ -106,7 +106,7 @@ def time_rlhf_pipeline(shape: Shape, iterations: int, packing: bool = True) -> t
         trainer.iteration += 1
         seconds.append(time.perf_counter() - started)
         step_metrics["real_tokens"] = float(exp.attention_mask.sum())
-        step_metrics["padded_tokens"] = float(exp.computed_tokens)  # what a full-width pass computes
+        step_metrics["padded_tokens"] = float(exp.sequences.numel())  # what a full-width pass computes
         metrics.append(step_metrics)
     return seconds, metrics
 

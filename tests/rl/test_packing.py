@@ -58,6 +58,10 @@ def test_scores_of_packed_chunks_equal_the_padded_pass(tokenizer, arch, forward_
     policy, reference = model(0), model(1)
     critic, reward_model = ValueHeadModel(model(2), seed=3).eval(), ValueHeadModel(model(4), seed=5).eval()
     batch = rollouts(tokenizer, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    prompt, prompt_mask, response, response_mask = batch
+    attention = torch.cat([prompt_mask, response_mask], dim=1)
+    assert ResponseForward(torch.cat([prompt, response], dim=1), attention, positions(attention), response_mask,
+                           packed=True).packed  # padding is a large share here: the packed layout is used
     padded = score_rollouts(policy, reference, critic, reward_model, *batch, packing=False)
     packed = score_rollouts(policy, reference, critic, reward_model, *batch, forward_batch_size, packing=True)
     for name in ("logprobs", "ref_logprobs", "values", "raw_scores"):

@@ -13,12 +13,13 @@ from rlhf_pipeline.modeling import (
     TinyModelConfig,
     ValueHeadModel,
     build_tiny_model,
+    disable_dropout,
     load_policy,
     load_value_model,
     train_tokenizer,
     use_fused_gelu,
 )
-from rlhf_pipeline.training.batching import collate_encoded, masked_token_nll
+from rlhf_pipeline.training.batching import collate_encoded, masked_token_nll, worth_packing
 from rlhf_pipeline.training.engine import OptimConfig
 from rlhf_pipeline.training.reward import (
     RewardConfig,
@@ -139,6 +140,41 @@ def test_deepspeed_sft_memorises_a_batch(tokenizer, zero_stage):
     gc.collect()
     assert not [o for o in gc.get_objects() if isinstance(o, DeepSpeedEngine) and o.module is model]
     assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_packed_sft_and_reward_model_steps_equal_padded_ones(tokenizer, arch):
+    """One optimiser step over demonstrations and pairs of mixed lengths: the logged losses and the updated
+    weights agree, so packing changes the cost only."""
+    prompts = [f"\n\nHuman: {'Please, ' * (3 * (i % 3))}what is {i} plus {i}?\n\nAssistant:" for i in range(8)]
+    responses = [f"{i} plus {i} is {2 * i}." + " Indeed." * (12 if i == 7 else i % 2) for i in range(8)]
+    shape = TinyModelConfig(arch=arch, hidden_size=32, num_layers=2, num_heads=2)
+    optim = OptimConfig(lr=1e-2, micro_batch_size=8, warmup_ratio=0.0, zero_stage=0)
+
+    def model():  # no dropout: its random masks would differ between the two layouts
+        return disable_dropout(build_tiny_model(tokenizer, shape))
+
+    rows = DialogueEncoder(tokenizer).encode_many(prompts, [[r] for r in responses], 128).rows
+    assert worth_packing(collate_encoded(rows, tokenizer.pad_token_id).attention_mask)  # the packed layout is used
+    results = {}
+    for packing in (False, True):
+        logged = []
+        sft_model, _ = train_sft(model(), DialogueEncoder(tokenizer), prompts, responses,
+                                 [], [], SFTConfig(epochs=1, max_length=128, eval_every=0, packing=packing, optim=optim),
+                                 log=lambda m, step, logged=logged: logged.append(m))
+        rm_logged = []
+        rm, _ = train_reward_model(ValueHeadModel(model()), DialogueEncoder(tokenizer),
+                                   prompts, responses, responses[::-1],
+                                   RewardConfig(max_length=128, lm_loss_coef=1.0, packing=packing, optim=optim),
+                                   log=lambda m, step, logged=rm_logged: logged.append(m))
+        results[packing] = (logged[0], sft_model.state_dict(), rm_logged[0], rm.state_dict())
+    (sft_a, weights_a, rm_a, rm_weights_a), (sft_b, weights_b, rm_b, rm_weights_b) = results[False], results[True]
+    assert sft_b["train/loss"] == pytest.approx(sft_a["train/loss"], rel=1e-5)
+    for key in ("train/ranking_loss", "train/lm_loss", "train/accuracy", "train/margin"):
+        assert rm_b[key] == pytest.approx(rm_a[key], rel=1e-5, abs=1e-7), key
+    for a, b in ((weights_a, weights_b), (rm_weights_a, rm_weights_b)):
+        for name, tensor in a.items():
+            torch.testing.assert_close(b[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_reward_model_learns_a_preference(tokenizer):

@@ -7,8 +7,8 @@ per-token rewards and runs GAE.
 
 Padding-free passes: a buffer is ``(B, P + R)`` - prompts left-padded to the longest prompt, responses
 right-padded to the longest response - and most of it is padding when lengths vary. With packing on, every
-forward (scoring chunk, PPO micro-batch) concatenates its rows' real tokens into one sequence whose position
-ids restart at 0 for each row: transformers then confines attention to each row (a block-diagonal causal
+forward (scoring chunk, PPO micro-batch) where padding would be a large share (``worth_packing``)
+concatenates its rows' real tokens into one sequence whose position ids restart at 0 for each row: transformers then confines attention to each row (a block-diagonal causal
 mask; flash-attention's varlen kernels where installed), so each token gets exactly the padded pass's
 output, and no padding or post-EOS position is computed at all (``ResponseForward``).
 """
@@ -23,6 +23,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from rlhf_pipeline.generation import SamplingConfig, response_mask_of, sample_responses, stop_token_ids
+from rlhf_pipeline.training.batching import worth_packing
 from rlhf_pipeline.training.devices import synchronize
 
 
@@ -95,13 +96,14 @@ class ResponseForward:
 
     def __init__(self, sequences: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                  response_mask: torch.Tensor, packed: bool):
+        """``packed``: pack these rows where padding is a large share of them (``worth_packing``)."""
         self.shape = response_mask.shape
         self.prompt_width = sequences.shape[1] - response_mask.shape[1]
         mask = response_mask.bool()
         self.rows, self.cols = mask.nonzero(as_tuple=True)
         self.tokens = sequences[:, self.prompt_width:][mask]
-        self.packed = packed
-        if not packed:
+        self.packed = packed and worth_packing(attention_mask)
+        if not self.packed:
             self.inputs = {"input_ids": sequences, "attention_mask": attention_mask, "position_ids": position_ids}
             self.mask = mask
             self.last = mask.sum(dim=1) - 1

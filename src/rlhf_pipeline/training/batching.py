@@ -10,22 +10,52 @@ import torch
 
 from rlhf_pipeline.formatting import Encoded, EncodedRows
 
+PACK_BELOW = 0.7
+"""Packing replaces padding with a block-diagonal mask over the concatenated rows, whose attention costs grow
+with the square of the packed length: measured on a CPU (tiny GPT-2, 8 rows of up to 62 tokens, forward +
+backward), packing is 17-28 % faster at 61 % real tokens, 16 % slower at 78 %, 60 % slower with no padding.
+So a pass is packed only when real tokens fill less than this share of its padded layout."""
+
+
+def worth_packing(attention_mask: torch.Tensor) -> bool:
+    """Whether a pass over these rows should be packed (see ``PACK_BELOW``)."""
+    return attention_mask.float().mean().item() < PACK_BELOW
+
 
 @dataclass
 class TokenBatch:
-    """Right-padded prompt + response sequences."""
+    """Right-padded prompt + response sequences, or (``packed``) the same rows concatenated into one."""
 
-    input_ids: torch.Tensor  # (B, T)
+    input_ids: torch.Tensor  # (B, T), or (1, total tokens) packed
     attention_mask: torch.Tensor  # (B, T) 1 for real tokens
     response_mask: torch.Tensor  # (B, T) 1 for response tokens (EOS included), 0 for prompt and padding
+    position_ids: torch.Tensor | None = None  # packed: each row's positions, restarting at 0
+    ends: torch.Tensor | None = None  # packed: index of each row's last token
 
     def to(self, device: torch.device | str) -> TokenBatch:
-        return TokenBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.response_mask)))
+        return TokenBatch(*(None if t is None else t.to(device) for t in
+                            (self.input_ids, self.attention_mask, self.response_mask, self.position_ids, self.ends)))
 
     @property
     def last_index(self) -> torch.Tensor:
-        """Index of the last real token of each row ``(B,)``."""
-        return self.attention_mask.sum(dim=1) - 1
+        """Index of the last real token of each row ``(B,)`` (into the packed row when packed)."""
+        return self.ends if self.ends is not None else self.attention_mask.sum(dim=1) - 1
+
+    def packed(self) -> TokenBatch:
+        """The rows' real tokens concatenated into one row whose position ids restart at each row: transformers
+        confines attention to each row, so every token gets the padded pass's output and no padding is
+        computed. A row's first token is a prompt token (no loss), so nothing is learnt across a boundary."""
+        real = self.attention_mask.bool()
+        lengths = real.sum(dim=1)
+        positions = torch.arange(real.shape[1], device=real.device).expand_as(real)[real]
+        return TokenBatch(self.input_ids[real].unsqueeze(0), torch.ones_like(positions).unsqueeze(0),
+                          self.response_mask[real].unsqueeze(0), positions.unsqueeze(0), lengths.cumsum(dim=0) - 1)
+
+    def model_inputs(self) -> dict[str, torch.Tensor | None]:
+        """Keyword arguments of a forward pass: a packed batch has position ids and no attention mask."""
+        if self.position_ids is None:
+            return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        return {"input_ids": self.input_ids, "attention_mask": None, "position_ids": self.position_ids}
 
 
 def collate(sequences: list[tuple[list[int], int]], pad_token_id: int) -> TokenBatch:

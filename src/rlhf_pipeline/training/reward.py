@@ -10,7 +10,13 @@ import torch.nn.functional as F
 
 from rlhf_pipeline.formatting import DialogueEncoder, Encoded
 from rlhf_pipeline.modeling import ValueHeadModel
-from rlhf_pipeline.training.batching import TokenBatch, collate, masked_token_nll, score_encoded
+from rlhf_pipeline.training.batching import (
+    TokenBatch,
+    collate,
+    masked_token_nll,
+    score_encoded,
+    worth_packing,
+)
 from rlhf_pipeline.training.engine import LogFn, OptimConfig, no_logging
 from rlhf_pipeline.training.loop import train_loop
 
@@ -29,6 +35,9 @@ class RewardConfig:
     """Penalty on squared scores, keeps them centred (0 = off)."""
     eval_batch_size: int = 64
     seed: int = 0
+    packing: bool = True
+    """Concatenate a micro-batch's pairs into one sequence where padding would be a large share of it
+    (see ``TokenBatch.packed`` and ``PACK_BELOW``)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -44,6 +53,8 @@ def ranking_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor)
 
 def last_token_scores(values: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     """The value head at each sequence's last real token (its EOS): the reward ``(B,)``."""
+    if batch.ends is not None:  # packed: one row
+        return values[0, batch.ends]
     return values.gather(1, batch.last_index.unsqueeze(1)).squeeze(1)
 
 
@@ -93,7 +104,12 @@ def train_reward_model(
         # chosen and rejected in one forward pass: rows [0, B) chosen, [B, 2B) rejected
         batch = collate([(row.prompt_ids + row.response_ids[k], len(row.prompt_ids)) for k in (0, 1) for row in rows],
                         pad).to(engine.device)
-        values, logits = engine(batch.input_ids, batch.attention_mask, return_lm_logits=cfg.lm_loss_coef > 0)
+        n = len(indices)
+        batch.response_mask[n:] = 0  # the LM loss reads the chosen responses only
+        batch = batch.packed() if cfg.packing and worth_packing(batch.attention_mask) else batch
+        inputs = batch.model_inputs()
+        values, logits = engine(inputs["input_ids"], inputs["attention_mask"], return_lm_logits=cfg.lm_loss_coef > 0,
+                                position_ids=inputs.get("position_ids"))
         scores = last_token_scores(values, batch)
         chosen_scores, rejected_scores = scores.float().chunk(2)
         ranking = pairwise_ranking_loss(chosen_scores, rejected_scores, cfg.margin)
@@ -101,8 +117,7 @@ def train_reward_model(
         metrics = {"train/ranking_loss": ranking.item(), "train/accuracy": ranking_accuracy(chosen_scores, rejected_scores),
                    "train/margin": (chosen_scores - rejected_scores).mean().item()}
         if cfg.lm_loss_coef > 0:
-            n = len(indices)
-            total, count = masked_token_nll(logits[:n], batch.input_ids[:n], batch.response_mask[:n])
+            total, count = masked_token_nll(logits, batch.input_ids, batch.response_mask)
             lm_loss = total / count.clamp(min=1.0)
             loss = loss + cfg.lm_loss_coef * lm_loss
             metrics["train/lm_loss"] = lm_loss.item()

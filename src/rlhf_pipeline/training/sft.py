@@ -9,7 +9,12 @@ from dataclasses import dataclass, field
 import torch
 
 from rlhf_pipeline.formatting import DialogueEncoder, EncodedRows
-from rlhf_pipeline.training.batching import collate_encoded, masked_token_nll, response_logprob_sums
+from rlhf_pipeline.training.batching import (
+    collate_encoded,
+    masked_token_nll,
+    response_logprob_sums,
+    worth_packing,
+)
 from rlhf_pipeline.training.engine import LogFn, OptimConfig, no_logging
 from rlhf_pipeline.training.loop import train_loop
 
@@ -25,6 +30,9 @@ class SFTConfig:
     """Optimiser steps between held-out evaluations (0: only at the end)."""
     eval_batch_size: int = 64
     seed: int = 0
+    packing: bool = True
+    """Concatenate a micro-batch's demonstrations into one sequence where padding would be a large share of it
+    (see ``TokenBatch.packed`` and ``PACK_BELOW``)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -61,7 +69,8 @@ def train_sft(
 
     def loss_fn(engine, indices):
         batch = collate_encoded([train_rows[i] for i in indices], pad).to(engine.device)
-        logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        batch = batch.packed() if cfg.packing and worth_packing(batch.attention_mask) else batch
+        logits = engine(**batch.model_inputs(), use_cache=False).logits
         total, count = masked_token_nll(logits, batch.input_ids, batch.response_mask)
         loss = total / count.clamp(min=1.0)
         return loss, {"train/loss": loss.item()}, int(batch.attention_mask.sum())

@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 
 SMOLLM2_STAMP := $(VENV)/.smollm2
 
-.PHONY: install smollm2 run test lint viz benchmark clean
+.PHONY: install smollm2 run test lint viz ui benchmark clean
 
 install: $(STAMP)
 
@@ -46,9 +46,16 @@ lint: install
 viz: install
 	$(VENV)/bin/kedro viz build
 
+# Look at the project's store: MLflow (runs, dataset inputs, registered models) and kedro-viz, on loopback.
+ui: install
+	@echo "MLflow:    http://127.0.0.1:5000   (runs, dataset inputs, registered models rlhf-sft / rlhf-reward / rlhf-policy@champion)"
+	@echo "kedro-viz: http://127.0.0.1:4141   (the five pipelines and their datasets); Ctrl-C stops both"
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000 & \
+		trap "kill $$!" EXIT; $(VENV)/bin/kedro viz run --host 127.0.0.1 --port 4141 --no-browser
+
 benchmark: install
 	$(PY) -m pip install -q -e ".[bench]"
-	$(PY) benchmarks/bench_ppo.py --compare-trl --repeats 3
+	$(PY) benchmarks/bench_ppo.py --shape both --iterations 5 --warmup 1 --compare-trl --repeats 3
 
 clean:
 	rm -rf $(VENV)

@@ -23,6 +23,16 @@ def artifacts_of(run_id: str, path: str = "") -> set[str]:
     return {f.path for f in mlflow.MlflowClient().list_artifacts(run_id, path)}
 
 
+def dataset_inputs(run_id: str) -> dict[str, str]:
+    """The run's MLflow dataset inputs: name -> context."""
+    inputs = mlflow.MlflowClient().get_run(run_id).inputs.dataset_inputs
+    return {i.dataset.name: {t.key: t.value for t in i.tags}.get("mlflow.data.context") for i in inputs}
+
+
+def model_version(name: str, version: str = "1"):
+    return mlflow.MlflowClient().get_model_version(name, version)
+
+
 def test_data_processing(project_copy):
     # --params composes with the environment (it once replaced the whole data_processing key)
     kedro(project_copy, "run", "--pipeline", "data_processing", "--env", "test", "--params", "data_processing.strict=true")
@@ -48,7 +58,10 @@ def test_sft(project_copy):
     run = runs_of(project_copy).iloc[-1]
     history = mlflow.MlflowClient().get_metric_history(run["run_id"], "sft/train/loss")
     assert len(history) > 3 and history[-1].value < history[0].value
-    assert "models/sft_model/model.safetensors" in artifacts_of(run["run_id"], "models/sft_model")
+    assert dataset_inputs(run["run_id"]) == {"sft_train": "training"}
+    registered = model_version("rlhf-sft")  # logged as an MLflow model, tagged with its catalog version and run
+    assert registered.tags["kedro.catalog_version"] == version.name and registered.run_id == run["run_id"]
+    assert run["tags.output_model.sft_model"] == "rlhf-sft/1"
 
 
 def test_reward_model(project_copy):
@@ -58,8 +71,15 @@ def test_reward_model(project_copy):
     assert 0.0 <= metrics["val_accuracy"] <= 1.0 and metrics["reward_std"] > 0
     run = runs_of(project_copy).iloc[-1]
     assert run["metrics.reward_model/val_accuracy"] == pytest.approx(metrics["val_accuracy"])
-    assert "models/reward_model/value_head.safetensors" in artifacts_of(run["run_id"], "models/reward_model")
     assert "reporting/reward_model_metrics.json" in artifacts_of(run["run_id"], "reporting")
+    assert dataset_inputs(run["run_id"]) == {"rm_train": "training", "rm_val": "validation"}
+    # a later stage-by-stage run finds the SFT version it started from, and the RM names it as its parent
+    assert run["tags.input_model.sft_model"] == "rlhf-sft/1"
+    assert model_version("rlhf-reward").tags["parent.sft_model"] == "rlhf-sft/1"
+    scorer = mlflow.pyfunc.load_model("models:/rlhf-reward/1")  # the value-head flavour loads and scores
+    scores = scorer.predict(pd.DataFrame({"prompt": ["\n\nHuman: What is 2 plus 3?\n\nAssistant:"] * 2,
+                                          "response": ["2 plus 3 is 5.", "I do not know."]}))
+    assert len(scores) == 2 and all(isinstance(x, float) for x in scores)
 
 
 def test_kedro_viz_build_lists_nodes_and_datasets(project_copy):
@@ -85,6 +105,11 @@ def test_ppo_both_variants(project_copy):
         curve = client.get_metric_history(run["run_id"], f"ppo/{variant}/kl/sequence")
         assert [m.step for m in curve] == [1, 2, 3]
         assert f"ppo_{variant}/ppo_{variant}_samples.json" in artifacts_of(run["run_id"], f"ppo_{variant}")
+    versions = {v.tags["variant"]: v for v in client.search_model_versions("name = 'rlhf-policy'")}
+    assert set(versions) == {"ppo_max", "vanilla"}
+    for version in versions.values():
+        assert version.tags["parent.sft_model"] == "rlhf-sft/1" and version.tags["parent.reward_model"] == "rlhf-reward/1"
+    assert dataset_inputs(run["run_id"]) == {"ppo_prompts": "training", "sft_train": "training"}
     ppo_max = pd.read_csv(project_copy / "data/08_reporting/ppo_ppo_max_history.csv")
     assert "loss/ptx" in ppo_max.columns and "loss/policy" in ppo_max.columns  # policy trains after 1 warm-up step
     assert ppo_max["loss/policy"].isna().tolist() == [True, False, False]
@@ -110,6 +135,14 @@ def test_evaluation(project_copy):
     assert "metrics.evaluation/ppo_max/gold_score" in run.index
     assert {"reporting/training_curves.png", "reporting/comparison.png", "reporting/evaluation_summary.json"} <= \
         artifacts_of(run["run_id"], "reporting")
+    assert dataset_inputs(run["run_id"]) == {"eval_prompts": "evaluation", "judge_train": "training", "rm_val": "validation"}
+    # the policy with the best gold score is the registry's champion, and it loads back from MLflow and generates
+    best = max(("ppo_max", "vanilla"), key=lambda name: summary[name]["gold_score"])
+    champion = mlflow.MlflowClient().get_model_version_by_alias("rlhf-policy", "champion")
+    assert champion.tags["variant"] == best and run["tags.champion"].startswith(f"rlhf-policy/{champion.version} ({best}")
+    generator = mlflow.transformers.load_model("models:/rlhf-policy@champion")
+    text = generator("\n\nHuman: What is 2 plus 3?\n\nAssistant:", max_new_tokens=8)[0]["generated_text"]
+    assert text.startswith("\n\nHuman: What is 2 plus 3?") and len(text) > len("\n\nHuman: What is 2 plus 3?\n\nAssistant:")
 
 
 def test_notebook_reads_the_last_run(project_copy, monkeypatch):

@@ -7,6 +7,10 @@ replace a whole top-level key such as `data_processing`, dropping its other entr
 
 from kedro.config import OmegaConfigLoader
 
+from rlhf_pipeline.hooks import MlflowLineageHook
+
+HOOKS = (MlflowLineageHook(),)  # dataset inputs, registered models and the champion alias in MLflow
+
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",

@@ -22,19 +22,22 @@ def tokenizer():
 
 
 def test_packed_rows_put_each_response_token_where_its_row_predicts_it():
-    a, b, c, eos, d, e, f, g, pad = 10, 11, 12, 0, 13, 14, 15, 16, 1
-    sequences = torch.tensor([[pad, a, b, c, eos, pad], [d, e, f, g, pad, pad]])  # prompt width 3, responses 3
-    response_mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    a, b, c, eos, d, e, f, g, h, pad = 10, 11, 12, 0, 13, 14, 15, 16, 17, 1
+    # prompt width 3, responses 3: real lengths 4, 6 and 2
+    sequences = torch.tensor([[pad, a, b, c, eos, pad], [d, e, f, g, h, eos], [pad, pad, a, b, pad, pad]])
+    response_mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]])
     attention_mask = torch.cat([(sequences[:, :3] != pad).long(), response_mask], dim=1)
     forward = ResponseForward(sequences, attention_mask, positions(attention_mask), response_mask, packed=True)
-    assert forward.inputs["input_ids"].tolist() == [[a, b, c, eos, d, e, f, g]]
-    assert forward.inputs["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3]]  # restarts: one row each
-    assert forward.inputs["attention_mask"] is None and forward.computed_tokens == 8
-    assert forward.predictors.tolist() == [1, 2, 6]  # b predicts c, c predicts EOS, f predicts g
-    assert forward.last.tolist() == [3, 7] and forward.tokens.tolist() == [c, eos, g]
-    assert forward.scatter(torch.tensor([1.0, 2.0, 3.0])).tolist() == [[1, 2, 0], [3, 0, 0]]
+    # bins as wide as the longest row (6): [d e f g h EOS] and [a b c EOS | a b], first-fit from the longest
+    assert forward.inputs["input_ids"].tolist() == [[d, e, f, g, h, eos], [a, b, c, eos, a, b]]
+    assert forward.inputs["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 0, 1]]
+    assert forward.inputs["attention_mask"] is None and forward.computed_tokens == 12  # padded: 18
+    # flat indices: row 0 predicts c at 7, EOS at 8; row 1 g, h, EOS at 2, 3, 4; row 2 b at 10
+    assert forward.predictors.tolist() == [7, 8, 2, 3, 4, 10]
+    assert forward.last.tolist() == [9, 5, 11] and forward.tokens.tolist() == [c, eos, g, h, eos, b]
+    assert forward.scatter(torch.arange(1.0, 7.0)).tolist() == [[1, 2, 0], [3, 4, 5], [6, 0, 0]]
     padded = ResponseForward(sequences, attention_mask, positions(attention_mask), response_mask, packed=False)
-    assert padded.computed_tokens == 12 and padded.tokens.tolist() == [c, eos, g]
+    assert padded.computed_tokens == 18 and padded.tokens.tolist() == forward.tokens.tolist()
 
 
 def rollouts(tokenizer, eos: int, pad: int):
@@ -58,10 +61,6 @@ def test_scores_of_packed_chunks_equal_the_padded_pass(tokenizer, arch, forward_
     policy, reference = model(0), model(1)
     critic, reward_model = ValueHeadModel(model(2), seed=3).eval(), ValueHeadModel(model(4), seed=5).eval()
     batch = rollouts(tokenizer, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    prompt, prompt_mask, response, response_mask = batch
-    attention = torch.cat([prompt_mask, response_mask], dim=1)
-    assert ResponseForward(torch.cat([prompt, response], dim=1), attention, positions(attention), response_mask,
-                           packed=True).packed  # padding is a large share here: the packed layout is used
     padded = score_rollouts(policy, reference, critic, reward_model, *batch, packing=False)
     packed = score_rollouts(policy, reference, critic, reward_model, *batch, forward_batch_size, packing=True)
     for name in ("logprobs", "ref_logprobs", "values", "raw_scores"):

@@ -19,7 +19,7 @@ from rlhf_pipeline.modeling import (
     train_tokenizer,
     use_fused_gelu,
 )
-from rlhf_pipeline.training.batching import collate_encoded, masked_token_nll, worth_packing
+from rlhf_pipeline.training.batching import collate_encoded, masked_token_nll
 from rlhf_pipeline.training.engine import OptimConfig
 from rlhf_pipeline.training.reward import (
     RewardConfig,
@@ -155,7 +155,8 @@ def test_packed_sft_and_reward_model_steps_equal_padded_ones(tokenizer, arch):
         return disable_dropout(build_tiny_model(tokenizer, shape))
 
     rows = DialogueEncoder(tokenizer).encode_many(prompts, [[r] for r in responses], 128).rows
-    assert worth_packing(collate_encoded(rows, tokenizer.pad_token_id).attention_mask)  # the packed layout is used
+    padded = collate_encoded(rows, tokenizer.pad_token_id)
+    assert padded.packed().input_ids.numel() < padded.input_ids.numel()  # packing removes padding here
     results = {}
     for packing in (False, True):
         logged = []

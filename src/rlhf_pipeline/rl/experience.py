@@ -7,10 +7,10 @@ per-token rewards and runs GAE.
 
 Padding-free passes: a buffer is ``(B, P + R)`` - prompts left-padded to the longest prompt, responses
 right-padded to the longest response - and most of it is padding when lengths vary. With packing on, every
-forward (scoring chunk, PPO micro-batch) where padding would be a large share (``worth_packing``)
-concatenates its rows' real tokens into one sequence whose position ids restart at 0 for each row: transformers then confines attention to each row (a block-diagonal causal
-mask; flash-attention's varlen kernels where installed), so each token gets exactly the padded pass's
-output, and no padding or post-EOS position is computed at all (``ResponseForward``).
+forward (scoring chunk, PPO micro-batch) packs its rows' real tokens into bins as wide as its longest row,
+one row after another with position ids restarting at each (``PackedLayout``): transformers confines
+attention to each packed row (flash-attention's varlen kernels where installed), so every token gets the
+padded pass's output, while the padding and post-EOS positions are not computed (``ResponseForward``).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from rlhf_pipeline.adapters import AdaptersOff
 from rlhf_pipeline.generation import SamplingConfig, response_mask_of, sample_responses, stop_token_ids
-from rlhf_pipeline.training.batching import worth_packing
+from rlhf_pipeline.training.batching import PackedLayout
 from rlhf_pipeline.training.devices import synchronize
 
 
@@ -90,33 +91,30 @@ def gather_tokens(log_probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor
 
 
 class ResponseForward:
-    """One forward pass over rows of a buffer, padded or packed, and where its outputs for the response tokens
-    are: ``token_*`` methods return them flat ``(K, ...)`` in row-major order over the response mask, and
-    ``scatter`` puts a flat ``(K,)`` tensor back into ``(B, R)`` with zeros after each EOS."""
+    """One forward pass over rows of a buffer, padded or packed (``PackedLayout``), and where its outputs for
+    the response tokens are: ``token_*`` methods return them flat ``(K, ...)`` in row-major order over the
+    response mask, and ``scatter`` puts a flat ``(K,)`` tensor back into ``(B, R)`` with zeros after each EOS."""
 
     def __init__(self, sequences: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                  response_mask: torch.Tensor, packed: bool):
-        """``packed``: pack these rows where padding is a large share of them (``worth_packing``)."""
         self.shape = response_mask.shape
         self.prompt_width = sequences.shape[1] - response_mask.shape[1]
         mask = response_mask.bool()
         self.rows, self.cols = mask.nonzero(as_tuple=True)
         self.tokens = sequences[:, self.prompt_width:][mask]
-        self.packed = packed and worth_packing(attention_mask)
-        if not self.packed:
+        self.packed = packed
+        if not packed:
             self.inputs = {"input_ids": sequences, "attention_mask": attention_mask, "position_ids": position_ids}
             self.mask = mask
             self.last = mask.sum(dim=1) - 1
             return
         real = attention_mask.bool()
-        self.inputs = {"input_ids": sequences[real].unsqueeze(0), "attention_mask": None,
-                       "position_ids": position_ids[real].unsqueeze(0)}
-        lengths, response_lengths = real.sum(dim=1), mask.sum(dim=1)
-        starts = lengths.cumsum(dim=0) - lengths
-        first_response = starts + lengths - response_lengths  # where each row's response begins in the packed row
-        # the position before a response token predicts it
-        self.predictors = first_response[self.rows] + self.cols - 1
-        self.last = starts + lengths - 1
+        layout = PackedLayout.of(attention_mask)
+        self.inputs = {"input_ids": layout.pack(sequences, real), "attention_mask": None,
+                       "position_ids": layout.positions()}
+        first_response = layout.starts + layout.lengths - mask.sum(dim=1)  # flat index of each response's start
+        self.predictors = first_response[self.rows] + self.cols - 1  # the position before a token predicts it
+        self.last = layout.starts + layout.lengths - 1
 
     @property
     def computed_tokens(self) -> int:
@@ -127,21 +125,23 @@ class ResponseForward:
         if not self.packed:
             return response_logits(model, self.inputs["input_ids"], self.inputs["attention_mask"],
                                    self.inputs["position_ids"], self.prompt_width)[self.mask]
-        return model(**self.inputs, logits_to_keep=self.predictors, use_cache=False).logits[0]
+        # the model's own forward (engines, adapters and ZeRO hooks included), then its LM head on the positions
+        hidden = model(**self.inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False).hidden_states[-1]
+        return output_embeddings(model)(hidden.reshape(-1, hidden.shape[-1])[self.predictors])
 
     def token_values(self, value_model) -> torch.Tensor:
         """V(s_t) for each response token, read where the token is predicted ``(K,)``."""
         values = self.forward_values(value_model)
         if not self.packed:
             return values[:, self.prompt_width - 1 : -1][self.mask]
-        return values[0, self.predictors]
+        return values.reshape(-1)[self.predictors]
 
     def last_values(self, value_model) -> torch.Tensor:
         """The value head at each row's last response token (its EOS, or the last one at the cap) ``(B,)``."""
         values = self.forward_values(value_model)
         if not self.packed:
             return values[:, self.prompt_width:].gather(1, self.last.clamp(min=0).unsqueeze(1)).squeeze(1)
-        return values[0, self.last]
+        return values.reshape(-1)[self.last]
 
     def forward_values(self, value_model) -> torch.Tensor:
         values, _ = value_model(self.inputs["input_ids"], self.inputs["attention_mask"],
@@ -152,6 +152,13 @@ class ResponseForward:
         out = flat.new_zeros(self.shape)
         out[self.rows, self.cols] = flat
         return out
+
+
+def output_embeddings(model) -> torch.nn.Module:
+    """The LM head of a model, a DeepSpeed engine around one, or a frozen view (``AdaptersOff``)."""
+    if isinstance(model, AdaptersOff):
+        model = model.model
+    return getattr(model, "module", model).get_output_embeddings()  # a DeepSpeed engine holds its model as .module
 
 
 def rows_forward(exp: Experience, packed: bool) -> ResponseForward:

@@ -10,27 +10,67 @@ import torch
 
 from rlhf_pipeline.formatting import Encoded, EncodedRows
 
-PACK_BELOW = 0.7
-"""Packing replaces padding with a block-diagonal mask over the concatenated rows, whose attention costs grow
-with the square of the packed length: measured on a CPU (tiny GPT-2, 8 rows of up to 62 tokens, forward +
-backward), packing is 17-28 % faster at 61 % real tokens, 16 % slower at 78 %, 60 % slower with no padding.
-So a pass is packed only when real tokens fill less than this share of its padded layout."""
 
+@dataclass(frozen=True)
+class PackedLayout:
+    """Rows of a padded batch packed into bins: each bin is a row as wide as the longest input row and holds
+    several rows' real tokens one after another, with position ids restarting at each (transformers then
+    confines attention to each packed row). Attention per bin costs what a padded row costs, so packing
+    never costs more than padding; the padding it removes is saved.
 
-def worth_packing(attention_mask: torch.Tensor) -> bool:
-    """Whether a pass over these rows should be packed (see ``PACK_BELOW``)."""
-    return attention_mask.float().mean().item() < PACK_BELOW
+    ``flat``: for each real token, in row-major order, its index into the bins flattened ``(bins * width,)``.
+    """
+
+    bins: int
+    width: int
+    flat: torch.Tensor  # (real tokens,)
+    starts: torch.Tensor  # (B,) flat index of each row's first token
+    lengths: torch.Tensor  # (B,)
+
+    @classmethod
+    def of(cls, attention_mask: torch.Tensor) -> PackedLayout:
+        """First-fit decreasing: rows by length, longest first, each into the first bin with room."""
+        lengths = attention_mask.sum(dim=1)
+        width = int(lengths.max())
+        free: list[int] = []  # room left in each bin
+        starts = [0] * len(lengths)
+        for row in sorted(range(len(lengths)), key=lambda r: -int(lengths[r])):
+            length = int(lengths[row])
+            slot = next((b for b, room in enumerate(free) if room >= length), None)
+            if slot is None:
+                slot = len(free)
+                free.append(width)
+            starts[row] = slot * width + width - free[slot]
+            free[slot] -= length
+        starts = torch.tensor(starts, device=attention_mask.device)
+        flat = torch.repeat_interleave(starts, lengths) + torch.arange(int(lengths.sum()), device=lengths.device) \
+            - torch.repeat_interleave(lengths.cumsum(dim=0) - lengths, lengths)
+        return cls(len(free), width, flat, starts, lengths)
+
+    def pack(self, values: torch.Tensor, real: torch.Tensor, fill: int | float = 0) -> torch.Tensor:
+        """``values`` at the real positions ``real`` of the padded batch, laid out in bins ``(bins, width)``."""
+        out = values.new_full((self.bins * self.width,), fill)
+        out[self.flat] = values[real]
+        return out.view(self.bins, self.width)
+
+    def positions(self) -> torch.Tensor:
+        """Position ids: 0.. within each packed row; a bin's trailing padding continues its last row."""
+        out = torch.arange(self.width, device=self.flat.device).repeat(self.bins)
+        within = torch.arange(len(self.flat), device=self.flat.device) - torch.repeat_interleave(
+            self.lengths.cumsum(dim=0) - self.lengths, self.lengths)
+        out[self.flat] = within
+        return out.view(self.bins, self.width)
 
 
 @dataclass
 class TokenBatch:
     """Right-padded prompt + response sequences, or (``packed``) the same rows concatenated into one."""
 
-    input_ids: torch.Tensor  # (B, T), or (1, total tokens) packed
+    input_ids: torch.Tensor  # (B, T), or (bins, T) packed
     attention_mask: torch.Tensor  # (B, T) 1 for real tokens
     response_mask: torch.Tensor  # (B, T) 1 for response tokens (EOS included), 0 for prompt and padding
     position_ids: torch.Tensor | None = None  # packed: each row's positions, restarting at 0
-    ends: torch.Tensor | None = None  # packed: index of each row's last token
+    ends: torch.Tensor | None = None  # packed: index of each row's last token in the flattened bins
 
     def to(self, device: torch.device | str) -> TokenBatch:
         return TokenBatch(*(None if t is None else t.to(device) for t in
@@ -42,14 +82,13 @@ class TokenBatch:
         return self.ends if self.ends is not None else self.attention_mask.sum(dim=1) - 1
 
     def packed(self) -> TokenBatch:
-        """The rows' real tokens concatenated into one row whose position ids restart at each row: transformers
-        confines attention to each row, so every token gets the padded pass's output and no padding is
-        computed. A row's first token is a prompt token (no loss), so nothing is learnt across a boundary."""
+        """The same rows packed into bins (``PackedLayout``): every token gets the padded pass's output, and a
+        row's first token is a prompt token (no loss), so nothing is learnt across a boundary."""
         real = self.attention_mask.bool()
-        lengths = real.sum(dim=1)
-        positions = torch.arange(real.shape[1], device=real.device).expand_as(real)[real]
-        return TokenBatch(self.input_ids[real].unsqueeze(0), torch.ones_like(positions).unsqueeze(0),
-                          self.response_mask[real].unsqueeze(0), positions.unsqueeze(0), lengths.cumsum(dim=0) - 1)
+        layout = PackedLayout.of(self.attention_mask)
+        return TokenBatch(layout.pack(self.input_ids, real), layout.pack(self.attention_mask, real),
+                          layout.pack(self.response_mask, real), layout.positions(),
+                          layout.starts + layout.lengths - 1)
 
     def model_inputs(self) -> dict[str, torch.Tensor | None]:
         """Keyword arguments of a forward pass: a packed batch has position ids and no attention mask."""

@@ -15,7 +15,6 @@ from rlhf_pipeline.training.batching import (
     collate,
     masked_token_nll,
     score_encoded,
-    worth_packing,
 )
 from rlhf_pipeline.training.engine import LogFn, OptimConfig, no_logging
 from rlhf_pipeline.training.loop import train_loop
@@ -36,8 +35,7 @@ class RewardConfig:
     eval_batch_size: int = 64
     seed: int = 0
     packing: bool = True
-    """Concatenate a micro-batch's pairs into one sequence where padding would be a large share of it
-    (see ``TokenBatch.packed`` and ``PACK_BELOW``)."""
+    """Pack each micro-batch's pairs into rows without padding (see ``TokenBatch.packed``)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -53,8 +51,8 @@ def ranking_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor)
 
 def last_token_scores(values: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     """The value head at each sequence's last real token (its EOS): the reward ``(B,)``."""
-    if batch.ends is not None:  # packed: one row
-        return values[0, batch.ends]
+    if batch.ends is not None:  # packed: flat indices into the bins
+        return values.reshape(-1)[batch.ends]
     return values.gather(1, batch.last_index.unsqueeze(1)).squeeze(1)
 
 
@@ -106,7 +104,7 @@ def train_reward_model(
                         pad).to(engine.device)
         n = len(indices)
         batch.response_mask[n:] = 0  # the LM loss reads the chosen responses only
-        batch = batch.packed() if cfg.packing and worth_packing(batch.attention_mask) else batch
+        batch = batch.packed() if cfg.packing else batch
         inputs = batch.model_inputs()
         values, logits = engine(inputs["input_ids"], inputs["attention_mask"], return_lm_logits=cfg.lm_loss_coef > 0,
                                 position_ids=inputs.get("position_ids"))

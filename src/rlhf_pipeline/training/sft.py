@@ -13,7 +13,6 @@ from rlhf_pipeline.training.batching import (
     collate_encoded,
     masked_token_nll,
     response_logprob_sums,
-    worth_packing,
 )
 from rlhf_pipeline.training.engine import LogFn, OptimConfig, no_logging
 from rlhf_pipeline.training.loop import train_loop
@@ -31,8 +30,7 @@ class SFTConfig:
     eval_batch_size: int = 64
     seed: int = 0
     packing: bool = True
-    """Concatenate a micro-batch's demonstrations into one sequence where padding would be a large share of it
-    (see ``TokenBatch.packed`` and ``PACK_BELOW``)."""
+    """Pack each micro-batch's demonstrations into rows without padding (see ``TokenBatch.packed``)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -69,7 +67,7 @@ def train_sft(
 
     def loss_fn(engine, indices):
         batch = collate_encoded([train_rows[i] for i in indices], pad).to(engine.device)
-        batch = batch.packed() if cfg.packing and worth_packing(batch.attention_mask) else batch
+        batch = batch.packed() if cfg.packing else batch
         logits = engine(**batch.model_inputs(), use_cache=False).logits
         total, count = masked_token_nll(logits, batch.input_ids, batch.response_mask)
         loss = total / count.clamp(min=1.0)

@@ -1,0 +1,176 @@
+"""Lineage in MLflow, declared in the catalog and recorded by one Kedro hook.
+
+* A dataset with ``metadata: {mlflow: {context: training}}`` (or ``validation``, ``evaluation``) is logged as
+  an MLflow dataset input of the run each time a node loads it (``mlflow.log_input``: name = the catalog
+  entry, source = its file, digest of its content), so a run's Datasets panel lists the splits it read and
+  two runs on different data differ by digest.
+* A model dataset with ``metadata: {mlflow: {registered_model: rlhf-sft}}`` is logged as an MLflow model
+  when saved (the ``transformers`` flavour for a causal LM; a ``pyfunc`` that scores (prompt, response)
+  pairs for a value-head reward model) and registered as a new version of that name, tagged with the
+  catalog version it was saved as, the run, the variant and the registered versions of the models its
+  node read (``parent.<dataset>``). A later run that loads a model dataset finds its registered version
+  by that catalog version and records it as a run tag (``input_model.<dataset>``), so stage-by-stage runs
+  stay linked.
+* When the dataset with ``metadata: {mlflow: {champion_from: [gold_score, judge_score]}}`` (the evaluation
+  summary) is saved, the policy version with the best score (the first of those that exists) gets the
+  alias ``champion``: ``mlflow.transformers.load_model("models:/rlhf-policy@champion")`` loads it.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.pyfunc
+import pandas as pd
+from kedro.framework.hooks import hook_impl
+
+logger = logging.getLogger(__name__)
+
+CATALOG_VERSION_TAG = "kedro.catalog_version"
+CHAMPION = "champion"
+
+
+def lineage_of(catalog, dataset_name: str) -> dict[str, Any]:
+    """The ``mlflow`` section of a catalog entry's metadata (dataset factories resolved)."""
+    try:
+        dataset = catalog.get(dataset_name)
+    except Exception:  # noqa: BLE001 - a name the catalog cannot resolve has no lineage to record
+        return {}
+    return dict((getattr(dataset, "metadata", None) or {}).get("mlflow") or {})
+
+
+def catalog_version(catalog, dataset_name: str, saved: bool) -> str | None:
+    dataset = catalog.get(dataset_name)
+    if not hasattr(dataset, "resolve_save_version"):
+        return None
+    return dataset.resolve_save_version() if saved else dataset.resolve_load_version()
+
+
+def registered_version(name: str, version_tag: str | None):
+    """The registered version of model ``name`` saved as catalog version ``version_tag`` (None if none)."""
+    if version_tag is None:
+        return None
+    found = mlflow.MlflowClient().search_model_versions(
+        f"name = '{name}' and tags.`{CATALOG_VERSION_TAG}` = '{version_tag}'")
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
+class RewardModelPyfunc(mlflow.pyfunc.PythonModel):
+    """A value-head reward model as an MLflow pyfunc: a DataFrame of ``prompt``/``response`` -> scores."""
+
+    def load_context(self, context) -> None:
+        from rlhf_pipeline.modeling import load_value_model
+
+        self.bundle = load_value_model(context.artifacts["model"])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> list[float]:
+        from rlhf_pipeline.training.reward import score_responses
+
+        scores = score_responses(self.bundle.model, self.bundle.encoder(), model_input["prompt"].tolist(),
+                                 model_input["response"].tolist(), max_length=context_length_of(self.bundle))
+        return scores.tolist()
+
+
+def context_length_of(bundle) -> int:
+    from rlhf_pipeline.formatting import context_length
+
+    return context_length(bundle.model.config)
+
+
+def log_model(bundle, name: str, artifact_name: str) -> Any:
+    """Log ``bundle`` (a ``ModelBundle``) as an MLflow model registered under ``name``; returns the version."""
+    from rlhf_pipeline.modeling import ValueHeadModel
+
+    requirements = [f"torch=={__import__('torch').__version__.split('+')[0]}",
+                    f"transformers=={__import__('transformers').__version__}"]
+    if isinstance(bundle.model, ValueHeadModel):
+        with tempfile.TemporaryDirectory() as folder:
+            bundle.save_pretrained(folder)
+            info = mlflow.pyfunc.log_model(name=artifact_name, python_model=RewardModelPyfunc(),
+                                           artifacts={"model": folder}, registered_model_name=name,
+                                           pip_requirements=requirements)
+    else:
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": bundle.model, "tokenizer": bundle.tokenizer}, name=artifact_name,
+            task="text-generation", registered_model_name=name, pip_requirements=requirements)
+    return info.registered_model_version
+
+
+class MlflowLineageHook:
+    """Records dataset inputs, registered models, their parents and the champion policy (module docstring)."""
+
+    def __init__(self) -> None:
+        self.catalog = None
+        self.read_models: dict[str, dict[str, str]] = {}  # node name -> {dataset: "model/version"}
+        self.policies: dict[str, Any] = {}  # dataset name -> registered version, this run
+
+    @hook_impl
+    def after_catalog_created(self, catalog) -> None:
+        self.catalog = catalog
+
+    @hook_impl
+    def after_dataset_loaded(self, dataset_name: str, data: Any, node) -> None:
+        if self.catalog is None or mlflow.active_run() is None:
+            return
+        lineage = lineage_of(self.catalog, dataset_name)
+        if lineage.get("context") and isinstance(data, pd.DataFrame):
+            source = str(getattr(self.catalog.get(dataset_name), "_filepath", dataset_name))
+            mlflow.log_input(mlflow.data.from_pandas(data, source=source, name=dataset_name), context=lineage["context"])
+        if lineage.get("registered_model"):
+            version = registered_version(lineage["registered_model"], catalog_version(self.catalog, dataset_name, False))
+            if version is not None:
+                reference = f"{version.name}/{version.version}"
+                self.read_models.setdefault(node.name, {})[dataset_name] = reference
+                mlflow.set_tag(f"input_model.{dataset_name}", reference)
+                if lineage.get("policy"):
+                    self.policies[dataset_name] = version
+
+    @hook_impl
+    def after_dataset_saved(self, dataset_name: str, data: Any, node) -> None:
+        if self.catalog is None or mlflow.active_run() is None:
+            return
+        lineage = lineage_of(self.catalog, dataset_name)
+        if lineage.get("registered_model"):
+            self.register(dataset_name, data, node, lineage)
+        if lineage.get("champion_from"):
+            self.crown(data, lineage["champion_from"])
+
+    def register(self, dataset_name: str, bundle, node, lineage: dict[str, Any]) -> None:
+        name = lineage["registered_model"]
+        version = log_model(bundle, name, dataset_name.replace(".", "_"))
+        tags = {CATALOG_VERSION_TAG: catalog_version(self.catalog, dataset_name, True) or "",
+                "kedro.dataset": dataset_name, "mlflow.run_id": mlflow.active_run().info.run_id,
+                **{f"parent.{k}": v for k, v in self.read_models.get(node.name, {}).items()},
+                **{k: str(v) for k, v in (lineage.get("tags") or {}).items()}}
+        client = mlflow.MlflowClient()
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version.version, key, value)
+        mlflow.set_tag(f"output_model.{dataset_name}", f"{name}/{version.version}")
+        if lineage.get("policy"):
+            self.policies[dataset_name] = version
+        logger.info("Registered %s as %s version %s", dataset_name, name, version.version)
+
+    def crown(self, summary: dict[str, dict[str, Any]], scores: list[str]) -> None:
+        """Alias the best policy version of this run ``champion``, by the first score the summary has
+        (``summary``: policy name -> metrics, as the evaluation writes it; ``null`` where a score does not exist)."""
+        for score in scores:
+            ranked = {dataset: summary[policy_name(dataset)][score] for dataset in self.policies
+                      if isinstance(summary.get(policy_name(dataset), {}).get(score), (int, float))}
+            if ranked:
+                dataset = max(ranked, key=ranked.get)
+                version = self.policies[dataset]
+                mlflow.MlflowClient().set_registered_model_alias(version.name, CHAMPION, version.version)
+                mlflow.set_tag("champion", f"{version.name}/{version.version} ({policy_name(dataset)}, {score} "
+                                           f"{ranked[dataset]:.3f})")
+                logger.info("Champion: %s version %s (%s) by %s", version.name, version.version,
+                            policy_name(dataset), score)
+                return
+
+
+def policy_name(dataset_name: str) -> str:
+    """``ppo.ppo_max.policy`` -> ``ppo_max``: the name the evaluation summary uses."""
+    return Path(dataset_name.replace(".", "/")).parent.name

@@ -58,7 +58,7 @@ def test_sft(project_copy):
     run = runs_of(project_copy).iloc[-1]
     history = mlflow.MlflowClient().get_metric_history(run["run_id"], "sft/train/loss")
     assert len(history) > 3 and history[-1].value < history[0].value
-    assert dataset_inputs(run["run_id"]) == {"sft_train": "training"}
+    assert dataset_inputs(run["run_id"]) == {"sft_train": "training", "rm_train": "training"}  # rm_train: tokenizer corpus
     registered = model_version("rlhf-sft")  # logged as an MLflow model, tagged with its catalog version and run
     assert registered.tags["kedro.catalog_version"] == version.name and registered.run_id == run["run_id"]
     assert run["tags.output_model.sft_model"] == "rlhf-sft/1"

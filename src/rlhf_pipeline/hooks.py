@@ -7,7 +7,7 @@
 * A model dataset with ``metadata: {mlflow: {registered_model: rlhf-sft}}`` is logged as an MLflow model
   when saved (the ``transformers`` flavour for a causal LM; a ``pyfunc`` that scores (prompt, response)
   pairs for a value-head reward model) and registered as a new version of that name, tagged with the
-  catalog version it was saved as, the run, the variant and the registered versions of the models its
+  catalog entry and version it was saved as, the variant and the registered versions of the models its
   node read (``parent.<dataset>``). A later run that loads a model dataset finds its registered version
   by that catalog version and records it as a run tag (``input_model.<dataset>``), so stage-by-stage runs
   stay linked.
@@ -31,6 +31,7 @@ from kedro.framework.hooks import hook_impl
 logger = logging.getLogger(__name__)
 
 CATALOG_VERSION_TAG = "kedro.catalog_version"
+DATASET_TAG = "kedro.dataset"
 CHAMPION = "champion"
 
 
@@ -50,12 +51,13 @@ def catalog_version(catalog, dataset_name: str, saved: bool) -> str | None:
     return dataset.resolve_save_version() if saved else dataset.resolve_load_version()
 
 
-def registered_version(name: str, version_tag: str | None):
-    """The registered version of model ``name`` saved as catalog version ``version_tag`` (None if none)."""
+def registered_version(name: str, dataset_name: str, version_tag: str | None):
+    """The registered version of model ``name`` that catalog entry ``dataset_name`` saved as catalog version
+    ``version_tag`` (None if none). One run's saves share a catalog version, hence the entry's name too."""
     if version_tag is None:
         return None
     found = mlflow.MlflowClient().search_model_versions(
-        f"name = '{name}' and tags.`{CATALOG_VERSION_TAG}` = '{version_tag}'")
+        f"name = '{name}' and tags.`{CATALOG_VERSION_TAG}` = '{version_tag}' and tags.`{DATASET_TAG}` = '{dataset_name}'")
     return max(found, key=lambda v: int(v.version)) if found else None
 
 
@@ -81,7 +83,7 @@ def context_length_of(bundle) -> int:
     return context_length(bundle.model.config)
 
 
-def log_model(bundle, name: str, artifact_name: str) -> Any:
+def log_model(bundle, name: str, artifact_name: str):
     """Log ``bundle`` (a ``ModelBundle``) as an MLflow model registered under ``name``; returns the version."""
     from rlhf_pipeline.modeling import ValueHeadModel
 
@@ -97,7 +99,7 @@ def log_model(bundle, name: str, artifact_name: str) -> Any:
         info = mlflow.transformers.log_model(
             transformers_model={"model": bundle.model, "tokenizer": bundle.tokenizer}, name=artifact_name,
             task="text-generation", registered_model_name=name, pip_requirements=requirements)
-    return info.registered_model_version
+    return mlflow.MlflowClient().get_model_version(name, str(info.registered_model_version))
 
 
 class MlflowLineageHook:
@@ -121,7 +123,8 @@ class MlflowLineageHook:
             source = str(getattr(self.catalog.get(dataset_name), "_filepath", dataset_name))
             mlflow.log_input(mlflow.data.from_pandas(data, source=source, name=dataset_name), context=lineage["context"])
         if lineage.get("registered_model"):
-            version = registered_version(lineage["registered_model"], catalog_version(self.catalog, dataset_name, False))
+            version = registered_version(lineage["registered_model"], dataset_name,
+                                         catalog_version(self.catalog, dataset_name, False))
             if version is not None:
                 reference = f"{version.name}/{version.version}"
                 self.read_models.setdefault(node.name, {})[dataset_name] = reference
@@ -143,7 +146,7 @@ class MlflowLineageHook:
         name = lineage["registered_model"]
         version = log_model(bundle, name, dataset_name.replace(".", "_"))
         tags = {CATALOG_VERSION_TAG: catalog_version(self.catalog, dataset_name, True) or "",
-                "kedro.dataset": dataset_name, "mlflow.run_id": mlflow.active_run().info.run_id,
+                DATASET_TAG: dataset_name,
                 **{f"parent.{k}": v for k, v in self.read_models.get(node.name, {}).items()},
                 **{k: str(v) for k, v in (lineage.get("tags") or {}).items()}}
         client = mlflow.MlflowClient()

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
 
 import mlflow
 import pandas as pd
 import pytest
 
+from rlhf_pipeline.training.engine import child_environment
 from tests.conftest import kedro
 from tests.test_smollm2 import strict_json
 
@@ -161,3 +168,68 @@ def test_notebook_reads_the_last_run(project_copy, monkeypatch):
     assert any("image/png" in o.get("data", {}) for o in curves)
     points = int(next(o["text"] for o in curves if o.get("name") == "stdout").split()[0])
     assert points == 3 * 2 * 3  # 3 curves x 2 variants x 3 iterations (conf/test)
+
+
+def browser() -> str | None:
+    return next((path for name in ("chromium", "chromium-browser", "google-chrome") if (path := shutil.which(name))), None)
+
+
+def rendered(url: str) -> str:
+    """The page's DOM after its scripts ran, as headless Chromium renders it."""
+    process = subprocess.run([browser(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000",
+                              "--dump-dom", url], capture_output=True, text=True, timeout=180)
+    return process.stdout
+
+
+def serve(command: list[str], cwd, url: str) -> subprocess.Popen:
+    """Start a local server and wait until ``url`` answers."""
+    import urllib.request
+
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=child_environment())
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return process
+        except OSError:
+            time.sleep(1)
+    process.kill()
+    raise TimeoutError(f"{' '.join(command)} did not answer at {url}")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.skipif(browser() is None, reason="no headless Chromium here (Debian: apt-get install chromium)")
+def test_mlflow_and_kedro_viz_show_the_lineage_in_a_browser(project_copy):
+    """What a person sees: the MLflow UI over the project's store and the kedro-viz site, rendered by Chromium."""
+    run = runs_of(project_copy).iloc[-1]  # the evaluation run
+    mlflow_port, viz_port = free_port(), free_port()
+    mlflow_url = f"http://127.0.0.1:{mlflow_port}"
+    servers = [serve([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                      f"sqlite:///{project_copy / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(mlflow_port)],
+                     project_copy, mlflow_url)]
+    try:
+        models = rendered(f"{mlflow_url}/#/models")
+        assert {"rlhf-sft", "rlhf-reward", "rlhf-judge", "rlhf-policy"} <= set(re.findall(r"rlhf-[a-z]+", models))
+        page = rendered(f"{mlflow_url}/#/experiments/{run['experiment_id']}/runs/{run['run_id']}")
+        # the run's dataset inputs: the panel names the first and counts the others ("+2")
+        assert any(name in page for name in ("eval_prompts", "judge_train", "rm_val"))
+        assert "champion" in page and "input_model.ppo.ppo_max.policy" in page  # its lineage tags
+        assert "Registered models" in page and "rlhf-policy" in page
+        charts = rendered(f"{mlflow_url}/#/experiments/{run['experiment_id']}/runs/{run['run_id']}/model-metrics")
+        assert ">evaluation/ppo_max<" in charts and ">judge/train<" in charts  # its metric chart sections
+        # kedro-viz: the static site `kedro viz build` wrote (test_kedro_viz_build_lists_nodes_and_datasets)
+        servers.append(serve([sys.executable, "-m", "http.server", str(viz_port), "--bind", "127.0.0.1"],
+                             project_copy / "build", f"http://127.0.0.1:{viz_port}/"))
+        viz = rendered(f"http://127.0.0.1:{viz_port}/")
+        for name in ("prepare_base_model_node", "train_sft_model_node", "train_reward_model_node", "ppo.ppo_max.policy",
+                     "evaluate_policies_node", "eval_prompts", "sft_model", "reward_model"):
+            assert name in viz, name
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait(timeout=30)

@@ -54,6 +54,7 @@ def test_data_processing(project_copy):
     assert run["metrics.data.eval_prompts_size"] == len(splits["eval_prompts"])
     assert run["params.task.num_pairs"] == "400"  # parameters are logged, flattened
     assert run["params.data_processing.strict"] == "True"
+    assert dataset_inputs(run["run_id"]) == {"preferences": "source"}  # the split node read every validated pair
 
 
 def test_sft(project_copy):

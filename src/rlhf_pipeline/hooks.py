@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 CATALOG_VERSION_TAG = "kedro.catalog_version"
 DATASET_TAG = "kedro.dataset"
 CHAMPION = "champion"
+EXAMPLE_PROMPT = "\n\nHuman: What is 2 plus 3?\n\nAssistant:"  # the input example of every logged model
 
 
 def lineage_of(catalog, dataset_name: str) -> dict[str, Any]:
@@ -85,20 +86,26 @@ def context_length_of(bundle) -> int:
 
 def log_model(bundle, name: str, artifact_name: str):
     """Log ``bundle`` (a ``ModelBundle``) as an MLflow model registered under ``name``; returns the version."""
+    import torch
+    import transformers
+
     from rlhf_pipeline.modeling import ValueHeadModel
 
-    requirements = [f"torch=={__import__('torch').__version__.split('+')[0]}",
-                    f"transformers=={__import__('transformers').__version__}"]
+    # stated, not inferred: inference would load the model again in a subprocess
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"]
     if isinstance(bundle.model, ValueHeadModel):
         with tempfile.TemporaryDirectory() as folder:
             bundle.save_pretrained(folder)
-            info = mlflow.pyfunc.log_model(name=artifact_name, python_model=RewardModelPyfunc(),
-                                           artifacts={"model": folder}, registered_model_name=name,
-                                           pip_requirements=requirements)
+            info = mlflow.pyfunc.log_model(
+                name=artifact_name, python_model=RewardModelPyfunc(), artifacts={"model": folder},
+                registered_model_name=name, pip_requirements=requirements,
+                input_example=pd.DataFrame({"prompt": [EXAMPLE_PROMPT], "response": ["2 plus 3 is 5."]}))
     else:
+        encoder = bundle.encoder()  # the example in the model's own prompt format (a chat template, say)
+        prompt = encoder.tokenizer.decode(encoder.sampling_prompt(EXAMPLE_PROMPT, 64, 1) or [])
         info = mlflow.transformers.log_model(
             transformers_model={"model": bundle.model, "tokenizer": bundle.tokenizer}, name=artifact_name,
-            task="text-generation", registered_model_name=name, pip_requirements=requirements)
+            task="text-generation", registered_model_name=name, pip_requirements=requirements, input_example=prompt)
     return mlflow.MlflowClient().get_model_version(name, str(info.registered_model_version))
 
 

@@ -89,10 +89,6 @@ class AdaptersOff:
         with adapters_disabled(self.model):
             return self.model(*args, **kwargs)
 
-    @property
-    def generation_config(self):
-        return self.model.generation_config
-
 
 def merge_adapters(model: nn.Module) -> PreTrainedModel:
     """The base transformers model with the adapters folded into its weights (in place), ready to save."""

@@ -71,17 +71,12 @@ class RewardModelPyfunc(mlflow.pyfunc.PythonModel):
         self.bundle = load_value_model(context.artifacts["model"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> list[float]:
+        from rlhf_pipeline.formatting import context_length
         from rlhf_pipeline.training.reward import score_responses
 
         scores = score_responses(self.bundle.model, self.bundle.encoder(), model_input["prompt"].tolist(),
-                                 model_input["response"].tolist(), max_length=context_length_of(self.bundle))
+                                 model_input["response"].tolist(), max_length=context_length(self.bundle.model.config))
         return scores.tolist()
-
-
-def context_length_of(bundle) -> int:
-    from rlhf_pipeline.formatting import context_length
-
-    return context_length(bundle.model.config)
 
 
 def log_model(bundle, name: str, artifact_name: str):

@@ -61,9 +61,9 @@ def sample_responses(
     was_training = model.training
     model.eval()
     by_length = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    size = cfg.batch_size or len(prompt_ids)
     parts = []
-    for group in [by_length[start:start + (cfg.batch_size or len(by_length))]
-                  for start in range(0, len(by_length), cfg.batch_size or len(by_length) or 1)]:
+    for group in (by_length[start:start + size] for start in range(0, len(by_length), size)):
         input_ids, attention_mask = left_pad([prompt_ids[i] for i in group], tokenizer.pad_token_id)
         output = model.generate(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),

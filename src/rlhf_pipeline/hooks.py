@@ -38,11 +38,7 @@ EXAMPLE_PROMPT = "\n\nHuman: What is 2 plus 3?\n\nAssistant:"  # the input examp
 
 def lineage_of(catalog, dataset_name: str) -> dict[str, Any]:
     """The ``mlflow`` section of a catalog entry's metadata (dataset factories resolved)."""
-    try:
-        dataset = catalog.get(dataset_name)
-    except Exception:  # noqa: BLE001 - a name the catalog cannot resolve has no lineage to record
-        return {}
-    return dict((getattr(dataset, "metadata", None) or {}).get("mlflow") or {})
+    return dict((getattr(catalog.get(dataset_name), "metadata", None) or {}).get("mlflow") or {})
 
 
 def catalog_version(catalog, dataset_name: str, saved: bool) -> str | None:

@@ -116,6 +116,10 @@ class ResponseForward:
         self.predictors = first_response[self.rows] + self.cols - 1  # the position before a token predicts it
         self.last = layout.starts + layout.lengths - 1
 
+    @classmethod
+    def of(cls, exp: Experience, packed: bool) -> ResponseForward:
+        return cls(exp.sequences, exp.attention_mask, exp.position_ids, exp.response_mask, packed)
+
     @property
     def computed_tokens(self) -> int:
         return self.inputs["input_ids"].numel()
@@ -159,10 +163,6 @@ def output_embeddings(model) -> torch.nn.Module:
     if isinstance(model, AdaptersOff):
         model = model.model
     return getattr(model, "module", model).get_output_embeddings()  # a DeepSpeed engine holds its model as .module
-
-
-def rows_forward(exp: Experience, packed: bool) -> ResponseForward:
-    return ResponseForward(exp.sequences, exp.attention_mask, exp.position_ids, exp.response_mask, packed)
 
 
 @torch.no_grad()

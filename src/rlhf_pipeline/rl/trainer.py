@@ -31,7 +31,6 @@ from rlhf_pipeline.rl.experience import (
     ResponseForward,
     gather_tokens,
     make_experience,
-    rows_forward,
     timer,
 )
 from rlhf_pipeline.training.batching import collate_encoded, masked_token_nll
@@ -66,11 +65,11 @@ class PPOConfig:
     """Rollouts per forward/backward inside a mini-batch (None: the whole mini-batch). Gradients accumulate
     weighted by response tokens, so an update equals the whole mini-batch's; only memory changes."""
     micro_batch_tokens: int | None = None
-    """Instead of ``micro_batch_size``: a budget of computed positions (rows x padding-free columns) per
-    micro-batch, so that short rollouts go in larger groups than long ones."""
+    """Instead of ``micro_batch_size``: a budget of tokens per micro-batch, so that short rollouts go in
+    larger groups than long ones."""
     packing: bool = True
-    """Padding-free passes (see ``experience``): forwards run over rows of similar length and only over the
-    columns that hold their tokens. Off: every pass runs over the buffer's full width (for comparison)."""
+    """Padding-free passes (see ``experience``): each forward packs its rows into rows as wide as the longest
+    one. Off: every pass runs over the buffer's full padded width (for comparison)."""
     ppo_epochs: int = 1
     forward_batch_size: int | None = None
     """Rollouts per scoring forward pass (None: the whole buffer at once; lower it when that does not fit)."""
@@ -372,7 +371,7 @@ class PPOTrainer:
                 parts = self.micro_batches(batch)
                 for number, part in enumerate(parts):
                     micro_batch = batch.select(part)
-                    forward = rows_forward(micro_batch, cfg.packing)
+                    forward = ResponseForward.of(micro_batch, cfg.packing)
                     real, computed = real + micro_batch.attention_mask.sum(), computed + forward.computed_tokens
                     share = micro_batch.response_mask.sum() / tokens
                     for engine in engines:  # only the last backward of a mini-batch reduces and steps

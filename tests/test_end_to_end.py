@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import socket
@@ -234,3 +235,46 @@ def test_mlflow_and_kedro_viz_show_the_lineage_in_a_browser(project_copy):
         for server in servers:
             server.terminate()
             server.wait(timeout=30)
+
+
+def test_ablation_study(project_copy):
+    """`kedro run --pipeline ablation --env test`: 3 rows (two of this project's, TRL's) x 2 seeds from the SFT model
+    and RM the earlier stages saved; a second run reuses every finished (row, seed)."""
+    kedro(project_copy, "run", "--pipeline", "ablation", "--env", "test")
+    reporting = project_copy / "data/08_reporting/ablation"
+    summary = pd.read_csv(reporting / "summary.csv").set_index("variant")
+    assert summary.index.tolist() == ["ppo_max", "no_kl", "trl_ppo"] and summary["seeds"].tolist() == [2, 2, 2]
+    for variant in summary.index:
+        runs = pd.read_csv(reporting / f"{variant}_runs.csv")
+        assert runs["seed"].tolist() == [0, 1]
+        assert ((runs["win_rate_vs_sft_gold_low"] <= runs["win_rate_vs_sft_gold"])
+                & (runs["win_rate_vs_sft_gold"] <= runs["win_rate_vs_sft_gold_high"])).all()
+        assert summary.loc[variant, "gold_score"] == pytest.approx(runs["gold_score"].mean())
+        curves = pd.read_csv(reporting / f"{variant}_curves.csv")
+        assert curves.groupby("seed")["step"].apply(list).tolist() == [[1, 2, 3, 4]] * 2
+        assert curves["kl/sequence"].notna().all() and curves["reward/raw_score"].notna().all()
+    assert pd.read_csv(reporting / "ppo_max_curves.csv")["gold_score"].notna().all()  # every rollout scored
+    # the policies moved away from SFT, and the seeds differ
+    assert (pd.read_csv(reporting / "no_kl_runs.csv")["kl_to_sft"].abs() > 0).all()
+    assert pd.read_csv(reporting / "ppo_max_runs.csv")["kl_to_sft"].nunique() == 2
+    table = (reporting / "summary.md").read_text()
+    assert all(f"| {variant} | 2 | " in table for variant in summary.index) and "Welch interval" in table
+    for name in ("training_curves.png", "gold_score.png"):
+        assert (reporting / name).stat().st_size > 10_000
+    # one MLflow run per row and seed, nested under the study's run, with its curves and evaluation
+    runs = runs_of(project_copy)
+    study = runs[runs["tags.mlflow.parentRunId"].isna()].iloc[-1]
+    children = runs[runs["tags.mlflow.parentRunId"] == study["run_id"]]
+    assert sorted(children["tags.mlflow.runName"]) == sorted(f"{v} seed {s}" for v in summary.index for s in (0, 1))
+    client = mlflow.MlflowClient()
+    for _, child in children.iterrows():
+        assert [m.step for m in client.get_metric_history(child["run_id"], "ppo/kl/sequence")] == [1, 2, 3, 4]
+        assert math.isfinite(child["metrics.eval/win_rate_vs_sft_gold"])
+    assert children.loc[children["tags.ablation.variant"] == "no_kl", "params.kl_coef"].tolist() == ["0.0", "0.0"]
+    assert {"ablation/summary.csv", "ablation/training_curves.png", "ablation/gold_score.png"} <= \
+        artifacts_of(study["run_id"], "ablation")
+    stored = {path: path.stat().st_mtime_ns for path in (project_copy / "data/07_model_output/ablation").glob("*/*/result.json")}
+    assert len(stored) == 6
+    kedro(project_copy, "run", "--pipeline", "ablation", "--env", "test")
+    assert {path: path.stat().st_mtime_ns for path in stored} == stored  # read back, not trained again
+    assert pd.read_csv(reporting / "summary.csv").equals(summary.reset_index())

@@ -8,8 +8,10 @@ replace a whole top-level key such as `data_processing`, dropping its other entr
 from kedro.config import OmegaConfigLoader
 
 from rlhf_pipeline.hooks import MlflowLineageHook
+from rlhf_pipeline.pipelines.ablation.pipeline import AblationGridHook
 
-HOOKS = (MlflowLineageHook(),)  # dataset inputs, registered models and the champion alias in MLflow
+# dataset inputs, registered models and the champion alias in MLflow; the ablation grid from the run's parameters
+HOOKS = (MlflowLineageHook(), AblationGridHook())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

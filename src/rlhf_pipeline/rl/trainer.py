@@ -112,6 +112,8 @@ class PPOConfig:
     """Checkpoints kept on disk, the latest ones (at 8B a policy + critic checkpoint is ~220 GB)."""
     sample_every: int = 10
     """Iterations between logged sample responses."""
+    sample_count: int = 4
+    """Responses kept each sampled iteration (the rollout batch: every one, e.g. to score them afterwards)."""
     alarm_kl: float | None = None
     """Alarm when the per-sequence KL to the reference exceeds this."""
     alarm_perplexity_drop: float | None = None
@@ -237,6 +239,7 @@ class PPOTrainer:
         self.iteration = 0
         self.first: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
+        self.kept_samples: list[dict] = []
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         if self.checkpoint_dir and (self.checkpoint_dir / "complete").exists():
             logger.info("%s holds a finished run: starting afresh", self.checkpoint_dir)
@@ -283,7 +286,7 @@ class PPOTrainer:
         return chosen[self.rank::self.world_size]
 
     def train(self) -> PPOResult:
-        samples, stopped = [], False
+        stopped = False
         progress = tqdm(total=self.cfg.iterations, initial=self.iteration, desc="ppo", disable=self.rank != 0)
         while self.iteration < self.cfg.iterations:
             metrics, exp = self.step()
@@ -291,7 +294,7 @@ class PPOTrainer:
             self.history.append({"step": self.iteration, **metrics})
             self.log(metrics, self.iteration)
             if self.cfg.sample_every and self.iteration % self.cfg.sample_every == 0:
-                samples.extend(self.samples(exp))
+                self.kept_samples.extend(self.samples(exp, self.cfg.sample_count))
             progress.update(1)
             progress.set_postfix(score=f"{metrics['reward/raw_score']:.3f}", kl=f"{metrics['kl/sequence']:.3f}")
             alarms = self.alarms(metrics)
@@ -310,7 +313,7 @@ class PPOTrainer:
         policy = self.trained_policy()
         release_engine(self.critic)  # optimizer states go now, not when the policy does
         release_engine(self.policy)
-        return PPOResult(policy, self.history, samples, stopped, self.prompts_dropped)
+        return PPOResult(policy, self.history, self.kept_samples, stopped, self.prompts_dropped)
 
     def trained_policy(self) -> torch.nn.Module:
         """The policy with whole weights (every rank must call this): under ZeRO-3 the whole copy; with LoRA
@@ -473,7 +476,7 @@ class PPOTrainer:
                           f"{cfg.alarm_length_growth} x {self.first['response/length']:.1f}")
         return alarms
 
-    def samples(self, exp: Experience, count: int = 4) -> list[dict]:
+    def samples(self, exp: Experience, count: int) -> list[dict]:
         prompts = self.tokenizer.batch_decode(exp.sequences[:count, :exp.prompt_width], skip_special_tokens=True)
         responses = decode_responses(self.tokenizer, exp.sequences[:count, exp.prompt_width:])
         return [{"step": self.iteration, "prompt": p, "response": r, "rm_score": s}
@@ -487,7 +490,7 @@ class PPOTrainer:
         self.critic.save_checkpoint(str(self.checkpoint_dir / "critic"), tag=tag)
         if self.rank == 0:
             state = {"iteration": self.iteration, "moments": self.moments.state_dict(), "first": self.first,
-                     "history": self.history, "config": json_config(self.cfg)}
+                     "history": self.history, "samples": self.kept_samples, "config": json_config(self.cfg)}
             (self.checkpoint_dir / f"{tag}.json").write_text(json.dumps(state))
             save_file(rng_state(), str(self.checkpoint_dir / f"{tag}_rng.safetensors"))
             (self.checkpoint_dir / "latest").write_text(tag)
@@ -515,6 +518,7 @@ class PPOTrainer:
         self.policy.load_checkpoint(str(self.checkpoint_dir / "policy"), tag=tag)
         self.critic.load_checkpoint(str(self.checkpoint_dir / "critic"), tag=tag)
         self.iteration, self.first, self.history = state["iteration"], state["first"], state["history"]
+        self.kept_samples = state.get("samples", [])
         self.moments.load_state_dict(state["moments"])
         set_rng_state(load_file(str(self.checkpoint_dir / f"{tag}_rng.safetensors")))
         logger.info("Resumed from checkpoint %s", tag)

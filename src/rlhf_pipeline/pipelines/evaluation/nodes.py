@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import matplotlib
@@ -67,6 +68,70 @@ def train_judge_model(sft_model: ModelBundle, judge_train: pd.DataFrame, rm_val:
     return fit_reward_model(sft_model, judge_train, rm_val, params, "judge")
 
 
+@dataclass
+class EvalSet:
+    """The held-out prompts that fit the context, tokenized once, with the sampling settings every policy shares."""
+    prompts: list[str]
+    categories: list[str]
+    prompt_ids: list[list[int]]
+    sampling: SamplingConfig
+    seed: int
+    max_length: int
+    dropped: int
+
+    @classmethod
+    def of(cls, eval_prompts: pd.DataFrame, sft_model: ModelBundle, evaluation: dict[str, Any]) -> EvalSet:
+        """``evaluation``: ``sampling``, ``seed``, ``max_length``, ``max_prompts`` (see parameters_evaluation.yml)."""
+        head = eval_prompts.head(evaluation["max_prompts"])
+        sampling, max_length = SamplingConfig(**evaluation["sampling"]), evaluation["max_length"]
+        kept, prompt_ids = fit_prompts(sft_model.encoder(), head["prompt"].tolist(),
+                                       max(max_length - sampling.max_new_tokens, 1), sampling.max_new_tokens)
+        frame = head.iloc[kept]
+        return cls(frame["prompt"].tolist(), frame["category"].tolist(), prompt_ids, sampling, evaluation["seed"],
+                   max_length, len(head) - len(kept))
+
+
+def sample_and_score(policy: torch.nn.Module, sft_model: ModelBundle, reward_model: ModelBundle, eval_set: EvalSet,
+                     judge_model: ModelBundle | None = None) -> dict[str, list]:
+    """One policy's responses to the evaluation prompts and their gold, RM (and judge) scores, per prompt."""
+    to_rank_device(policy)  # an 8B model must not sample on the CPU for hours
+    responses = generate_texts(policy, sft_model.tokenizer, eval_set.prompt_ids, eval_set.sampling, seed=eval_set.seed)
+    prompts = eval_set.prompts
+    scores = {"responses": responses, "gold": [gold_score(p, r) for p, r in zip(prompts, responses, strict=True)],
+              "rm": score_responses(reward_model.model, reward_model.encoder(), prompts, responses,
+                                    eval_set.max_length).tolist()}
+    if judge_model is not None:
+        scores["judge"] = score_responses(judge_model.model, judge_model.encoder(), prompts, responses,
+                                          eval_set.max_length).tolist()
+    return scores
+
+
+def compare_with_sft(policy: torch.nn.Module, scores: dict[str, list], sft_scores: dict[str, list],
+                     sft_model: ModelBundle, eval_set: EvalSet) -> dict[str, float | None]:
+    """A policy's metrics against SFT's on the same prompts: mean scores, win rates, KL and perplexity, length,
+    diversity and refusal rates (``None`` where a value does not exist, e.g. gold scores on real data)."""
+    categories = eval_set.categories
+    refused = [float(bool(REFUSAL.search(r))) for r in scores["responses"]]
+    harmful = [c == "harmful" for c in categories]
+    harmless = [c not in ("harmful", "unknown") for c in categories]  # requests the task knows to be harmless
+    scorers = [s for s in ("gold", "rm", "judge") if s in scores]
+    metrics = {
+        **{f"{s}_score": _mean(scores[s]) for s in scorers},
+        **{f"win_rate_vs_sft_{s}": win_rate(scores[s], sft_scores[s]) for s in scorers},
+        **({"judge_gold_correlation": _correlation(scores["judge"], scores["gold"])} if "judge" in scores else {}),
+        **kl_and_perplexity(policy, sft_model.model, sft_model.encoder(), eval_set.prompts, scores["responses"],
+                            eval_set.max_length),
+        "response_length": sum(len(r.split()) for r in scores["responses"]) / max(len(eval_set.prompts), 1),
+        "distinct_1": distinct_n(scores["responses"], 1),
+        "distinct_2": distinct_n(scores["responses"], 2),
+        "refusal_rate_harmful": _mean([r for r, h in zip(refused, harmful, strict=True) if h]),
+        "refusal_rate_harmless": _mean([r for r, h in zip(refused, harmless, strict=True) if h]),
+        "prompts": len(eval_set.prompts),
+        "prompts_dropped": eval_set.dropped,
+    }
+    return strict_json(metrics)
+
+
 def evaluate_policies(
     eval_prompts: pd.DataFrame, sft_model: ModelBundle, reward_model: ModelBundle, judge_model: ModelBundle,
     evaluation: dict[str, Any], **ppo_policies: ModelBundle,
@@ -85,51 +150,20 @@ def evaluate_policies(
         The summary (one object per policy; ``null`` where a value does not exist, e.g. gold scores on real
         data), the same as a table, and every sampled response with its scores.
     """
-    prompts_frame = eval_prompts.head(evaluation["max_prompts"])
-    sampling, max_length = SamplingConfig(**evaluation["sampling"]), evaluation["max_length"]
-    encoder = sft_model.encoder()
-    kept, prompt_ids = fit_prompts(encoder, prompts_frame["prompt"].tolist(),
-                                   max(max_length - sampling.max_new_tokens, 1), sampling.max_new_tokens)
-    prompts_frame = prompts_frame.iloc[kept]
-    prompts, categories = prompts_frame["prompt"].tolist(), prompts_frame["category"].tolist()
+    eval_set = EvalSet.of(eval_prompts, sft_model, evaluation)
     policies = {"sft": sft_model, **ppo_policies}
-    for bundle in (*policies.values(), reward_model, judge_model):
-        to_rank_device(bundle.model)  # an 8B model must not sample on the CPU for hours
-    rm_encoder, judge_encoder = reward_model.encoder(), judge_model.encoder()
-    samples, per_policy = [], {}
-    for name, bundle in policies.items():
-        responses = generate_texts(bundle.model, sft_model.tokenizer, prompt_ids, sampling, seed=evaluation["seed"])
-        gold = [gold_score(p, r) for p, r in zip(prompts, responses, strict=True)]
-        rm = score_responses(reward_model.model, rm_encoder, prompts, responses, max_length).tolist()
-        judge = score_responses(judge_model.model, judge_encoder, prompts, responses, max_length).tolist()
-        per_policy[name] = {"responses": responses, "gold": gold, "rm": rm, "judge": judge}
-        samples += [{"policy": name, "prompt": p, "category": c, "response": r, "gold_score": g, "rm_score": s,
-                     "judge_score": j}
-                    for p, c, r, g, s, j in zip(prompts, categories, responses, gold, rm, judge, strict=True)]
+    for bundle in (sft_model, reward_model, judge_model):
+        to_rank_device(bundle.model)
+    per_policy = {name: sample_and_score(bundle.model, sft_model, reward_model, eval_set, judge_model)
+                  for name, bundle in policies.items()}
+    samples = [{"policy": name, "prompt": p, "category": c, "response": r, "gold_score": g, "rm_score": s,
+                "judge_score": j}
+               for name, scores in per_policy.items()
+               for p, c, r, g, s, j in zip(eval_set.prompts, eval_set.categories, scores["responses"], scores["gold"],
+                                           scores["rm"], scores["judge"], strict=True)]
     summary = {}
-    baseline = per_policy["sft"]
-    harmful = [c == "harmful" for c in categories]
-    harmless = [c not in ("harmful", "unknown") for c in categories]  # requests the task knows to be harmless
-    for name, result in per_policy.items():
-        refused = [float(bool(REFUSAL.search(r))) for r in result["responses"]]
-        summary[name] = {
-            "gold_score": _mean(result["gold"]),
-            "rm_score": _mean(result["rm"]),
-            "judge_score": _mean(result["judge"]),
-            "win_rate_vs_sft_gold": win_rate(result["gold"], baseline["gold"]),
-            "win_rate_vs_sft_rm": win_rate(result["rm"], baseline["rm"]),
-            "win_rate_vs_sft_judge": win_rate(result["judge"], baseline["judge"]),
-            "judge_gold_correlation": _correlation(result["judge"], result["gold"]),
-            **kl_and_perplexity(policies[name].model, sft_model.model, encoder, prompts, result["responses"], max_length),
-            "response_length": sum(len(r.split()) for r in result["responses"]) / max(len(prompts), 1),
-            "distinct_1": distinct_n(result["responses"], 1),
-            "distinct_2": distinct_n(result["responses"], 2),
-            "refusal_rate_harmful": _mean([r for r, h in zip(refused, harmful, strict=True) if h]),
-            "refusal_rate_harmless": _mean([r for r, h in zip(refused, harmless, strict=True) if h]),
-            "prompts": len(prompts),
-            "prompts_dropped": len(eval_prompts.head(evaluation["max_prompts"])) - len(prompts),
-        }
-        summary[name] = strict_json(summary[name])
+    for name, scores in per_policy.items():
+        summary[name] = compare_with_sft(policies[name].model, scores, per_policy["sft"], sft_model, eval_set)
         logger.info("%s: gold %s, RM %.3f, judge %.3f, win vs SFT (judge) %s, KL %.3f", name, summary[name]["gold_score"],
                     summary[name]["rm_score"], summary[name]["judge_score"], summary[name]["win_rate_vs_sft_judge"],
                     summary[name]["kl_to_sft"])

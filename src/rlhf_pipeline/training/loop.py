@@ -22,11 +22,14 @@ from rlhf_pipeline.training.engine import (
 
 
 def micro_batches(num_items: int, micro_batch_size: int, epochs: int, seed: int) -> Iterator[tuple[int, list[int]]]:
-    """``(epoch, indices)`` of this rank's micro-batches: a fresh seeded shuffle per epoch, sharded by rank."""
+    """``(epoch, indices)`` of this rank's micro-batches: a fresh seeded shuffle per epoch, sharded by rank.
+    Every rank gets as many micro-batches (the shuffle wraps around to fill the last ranks' shards): a rank
+    with one fewer would leave the others waiting in the gradient all-reduce."""
     rank, world_size = world()
     for epoch in range(epochs):
         order = list(range(num_items))
         random.Random(seed + epoch).shuffle(order)
+        order += order[:-num_items % world_size]
         shard = order[rank::world_size]
         for start in range(0, len(shard), micro_batch_size):
             yield epoch, shard[start:start + micro_batch_size]

@@ -21,6 +21,7 @@ import torch
 
 from rlhf_pipeline.adapters import transformer_of
 from rlhf_pipeline.config import config_from
+from rlhf_pipeline.launch import LaunchConfig, run_ppo
 from rlhf_pipeline.modeling import ModelBundle
 from rlhf_pipeline.pipelines.evaluation.nodes import (
     EvalSet,
@@ -29,7 +30,6 @@ from rlhf_pipeline.pipelines.evaluation.nodes import (
     summary_markdown,
 )
 from rlhf_pipeline.pipelines.tracking import mlflow_logger, strict_json
-from rlhf_pipeline.rl.launch import LaunchConfig, run_ppo
 from rlhf_pipeline.rl.trainer import PPOConfig
 from rlhf_pipeline.stats import difference_interval, mean_interval, paired_bootstrap_win_rate
 from rlhf_pipeline.task import gold_score

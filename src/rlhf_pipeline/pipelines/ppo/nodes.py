@@ -8,9 +8,9 @@ from typing import Any
 import pandas as pd
 
 from rlhf_pipeline.config import config_from
+from rlhf_pipeline.launch import LaunchConfig, run_ppo
 from rlhf_pipeline.modeling import ModelBundle
 from rlhf_pipeline.pipelines.tracking import mlflow_logger
-from rlhf_pipeline.rl.launch import LaunchConfig, run_ppo
 from rlhf_pipeline.rl.trainer import PPOConfig
 
 logger = logging.getLogger(__name__)

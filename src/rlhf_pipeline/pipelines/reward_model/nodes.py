@@ -10,11 +10,12 @@ import pandas as pd
 import torch
 
 from rlhf_pipeline.config import config_from
+from rlhf_pipeline.launch import LaunchConfig, run_reward_training
 from rlhf_pipeline.modeling import ModelBundle, ValueHeadModel
 from rlhf_pipeline.pipelines.tracking import mlflow_logger, strict_json
 from rlhf_pipeline.task import gold_score
 from rlhf_pipeline.training.engine import OptimConfig
-from rlhf_pipeline.training.reward import RewardConfig, ranking_accuracy, score_responses, train_reward_model
+from rlhf_pipeline.training.reward import RewardConfig, ranking_accuracy, score_responses
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +40,12 @@ def fit_reward_model(sft_model: ModelBundle, train_pairs: pd.DataFrame, val_pair
     model PPO optimises, and the judge it never sees, are made by this one function."""
     params = dict(params)
     stats_sample = params.pop("stats_sample")
+    launch = config_from(LaunchConfig, params.pop("launcher", {}))
     cfg = config_from(RewardConfig, params, optim=OptimConfig)
     log = mlflow_logger(log_prefix)
     encoder = sft_model.encoder()
-    model, fit_counts = train_reward_model(ValueHeadModel(sft_model.model, seed=cfg.seed), encoder,
-                                           train_pairs["prompt"].tolist(), train_pairs["chosen"].tolist(),
-                                           train_pairs["rejected"].tolist(), cfg, log, log_prefix)
+    model, fit_counts = run_reward_training(sft_model.with_model(ValueHeadModel(sft_model.model, seed=cfg.seed)),
+                                            train_pairs, cfg, launch, log, f"{log_prefix}/", log_prefix)
 
     def scores(frame: pd.DataFrame, column: str) -> torch.Tensor:
         return score_responses(model, encoder, frame["prompt"].tolist(), frame[column].tolist(), cfg.max_length,

@@ -11,6 +11,7 @@ import pandas as pd
 from rlhf_pipeline.config import config_from
 from rlhf_pipeline.data import prompt_bucket
 from rlhf_pipeline.generation import SamplingConfig, fit_prompts, generate_texts
+from rlhf_pipeline.launch import LaunchConfig, run_sft
 from rlhf_pipeline.modeling import (
     ModelBundle,
     TinyModelConfig,
@@ -23,7 +24,7 @@ from rlhf_pipeline.pipelines.tracking import mlflow_logger, strict_json
 from rlhf_pipeline.task import gold_score
 from rlhf_pipeline.training.devices import to_rank_device
 from rlhf_pipeline.training.engine import OptimConfig
-from rlhf_pipeline.training.sft import SFTConfig, train_sft
+from rlhf_pipeline.training.sft import SFTConfig
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ def train_sft_model(base_model: ModelBundle, sft_train: pd.DataFrame, sft: dict[
     Args:
         base_model: Model and tokenizer from ``prepare_base_model``.
         sft_train: ``prompt``, ``response`` demonstrations.
-        sft: ``SFTConfig`` fields plus ``val_fraction``, ``sampling`` and ``gold_eval_prompts``.
+        sft: ``SFTConfig`` fields plus ``val_fraction``, ``sampling``, ``gold_eval_prompts`` and ``launcher``
+            (``LaunchConfig``: more than one process trains through the ``deepspeed`` launcher).
 
     Returns:
         The SFT model and its metrics: held-out loss/perplexity, the demonstrations dropped or truncated to
@@ -82,6 +84,7 @@ def train_sft_model(base_model: ModelBundle, sft_train: pd.DataFrame, sft: dict[
     """
     params = dict(sft)
     val_fraction, gold_prompts = params.pop("val_fraction"), params.pop("gold_eval_prompts")
+    launch = config_from(LaunchConfig, params.pop("launcher", {}))
     sampling = config_from(SamplingConfig, params.pop("sampling"))
     cfg = config_from(SFTConfig, params, optim=OptimConfig)
     held_out = held_out_mask(sft_train["prompt"], val_fraction, cfg.seed)
@@ -97,8 +100,8 @@ def train_sft_model(base_model: ModelBundle, sft_train: pd.DataFrame, sft: dict[
         return mean_gold_score([eval_prompts[i] for i in kept], responses)
 
     gold_before = gold_of_samples(base_model.model)
-    model, train_metrics = train_sft(base_model.model, encoder, train["prompt"].tolist(), train["response"].tolist(),
-                                     val["prompt"].tolist(), val["response"].tolist(), cfg, log)
+    model, train_metrics = run_sft(base_model, (train["prompt"].tolist(), train["response"].tolist()),
+                                   (val["prompt"].tolist(), val["response"].tolist()), cfg, launch, log, "sft/")
     metrics = {**{k.replace("/", "_"): v for k, v in train_metrics.items()}, "gold_score_before": gold_before,
                "gold_score_after": gold_of_samples(model), "train_examples": len(train), "val_examples": len(val),
                "gold_eval_prompts_dropped": len(eval_prompts) - len(kept)}

@@ -66,6 +66,12 @@ def test_summary_gives_intervals_across_seeds_and_marks_differences_beyond_them(
     assert summary.loc["no_kl", "gold_score_vs_ppo_max"] == pytest.approx(-1.5)
     assert summary.loc["no_kl", "gold_score_vs_ppo_max_differs"] and not summary.loc["ppo_max", "gold_score_vs_ppo_max_differs"]
     assert summary.loc["no_kl", "seeds"] == 3
+    assert "seeds_beating_sft_gold" not in summary  # without bootstrap intervals, nothing to count
+    with_intervals = runs().assign(win_rate_vs_sft_gold_low=[0.52, 0.49, 0.6, 0.1, 0.2, 0.3])
+    counted = summary_table(with_intervals, "ppo_max", 0.95).set_index("variant")["seeds_beating_sft_gold"]
+    assert counted.to_dict() == {"ppo_max": 2, "no_kl": 0}
+    text = markdown(summary_table(with_intervals, "ppo_max", 0.95), "ppo_max", 0.95)
+    assert next(line for line in text.splitlines() if line.startswith("| ppo_max |")).endswith("| 2/3 |")
     text = markdown(summary.reset_index(), "ppo_max", 0.95)
     assert "| no_kl | 3 | -2.000 [-2.50, -1.50] ▼ |" in text  # -2 ± 4.302653·0.2/√3
     assert "| ppo_max | 3 | -0.500 [-0.75, -0.25] |" in text

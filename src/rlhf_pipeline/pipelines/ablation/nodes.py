@@ -178,8 +178,10 @@ def run_variant(sft_model: ModelBundle, reward_model: ModelBundle, ppo_prompts: 
         cfg = PPOConfig.from_params({**settings, "seed": seed})
         launch = config_from(LaunchConfig, {**launcher, "job_dir": str(run_dir / "job")})
         # the SFT model stays as it is for the next seed: the trainer trains a copy
+        # per settings: a killed run resumes only into the same settings (the trainer refuses others)
+        checkpoints = run_dir / f"checkpoints_{run_key(settings | {'seed': seed}, evaluation, ablation_sft_scores)}"
         result = run_ppo(sft_model.with_model(copy.deepcopy(sft_model.model)), reward_model,
-                         ppo_prompts["prompt"].tolist(), ptx, cfg, launch, checkpoint_dir=str(run_dir / "checkpoints"),
+                         ppo_prompts["prompt"].tolist(), ptx, cfg, launch, checkpoint_dir=str(checkpoints),
                          score_prior=prior, log=lambda metrics, step: log(metrics, step))
         return seed_result(variant, seed, result.policy, result.history, gold_curve(result.samples), sft_model,
                            reward_model, eval_set, ablation_sft_scores, ablation, stopped_early=result.stopped_early)
@@ -261,6 +263,8 @@ def summary_table(runs: pd.DataFrame, reference: str, level: float) -> pd.DataFr
     rows = []
     for variant, group in runs.groupby("variant", sort=False):
         row = {"variant": variant, "seeds": len(group)}
+        if "win_rate_vs_sft_gold_low" in group:  # seeds whose own paired-bootstrap interval lies above one half
+            row["seeds_beating_sft_gold"] = int((group["win_rate_vs_sft_gold_low"] > 0.5).sum())
         for metric in SUMMARY_METRICS:
             if metric not in group:
                 continue
@@ -288,10 +292,13 @@ def markdown(summary: pd.DataFrame, reference: str, level: float) -> str:
 
     shown = ("gold_score", "win_rate_vs_sft_gold", "win_rate_vs_sft_rm", "kl_to_sft", "perplexity", "response_length",
              "refusal_rate_harmful", "refusal_rate_harmless")
-    table = pd.DataFrame([{"variant": row["variant"], "seeds": row["seeds"], **{m: cell(row, m) for m in shown}}
+    table = pd.DataFrame([{"variant": row["variant"], "seeds": row["seeds"], **{m: cell(row, m) for m in shown},
+                           **({"seeds beating SFT": f"{row['seeds_beating_sft_gold']}/{row['seeds']}"}
+                              if "seeds_beating_sft_gold" in row else {})}
                           for _, row in summary.iterrows()])
     note = (f"\nMean across seeds [{level:.0%} Student-t interval]; ▲/▼: the difference from {reference} exceeds its "
-            f"{level:.0%} Welch interval.\n")
+            f"{level:.0%} Welch interval. Seeds beating SFT: seeds whose gold win rate's {level:.0%} paired-bootstrap "
+            "interval (over prompts) lies above 0.5.\n")
     return summary_markdown(table) + note
 
 

@@ -67,14 +67,17 @@ def test_summary_gives_intervals_across_seeds_and_marks_differences_beyond_them(
     assert summary.loc["no_kl", "gold_score_vs_ppo_max_differs"] and not summary.loc["ppo_max", "gold_score_vs_ppo_max_differs"]
     assert summary.loc["no_kl", "seeds"] == 3
     assert "seeds_beating_sft_gold" not in summary  # without bootstrap intervals, nothing to count
+    shares = summary_table(runs().assign(win_rate_vs_sft_gold=[0.9, 0.99, 0.6, 0.1, 0.0, 0.05]), "ppo_max", 0.95)
+    assert shares["win_rate_vs_sft_gold_high"].tolist() == [1.0, pytest.approx(0.05 + 4.302653 * 0.05 / math.sqrt(3))]
+    assert shares["win_rate_vs_sft_gold_low"].tolist()[1] == 0.0  # a rate's interval stays inside [0, 1]
     with_intervals = runs().assign(win_rate_vs_sft_gold_low=[0.52, 0.49, 0.6, 0.1, 0.2, 0.3])
     counted = summary_table(with_intervals, "ppo_max", 0.95).set_index("variant")["seeds_beating_sft_gold"]
     assert counted.to_dict() == {"ppo_max": 2, "no_kl": 0}
     text = markdown(summary_table(with_intervals, "ppo_max", 0.95), "ppo_max", 0.95)
     assert next(line for line in text.splitlines() if line.startswith("| ppo_max |")).endswith("| 2/3 |")
     text = markdown(summary.reset_index(), "ppo_max", 0.95)
-    assert "| no_kl | 3 | -2.000 [-2.50, -1.50] ▼ |" in text  # -2 ± 4.302653·0.2/√3
-    assert "| ppo_max | 3 | -0.500 [-0.75, -0.25] |" in text
+    assert "| no_kl | 3 | -2.000 [-2.497, -1.503] ▼ |" in text  # -2 ± 4.302653·0.2/√3
+    assert "| ppo_max | 3 | -0.500 [-0.748, -0.252] |" in text
 
 
 def test_a_killed_study_resumes_with_the_run_it_was_in(tmp_path):

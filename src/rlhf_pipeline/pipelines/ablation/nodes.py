@@ -40,6 +40,7 @@ CURVES = {"reward/raw_score": "RM score", "gold_score": "gold score of the rollo
           "response/perplexity": "perplexity", "response/length": "response length (tokens)"}
 SUMMARY_METRICS = ("gold_score", "win_rate_vs_sft_gold", "win_rate_vs_sft_rm", "rm_score", "kl_to_sft", "perplexity",
                    "response_length", "refusal_rate_harmful", "refusal_rate_harmless")
+RATES = {"win_rate_vs_sft_gold", "win_rate_vs_sft_rm", "refusal_rate_harmful", "refusal_rate_harmless"}
 
 
 def evaluation_settings(evaluation: dict[str, Any], ablation: dict[str, Any]) -> dict[str, Any]:
@@ -224,6 +225,7 @@ def run_trl_variant(sft_model: ModelBundle, reward_model: ModelBundle, ppo_promp
     like every other row. Arguments and returns as ``run_variant``'s (``sft_train``, the RM statistics and the
     launcher go unused: TRL has no PPO-ptx and no score normalisation)."""
     from datasets import Dataset
+    from transformers import PrinterCallback
     from trl.experimental.ppo import PPOConfig as TRLConfig
     from trl.experimental.ppo import PPOTrainer as TRLTrainer
 
@@ -246,6 +248,7 @@ def run_trl_variant(sft_model: ModelBundle, reward_model: ModelBundle, ppo_promp
                                  model=policy, ref_model=copy.deepcopy(sft_model.model),
                                  reward_model=TRLScoreModel(copy.deepcopy(reward_model.model)),
                                  value_model=TRLScoreModel(copy.deepcopy(reward_model.model)), train_dataset=queries)
+            trainer.remove_callback(PrinterCallback)  # its metrics go to MLflow below, not as dicts on stdout
             trainer.train()
         history = [{"step": i + 1, "reward/raw_score": entry["objective/scores"], "kl/sequence": entry["objective/kl"]}
                    for i, entry in enumerate(e for e in trainer.state.log_history if "objective/scores" in e)]
@@ -258,8 +261,9 @@ def run_trl_variant(sft_model: ModelBundle, reward_model: ModelBundle, ppo_promp
 
 
 def summary_table(runs: pd.DataFrame, reference: str, level: float) -> pd.DataFrame:
-    """Per variant: mean and interval across seeds of each metric, and the difference from ``reference``
-    (PPO-max) with its Welch interval; ``*_differs`` says whether that interval excludes zero."""
+    """Per variant: mean and interval across seeds of each metric (clipped to [0, 1] for rates), and the
+    difference from ``reference`` (PPO-max) with its Welch interval; ``*_differs`` says whether that interval
+    excludes zero."""
     rows = []
     for variant, group in runs.groupby("variant", sort=False):
         row = {"variant": variant, "seeds": len(group)}
@@ -268,7 +272,10 @@ def summary_table(runs: pd.DataFrame, reference: str, level: float) -> pd.DataFr
         for metric in SUMMARY_METRICS:
             if metric not in group:
                 continue
-            row[metric], row[f"{metric}_low"], row[f"{metric}_high"] = mean_interval(group[metric].tolist(), level)
+            row[metric], low, high = mean_interval(group[metric].tolist(), level)
+            if metric in RATES:  # a share cannot leave [0, 1], whatever three seeds' t-interval says
+                low, high = max(low, 0.0), min(high, 1.0)
+            row[f"{metric}_low"], row[f"{metric}_high"] = low, high
             base = runs.loc[runs["variant"] == reference, metric].tolist()
             diff, low, high = difference_interval(group[metric].tolist(), base, level)
             row[f"{metric}_vs_{reference}"] = diff
@@ -288,7 +295,7 @@ def markdown(summary: pd.DataFrame, reference: str, level: float) -> str:
             mark = " ▲" if row[f"{metric}_vs_{reference}"] > 0 else " ▼"
         if pd.isna(row[f"{metric}_low"]):
             return f"{row[metric]:.3f}{mark}"
-        return f"{row[metric]:.3f} [{row[f'{metric}_low']:.2f}, {row[f'{metric}_high']:.2f}]{mark}"
+        return f"{row[metric]:.3f} [{row[f'{metric}_low']:.3f}, {row[f'{metric}_high']:.3f}]{mark}"
 
     shown = ("gold_score", "win_rate_vs_sft_gold", "win_rate_vs_sft_rm", "kl_to_sft", "perplexity", "response_length",
              "refusal_rate_harmful", "refusal_rate_harmless")
@@ -305,18 +312,23 @@ def markdown(summary: pd.DataFrame, reference: str, level: float) -> str:
 def plot_curves(curves: pd.DataFrame) -> plt.Figure:
     """Training curves per variant over iterations: the mean across seeds and a band of ± one standard deviation."""
     metrics = [m for m in CURVES if m in curves and curves[m].notna().any()]
-    figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.4))
+    variants = list(dict.fromkeys(curves["variant"]))
+    palette = plt.get_cmap("tab20").colors
+    colours = dict(zip(variants, palette[0::2] + palette[1::2], strict=False))  # 20 colours, the strong ten first
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics) + 2, 3.4))
     for metric, axis in zip(metrics, axes, strict=True):
         for variant, group in curves.groupby("variant", sort=False):
             by_step = group.groupby("step")[metric].agg(["mean", "std"]).dropna(subset=["mean"])
             if by_step.empty:
                 continue
-            line, = axis.plot(by_step.index, by_step["mean"], label=variant, linewidth=1.2)
+            axis.plot(by_step.index, by_step["mean"], label=variant, color=colours.get(variant),
+                      linewidth=2.2 if variant == variants[0] else 1.0)
             axis.fill_between(by_step.index, by_step["mean"] - by_step["std"].fillna(0),
-                              by_step["mean"] + by_step["std"].fillna(0), color=line.get_color(), alpha=0.15)
+                              by_step["mean"] + by_step["std"].fillna(0), color=colours.get(variant), alpha=0.12)
         axis.set_title(CURVES[metric])
         axis.set_xlabel("PPO iteration")
-    axes[-1].legend(fontsize=7, loc="best")
+    handles, labels = axes[0].get_legend_handles_labels()  # the RM score exists for every row
+    axes[-1].legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.tight_layout()
     return figure
 

@@ -29,6 +29,7 @@ from rlhf_pipeline.pipelines.evaluation.nodes import (
     sample_and_score,
     summary_markdown,
 )
+from rlhf_pipeline.pipelines.ppo.nodes import score_prior
 from rlhf_pipeline.pipelines.tracking import mlflow_logger, strict_json
 from rlhf_pipeline.rl.trainer import PPOConfig
 from rlhf_pipeline.stats import difference_interval, mean_interval, paired_bootstrap_win_rate
@@ -107,8 +108,9 @@ def seed_result(variant: str, seed: int, policy: torch.nn.Module, history: list[
 
 def train_seeds(variant: str, ablation: dict[str, Any], settings: dict[str, Any], overrides: dict[str, Any],
                 evaluation: dict[str, Any], sft_scores: dict[str, list], train) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Run ``train(seed, run_dir) -> result`` for each seed, each in an MLflow run nested under the study's,
-    reusing a stored result whose settings match (a killed study resumes with the run it was in)."""
+    """Run ``train(seed, work_dir, log) -> result`` for each seed, each in an MLflow run nested under the study's,
+    reusing a stored result whose settings match (a killed study resumes with the run it was in). ``work_dir``
+    (checkpoints, launcher job) is per settings: the trainer resumes a checkpoint only into the same ones."""
     results = []
     for seed in ablation["seeds"]:
         run_dir = Path(ablation["run_dir"]) / variant / f"seed_{seed}"
@@ -120,7 +122,7 @@ def train_seeds(variant: str, ablation: dict[str, Any], settings: dict[str, Any]
         logger.info("Ablation %s seed %d: training (%s)", variant, seed, overrides or "the preset as it is")
         with nested_run(f"{variant} seed {seed}", {"ablation.variant": variant, "ablation.seed": str(seed)},
                         {**overrides, "seed": seed}) as log:
-            result = {**train(seed, run_dir, log), "key": key}
+            result = {**train(seed, run_dir / f"work_{key}", log), "key": key}
             log({k: v for k, v in result.items() if k not in ("curves", "variant", "seed")}, 0, "eval")
         run_dir.mkdir(parents=True, exist_ok=True)
         stored.write_text(json.dumps(result, indent=1))
@@ -171,19 +173,15 @@ def run_variant(sft_model: ModelBundle, reward_model: ModelBundle, ppo_prompts: 
     settings, launcher, overrides = variant_settings(variant, ppo, ablation)
     evaluation = evaluation_settings(evaluation, ablation)
     eval_set = EvalSet.of(eval_prompts, sft_model, evaluation)
-    prior = (float(reward_model_metrics.get("stats_count", 100)), reward_model_metrics["reward_mean"],
-             reward_model_metrics["reward_std"])
     ptx = (sft_train["prompt"].tolist(), sft_train["response"].tolist())
 
-    def train(seed: int, run_dir: Path, log) -> dict[str, Any]:
+    def train(seed: int, work_dir: Path, log) -> dict[str, Any]:
         cfg = PPOConfig.from_params({**settings, "seed": seed})
-        launch = config_from(LaunchConfig, {**launcher, "job_dir": str(run_dir / "job")})
+        launch = config_from(LaunchConfig, {**launcher, "job_dir": str(work_dir / "job")})
         # the SFT model stays as it is for the next seed: the trainer trains a copy
-        # per settings: a killed run resumes only into the same settings (the trainer refuses others)
-        checkpoints = run_dir / f"checkpoints_{run_key(settings | {'seed': seed}, evaluation, ablation_sft_scores)}"
         result = run_ppo(sft_model.with_model(copy.deepcopy(sft_model.model)), reward_model,
-                         ppo_prompts["prompt"].tolist(), ptx, cfg, launch, checkpoint_dir=str(checkpoints),
-                         score_prior=prior, log=lambda metrics, step: log(metrics, step))
+                         ppo_prompts["prompt"].tolist(), ptx, cfg, launch, checkpoint_dir=str(work_dir / "checkpoints"),
+                         score_prior=score_prior(reward_model_metrics), log=lambda metrics, step: log(metrics, step))
         return seed_result(variant, seed, result.policy, result.history, gold_curve(result.samples), sft_model,
                            reward_model, eval_set, ablation_sft_scores, ablation, stopped_early=result.stopped_early)
 
@@ -236,7 +234,7 @@ def run_trl_variant(sft_model: ModelBundle, reward_model: ModelBundle, ppo_promp
     tokenizer = copy.deepcopy(sft_model.tokenizer)
     tokenizer.padding_side = "left"
 
-    def train(seed: int, run_dir: Path, log) -> dict[str, Any]:
+    def train(seed: int, work_dir: Path, log) -> dict[str, Any]:
         cfg = PPOConfig.from_params({**settings, "seed": seed})
         queries = Dataset.from_dict({"input_ids": [
             encoder.sampling_prompt(p, cfg.max_prompt_length, cfg.sampling.max_new_tokens)

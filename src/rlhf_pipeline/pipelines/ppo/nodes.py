@@ -16,6 +16,12 @@ from rlhf_pipeline.rl.trainer import PPOConfig
 logger = logging.getLogger(__name__)
 
 
+def score_prior(reward_model_metrics: dict[str, float]) -> tuple[float, float, float]:
+    """(count, mean, std) of the RM's scores on training pairs: where the score normaliser starts."""
+    return (float(reward_model_metrics.get("stats_count", 100)), reward_model_metrics["reward_mean"],
+            reward_model_metrics["reward_std"])
+
+
 def train_ppo(
     sft_model: ModelBundle, reward_model: ModelBundle, ppo_prompts: pd.DataFrame, sft_train: pd.DataFrame,
     reward_model_metrics: dict[str, float], ppo: dict[str, Any],
@@ -39,11 +45,9 @@ def train_ppo(
     name, checkpoint_dir = params.pop("name"), params.pop("checkpoint_dir", None)
     launch = config_from(LaunchConfig, params.pop("launcher", {}))
     cfg = PPOConfig.from_params(params)
-    prior = (float(reward_model_metrics.get("stats_count", 100)), reward_model_metrics["reward_mean"],
-             reward_model_metrics["reward_std"])
     result = run_ppo(sft_model, reward_model, ppo_prompts["prompt"].tolist(),
                      (sft_train["prompt"].tolist(), sft_train["response"].tolist()), cfg, launch,
-                     checkpoint_dir=checkpoint_dir, score_prior=prior, log=mlflow_logger(f"ppo/{name}"),
+                     checkpoint_dir=checkpoint_dir, score_prior=score_prior(reward_model_metrics), log=mlflow_logger(f"ppo/{name}"),
                      metric_prefix=f"ppo/{name}/")
     mlflow_logger(f"ppo/{name}")({"prompts_dropped": result.prompts_dropped}, 0)
     history = pd.DataFrame(result.history)

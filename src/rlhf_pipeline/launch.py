@@ -51,10 +51,11 @@ class LaunchConfig:
     """Wall-clock limit of the launched job (None: none); a job past it is killed and the node fails."""
 
 
-def new_job(launch: LaunchConfig, models: dict[str, ModelBundle], frames: dict[str, pd.DataFrame],
-            spec: dict) -> Path:
-    """A fresh job folder with the models, the data and the spec; the caller's models leave the GPUs, because
-    the ranks load their own copies."""
+def launch_job(launch: LaunchConfig, models: dict[str, ModelBundle], frames: dict[str, pd.DataFrame],
+               spec: dict) -> Path:
+    """Write a fresh job folder (the models, the data, the spec) and run it on ``launch.num_processes`` ranks per
+    node (and the hostfile's nodes); returns its output folder. The caller's models leave the GPUs first,
+    because the ranks load their own copies."""
     job = Path(launch.job_dir)
     if job.exists():
         shutil.rmtree(job / "output", ignore_errors=True)
@@ -66,17 +67,11 @@ def new_job(launch: LaunchConfig, models: dict[str, ModelBundle], frames: dict[s
     for name, frame in frames.items():
         frame.to_parquet(job / f"{name}.parquet")
     (job / "job.json").write_text(json.dumps(spec, indent=2, default=str))
-    return job
-
-
-def launch_job(job: Path, launch: LaunchConfig) -> Path:
-    """Run ``job`` on ``launch.num_processes`` ranks per node (and the hostfile's nodes); its output folder."""
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(launch.master_port)]
     if launch.hostfile:
         command += ["--hostfile", launch.hostfile]
     command += ["--num_gpus", str(launch.num_processes), "--module", "rlhf_pipeline.launch", str(job.resolve())]
-    logger.info("Launching %s on %d process(es) per node: %s", json.loads((job / "job.json").read_text())["stage"],
-                launch.num_processes, " ".join(command))
+    logger.info("Launching %s on %d process(es) per node: %s", spec["stage"], launch.num_processes, " ".join(command))
     run_job(command, launch.timeout_s)
     return job / "output"
 
@@ -92,9 +87,8 @@ def run_sft(model: ModelBundle, train: tuple[list[str], list[str]], val: tuple[l
         return train_sft(model.model, model.encoder(), *train, *val, cfg, log)
     frames = {"train": pd.DataFrame({"prompt": train[0], "response": train[1]}),
               "val": pd.DataFrame({"prompt": val[0], "response": val[1]})}
-    job = new_job(launch, {"model": model}, frames,
-                  {"stage": "sft", "config": asdict(cfg), "metric_prefix": metric_prefix})
-    output = launch_job(job, launch)
+    output = launch_job(launch, {"model": model}, frames,
+                        {"stage": "sft", "config": asdict(cfg), "metric_prefix": metric_prefix})
     return load_policy(str(output / "model")).model, json.loads((output / "metrics.json").read_text())
 
 
@@ -106,9 +100,9 @@ def run_reward_training(model: ModelBundle, pairs: pd.DataFrame, cfg: RewardConf
     if in_process(launch):
         return train_reward_model(model.model, model.encoder(), pairs["prompt"].tolist(), pairs["chosen"].tolist(),
                                   pairs["rejected"].tolist(), cfg, log, description)
-    job = new_job(launch, {"model": model}, {"pairs": pairs[["prompt", "chosen", "rejected"]]},
-                  {"stage": "reward", "config": asdict(cfg), "metric_prefix": metric_prefix, "description": description})
-    output = launch_job(job, launch)
+    output = launch_job(launch, {"model": model}, {"pairs": pairs[["prompt", "chosen", "rejected"]]},
+                        {"stage": "reward", "config": asdict(cfg), "metric_prefix": metric_prefix,
+                         "description": description})
     return load_value_model(str(output / "model")).model, json.loads((output / "metrics.json").read_text())
 
 
@@ -123,10 +117,9 @@ def run_ppo(policy: ModelBundle, reward_model: ModelBundle, prompts: list[str], 
         return trainer.train()
     frames = {"prompts": pd.DataFrame({"prompt": prompts}),
               "ptx": pd.DataFrame({"prompt": ptx_data[0], "response": ptx_data[1]})}
-    job = new_job(launch, {"policy": policy, "reward_model": reward_model}, frames, {
+    output = launch_job(launch, {"policy": policy, "reward_model": reward_model}, frames, {
         "stage": "ppo", "config": asdict(cfg), "checkpoint_dir": checkpoint_dir, "score_prior": score_prior,
         "metric_prefix": metric_prefix})
-    output = launch_job(job, launch)
     samples = json.loads((output / "samples.json").read_text())
     history = json.loads((output / "history.json").read_text())
     status = json.loads((output / "status.json").read_text())

@@ -115,9 +115,10 @@ def train_seeds(variant: str, ablation: dict[str, Any], settings: dict[str, Any]
     for seed in ablation["seeds"]:
         run_dir = Path(ablation["run_dir"]) / variant / f"seed_{seed}"
         stored, key = run_dir / "result.json", run_key({**settings, "seed": seed}, evaluation, sft_scores)
-        if stored.exists() and json.loads(stored.read_text()).get("key") == key:
+        earlier = json.loads(stored.read_text()) if stored.exists() else {}
+        if earlier.get("key") == key:
             logger.info("Ablation %s seed %d: finished earlier, result read from %s", variant, seed, stored)
-            results.append(json.loads(stored.read_text()))
+            results.append(earlier)
             continue
         logger.info("Ablation %s seed %d: training (%s)", variant, seed, overrides or "the preset as it is")
         with nested_run(f"{variant} seed {seed}", {"ablation.variant": variant, "ablation.seed": str(seed)},
@@ -262,7 +263,7 @@ def summary_table(runs: pd.DataFrame, reference: str, level: float) -> pd.DataFr
     """Per variant: mean and interval across seeds of each metric (clipped to [0, 1] for rates), and the
     difference from ``reference`` (PPO-max) with its Welch interval; ``*_differs`` says whether that interval
     excludes zero."""
-    rows = []
+    rows, reference_runs = [], runs[runs["variant"] == reference]
     for variant, group in runs.groupby("variant", sort=False):
         row = {"variant": variant, "seeds": len(group)}
         if "win_rate_vs_sft_gold_low" in group:  # seeds whose own paired-bootstrap interval lies above one half
@@ -274,8 +275,7 @@ def summary_table(runs: pd.DataFrame, reference: str, level: float) -> pd.DataFr
             if metric in RATES:  # a share cannot leave [0, 1], whatever three seeds' t-interval says
                 low, high = max(low, 0.0), min(high, 1.0)
             row[f"{metric}_low"], row[f"{metric}_high"] = low, high
-            base = runs.loc[runs["variant"] == reference, metric].tolist()
-            diff, low, high = difference_interval(group[metric].tolist(), base, level)
+            diff, low, high = difference_interval(group[metric].tolist(), reference_runs[metric].tolist(), level)
             row[f"{metric}_vs_{reference}"] = diff
             row[f"{metric}_vs_{reference}_differs"] = bool(low > 0 or high < 0) if variant != reference else False
         rows.append(row)

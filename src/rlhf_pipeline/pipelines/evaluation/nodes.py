@@ -94,7 +94,8 @@ class EvalSet:
 def sample_and_score(policy: torch.nn.Module, sft_model: ModelBundle, reward_model: ModelBundle, eval_set: EvalSet,
                      judge_model: ModelBundle | None = None) -> dict[str, list]:
     """One policy's responses to the evaluation prompts and their gold, RM (and judge) scores, per prompt."""
-    to_rank_device(policy)  # an 8B model must not sample on the CPU for hours
+    for model in (policy, reward_model.model, *([judge_model.model] if judge_model else [])):
+        to_rank_device(model)  # an 8B model must not sample or score on the CPU for hours
     responses = generate_texts(policy, sft_model.tokenizer, eval_set.prompt_ids, eval_set.sampling, seed=eval_set.seed)
     prompts = eval_set.prompts
     scores = {"responses": responses, "gold": [gold_score(p, r) for p, r in zip(prompts, responses, strict=True)],
@@ -110,6 +111,7 @@ def compare_with_sft(policy: torch.nn.Module, scores: dict[str, list], sft_score
                      sft_model: ModelBundle, eval_set: EvalSet) -> dict[str, float | None]:
     """A policy's metrics against SFT's on the same prompts: mean scores, win rates, KL and perplexity, length,
     diversity and refusal rates (``None`` where a value does not exist, e.g. gold scores on real data)."""
+    to_rank_device(sft_model.model)  # the KL reference
     categories = eval_set.categories
     refused = [float(bool(REFUSAL.search(r))) for r in scores["responses"]]
     harmful = [c == "harmful" for c in categories]
@@ -152,8 +154,6 @@ def evaluate_policies(
     """
     eval_set = EvalSet.of(eval_prompts, sft_model, evaluation)
     policies = {"sft": sft_model, **ppo_policies}
-    for bundle in (sft_model, reward_model, judge_model):
-        to_rank_device(bundle.model)
     per_policy = {name: sample_and_score(bundle.model, sft_model, reward_model, eval_set, judge_model)
                   for name, bundle in policies.items()}
     samples = [{"policy": name, "prompt": p, "category": c, "response": r, "gold_score": g, "rm_score": s,

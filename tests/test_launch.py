@@ -29,7 +29,7 @@ PROMPTS = [f"\n\nHuman: What is {i} plus 1?\n\nAssistant:" for i in range(16)]
 
 
 def test_two_ranks_through_the_launcher(tmp_path):
-    """ZeRO-3 (every parameter partitioned) for the policy, ZeRO-2 for the critic."""
+    """ZeRO-3 (every parameter partitioned) for the policy and the frozen models, ZeRO-2 for the critic."""
     tokenizer = train_tokenizer(PROMPTS * 3, vocab_size=300)
     shape = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2)
     policy = ModelBundle(build_tiny_model(tokenizer, shape), tokenizer)
@@ -40,13 +40,20 @@ def test_two_ranks_through_the_launcher(tmp_path):
     reward_model = ModelBundle(ValueHeadModel(build_tiny_model(tokenizer, shape)), tokenizer)
     cfg = PPOConfig(iterations=2, rollout_batch_size=4, mini_batch_size=2, sampling=SamplingConfig(max_new_tokens=6),
                     policy_optim=zero3(1e-2), critic_optim=OptimConfig(lr=1e-4, zero_stage=2),
-                    checkpoint_every=1, sample_every=1, ptx_coef=0.1, ptx_batch_size=2)
+                    frozen_models="zero3", checkpoint_every=1, sample_every=1, ptx_coef=0.1, ptx_batch_size=2)
     launch = LaunchConfig(num_processes=2, master_port=29517, job_dir=str(tmp_path / "job"), timeout_s=300)
     result = run_ppo(policy, reward_model, PROMPTS, (PROMPTS, ["1"] * 16), cfg, launch,
                      checkpoint_dir=str(tmp_path / "checkpoints"))
     assert [h["step"] for h in result.history] == [1, 2]
     assert all(h["response/length"] < 6 for h in result.history)  # responses did stop early
-    assert json.loads((tmp_path / "job/output/status.json").read_text())["world_size"] == 2
+    status = json.loads((tmp_path / "job/output/status.json").read_text())
+    assert status["world_size"] == 2
+    # each rank read its half of every ZeRO-3 model (plus padding to even halves), never the whole model
+    loaded = status["rank0_parameters_at_load"]
+    for model in ("policy", "reference", "reward_model"):
+        held, total = loaded[model]
+        assert total > 10_000 and total / 2 <= held <= total / 2 + 50, (model, held, total)
+    assert loaded["critic"][0] == loaded["critic"][1]  # ZeRO-2 keeps whole weights on every rank
     assert (tmp_path / "checkpoints/latest").read_text() == "iteration_2"
     assert result.samples
     # the written-back policy is whole (ZeRO-3 gathered it) and trained

@@ -1,12 +1,13 @@
-"""Run PPO in this process, or across processes with the ``deepspeed`` launcher.
+"""Run SFT, reward-model and PPO training in this process, or across processes with the ``deepspeed`` launcher.
 
-``run_ppo`` trains in-process when one process is configured. With more (GPUs, CPU ranks, or nodes
-from a hostfile) it writes a job folder - models as ``save_pretrained`` directories, prompts and SFT
-data as Parquet, the config as JSON - and runs ``deepspeed [--hostfile H] --num_gpus N --module
-rlhf_pipeline.rl.launch <job>`` as a subprocess. Every rank rolls out its own share of the prompts and
-ZeRO shards the training state; rank 0 logs into the caller's MLflow run (``MLFLOW_RUN_ID`` and
-``MLFLOW_TRACKING_URI`` in the environment) and writes the policy, history and samples back to the job
-folder, which ``run_ppo`` loads and returns.
+``run_sft``, ``run_reward_training`` and ``run_ppo`` train in-process when one process is configured. With
+more (GPUs, CPU ranks, or nodes from a hostfile) they write a job folder - models as ``save_pretrained``
+directories, data as Parquet, the stage and its config as JSON - and run ``deepspeed [--hostfile H]
+--num_gpus N --module rlhf_pipeline.launch <job>`` as a subprocess. Every rank trains on its own share of
+the data (PPO: rolls out its own share of the prompts), reading ZeRO-3 models straight into its partition,
+and ZeRO shards the training state; rank 0 logs into the caller's MLflow run (``MLFLOW_RUN_ID`` and
+``MLFLOW_TRACKING_URI`` in the environment) and writes the results back to the job folder, which the
+caller loads and returns.
 """
 
 from __future__ import annotations
@@ -27,9 +28,17 @@ import torch
 
 from rlhf_pipeline.config import config_from
 from rlhf_pipeline.modeling import ModelBundle, ValueHeadModel, load_policy, load_value_model
-from rlhf_pipeline.rl.trainer import PPOConfig, PPOResult, PPOTrainer
+from rlhf_pipeline.rl.trainer import PPOConfig, PPOResult, PPOTrainer, load_configs
 from rlhf_pipeline.training.devices import release_device_memory
-from rlhf_pipeline.training.engine import LogFn, OptimConfig, child_environment, no_logging, world
+from rlhf_pipeline.training.engine import (
+    LogFn,
+    OptimConfig,
+    child_environment,
+    no_logging,
+    partitioned_loading,
+    resident_parameters,
+    world,
+)
 from rlhf_pipeline.training.reward import RewardConfig, train_reward_model
 from rlhf_pipeline.training.sft import SFTConfig, train_sft
 
@@ -172,23 +181,46 @@ def mlflow_rank0_logger(prefix: str) -> LogFn:
     return log
 
 
+def load_ppo_models(job: Path, cfg: PPOConfig) -> tuple[ModelBundle, dict[str, torch.nn.Module]]:
+    """The policy bundle and the models for ``PPOTrainer`` (``reward_model``, and without LoRA ``reference`` and
+    ``critic``), each read from the job folder as its engine will hold it: a ZeRO-3 model partitioned from the
+    first byte, so no rank holds it whole in host memory; the reference and the critic are read again rather
+    than copied from a policy and reward model this rank may hold only a part of."""
+    configs = load_configs(cfg)
+    if cfg.lora.enabled:  # LoRA trains at ZeRO 0-2 and derives the reference and critic from the policy and RM
+        return load_policy(str(job / "policy")), {"reward_model": ValueHeadModel.from_pretrained(str(job / "reward_model"))}
+    with partitioned_loading(configs["policy"]):
+        policy = load_policy(str(job / "policy"))
+    models = {}
+    with partitioned_loading(configs["frozen"]):
+        models["reward_model"] = ValueHeadModel.from_pretrained(str(job / "reward_model"))
+        models["reference"] = load_policy(str(job / "policy")).model
+    with partitioned_loading(configs["critic"]):
+        models["critic"] = ValueHeadModel.from_pretrained(str(job / "reward_model")) if cfg.critic_from_reward_model \
+            else ValueHeadModel(load_policy(str(job / "policy")).model, seed=cfg.seed)
+    return policy, models
+
+
 def ppo_worker(job: Path, spec: dict, output: Path) -> None:
     cfg = PPOConfig.from_params(spec["config"])
-    policy = load_policy(str(job / "policy"))
-    reward_model = load_value_model(str(job / "reward_model"))
+    policy, models = load_ppo_models(job, cfg)
+    resident = {name: resident_parameters(model) for name, model in {"policy": policy.model, **models}.items()}
+    logger.info("Rank %d holds %s", world()[0], ", ".join(f"{name} {held:,} of {total:,} parameters"
+                                                          for name, (held, total) in resident.items()))
     prompts = pd.read_parquet(job / "prompts.parquet")["prompt"].tolist()
     ptx = pd.read_parquet(job / "ptx.parquet")
-    trainer = PPOTrainer(policy.model, reward_model.model, policy.encoder(), prompts, cfg,
+    trainer = PPOTrainer(policy.model, encoder=policy.encoder(), prompts=prompts, cfg=cfg,
                          checkpoint_dir=spec["checkpoint_dir"], ptx_data=(ptx["prompt"].tolist(), ptx["response"].tolist()),
                          log=mlflow_rank0_logger(spec["metric_prefix"]),
-                         score_prior=tuple(spec["score_prior"]) if spec["score_prior"] else None)
+                         score_prior=tuple(spec["score_prior"]) if spec["score_prior"] else None, **models)
     result = trainer.train()
     if world()[0] == 0:
         policy.with_model(result.policy).save_pretrained(str(output / "policy"))
         (output / "history.json").write_text(json.dumps(result.history))
         (output / "samples.json").write_text(json.dumps(result.samples))
         (output / "status.json").write_text(json.dumps({"stopped_early": result.stopped_early, "world_size": world()[1],
-                                                           "prompts_dropped": result.prompts_dropped}))
+                                                           "prompts_dropped": result.prompts_dropped,
+                                                           "rank0_parameters_at_load": resident}))
 
 
 def sft_worker(job: Path, spec: dict, output: Path) -> None:

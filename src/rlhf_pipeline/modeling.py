@@ -196,11 +196,13 @@ class ValueHeadModel(nn.Module):
 
     def __init__(self, lm: PreTrainedModel, seed: int = 0, value_head: nn.Linear | None = None):
         """``lm`` may carry LoRA adapters (a peft model). A new head's initial weights come from ``seed``
-        alone, not from whatever ran before in the process."""
+        alone, not from whatever ran before in the process, and building it leaves the global RNG as it was
+        (a trainer that builds its critic after seeding samples as one handed a ready critic does)."""
         super().__init__()
         self.lm = lm
         if value_head is None:
-            value_head = nn.Linear(lm.config.hidden_size, 1)
+            with torch.random.fork_rng(devices=[]):  # nn.Linear's default initialisation, replaced below
+                value_head = nn.Linear(lm.config.hidden_size, 1)
             nn.init.normal_(value_head.weight, std=1.0 / (lm.config.hidden_size + 1) ** 0.5,
                             generator=torch.Generator().manual_seed(seed))
             nn.init.zeros_(value_head.bias)

@@ -158,3 +158,39 @@ def test_frozen_models_on_the_device_take_the_policys_precision(tokenizer):
     assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.training
     assert {p.dtype for p in make_frozen_engine(tiny(tokenizer, "llama"), "device", bf16=False).parameters()} == \
         {torch.float32}
+
+
+@pytest.mark.parametrize("critic_from_reward_model", [True, False])
+def test_launched_ranks_load_zero3_models_partitioned_and_train_as_from_whole_copies(tokenizer, tmp_path,
+                                                                                     critic_from_reward_model):
+    """``load_ppo_models`` (each launched rank): ZeRO-3 models are read straight into partitions, never whole in
+    host memory, and the reference and critic are read from the job folder instead of copied from a policy the
+    rank holds only a part of. Training from them equals training from whole models and their copies."""
+    from rlhf_pipeline.launch import load_ppo_models
+    from rlhf_pipeline.modeling import ModelBundle
+    from tests.rl.test_trainer import zero3
+
+    ModelBundle(tiny(tokenizer, "gpt2"), tokenizer).save_pretrained(str(tmp_path / "policy"))
+    ModelBundle(ValueHeadModel(tiny(tokenizer, "gpt2", seed=1), seed=2), tokenizer).save_pretrained(
+        str(tmp_path / "reward_model"))
+    from_copies = trainer_for(tokenizer, policy_optim=zero3(5e-3), critic_optim=zero3(5e-3), frozen_models="zero3",
+                              critic_from_reward_model=critic_from_reward_model)
+    expected = from_copies.train().policy.state_dict()  # before the next trainer re-seeds the sampling RNG
+    policy, models = load_ppo_models(tmp_path, from_copies.cfg)
+    assert set(models) == {"reward_model", "reference", "critic"}
+    for name, model in {"policy": policy.model, **models}.items():
+        lm = model.lm if isinstance(model, ValueHeadModel) else model
+        # zero.Init leaves empty placeholders where whole weights would be; the rank's part is in ds_tensor
+        assert all(p.numel() == 0 and p.ds_tensor.numel() == p.ds_numel for p in lm.parameters()), name
+    from_loaded = PPOTrainer(policy.model, encoder=DialogueEncoder(tokenizer), prompts=PROMPTS, cfg=from_copies.cfg,
+                             **models)
+    trained = from_loaded.train().policy.state_dict()
+    assert not torch.equal(expected["transformer.wte.weight"], tiny(tokenizer, "gpt2").transformer.wte.weight)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(trained[name], tensor, msg=name)
+
+
+def test_lora_takes_no_prebuilt_reference_or_critic(tokenizer):
+    with pytest.raises(ValueError, match="cannot be passed in"):
+        PPOTrainer(tiny(tokenizer, "gpt2"), ValueHeadModel(tiny(tokenizer, "gpt2")), DialogueEncoder(tokenizer), PROMPTS,
+                   PPOConfig(lora=LoraSettings(r=4)), reference=tiny(tokenizer, "gpt2"))

@@ -39,6 +39,9 @@ from rlhf_pipeline.training.engine import (
     FROZEN_PLACEMENTS,
     LogFn,
     OptimConfig,
+    bf16_enabled,
+    deepspeed_config,
+    frozen_ds_config,
     grad_norm,
     init_distributed,
     make_engine,
@@ -194,26 +197,28 @@ class PPOTrainer:
 
     def __init__(self, policy, reward_model: ValueHeadModel, encoder: DialogueEncoder, prompts: list[str], cfg: PPOConfig,
                  checkpoint_dir: str | None = None, ptx_data: tuple[list[str], list[str]] | None = None,
-                 log: LogFn = no_logging, score_prior: tuple[float, float, float] | None = None):
+                 log: LogFn = no_logging, score_prior: tuple[float, float, float] | None = None,
+                 reference=None, critic: ValueHeadModel | None = None):
         """``encoder`` fits prompts and PPO-ptx demonstrations to the context (rows that cannot fit are dropped);
-        ``score_prior``: (count, mean, std) of RM scores measured after RM training, to start the normaliser."""
+        ``score_prior``: (count, mean, std) of RM scores measured after RM training, to start the normaliser.
+        ``reference`` and ``critic`` (without LoRA): built by the caller, e.g. loaded partitioned by ZeRO-3 ranks
+        (``load_configs``), which cannot copy a policy they do not hold whole; by default copies of the policy
+        and of the reward model (or of the policy under a new value head)."""
         init_distributed()
         self.cfg, self.tokenizer, self.log = cfg, encoder.tokenizer, log
         self.rank, self.world_size = world()
         torch.manual_seed(cfg.seed + self.rank)
-        for model in (policy, reward_model):  # the reference and the critic are copies of these
-            # old log-probs come from eval mode; with dropout on in training the ratio would start away from 1
-            disable_dropout(model)
-            use_fused_gelu(model)
-        policy, reference, reward_model, critic = self.build_models(policy, reward_model)
-        # ZeRO-3 only: a whole copy that generates, refreshed once per rollout (see rollout_policy)
-        self.generation_copy = copy.deepcopy(policy).eval().requires_grad_(False) \
-            if cfg.policy_optim.zero_stage == 3 else None
+        for model in (policy, reward_model, reference, critic):  # copies of the first two inherit the changes
+            if model is not None:
+                # old log-probs come from eval mode; with dropout on in training the ratio would start away from 1
+                disable_dropout(model)
+                use_fused_gelu(model)
+        policy, reference, reward_model, critic = self.build_models(policy, reward_model, reference, critic)
+        self.generation_copy = None  # ZeRO-3 only: a whole copy that generates (see rollout_policy)
         updates = cfg.iterations * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
-        # one optimiser step per mini-batch: the trainer accumulates its micro-batches (see update)
-        mini = {"micro_batch_size": cfg.mini_batch_size, "grad_accum": 1}
-        self.policy = make_engine(policy, OptimConfig(**{**asdict(cfg.policy_optim), **mini}), updates)
-        self.critic = make_engine(critic, OptimConfig(**{**asdict(cfg.critic_optim), **mini}), updates)
+        policy_optim, critic_optim = engine_optims(cfg)
+        self.policy = make_engine(policy, policy_optim, updates)
+        self.critic = make_engine(critic, critic_optim, updates)
         # the frozen models join the engines on this rank's device, in the policy's precision
         bf16 = self.policy.bfloat16_enabled()
         self.reference = reference if cfg.lora.enabled else make_frozen_engine(reference, cfg.frozen_models, bf16)
@@ -250,19 +255,24 @@ class PPOTrainer:
         elif self.checkpoint_dir and (self.checkpoint_dir / "latest").exists():
             self.load_checkpoint()
 
-    def build_models(self, policy, reward_model):
+    def build_models(self, policy, reward_model, reference=None, critic=None):
         """``(policy, reference, reward model, critic)`` before the engines exist. With LoRA, the policy gets
         adapters and the reference is the policy with them off; a critic from the reward model gets its own
         adapters and value head on the reward model's base weights, which the reward model scores with."""
         cfg = self.cfg
         if not cfg.lora.enabled:
-            reference = copy.deepcopy(policy)
-            critic = copy.deepcopy(reward_model) if cfg.critic_from_reward_model else \
-                ValueHeadModel(copy.deepcopy(policy), seed=cfg.seed)
+            if reference is None:
+                reference = copy.deepcopy(policy)
+            if critic is None:
+                critic = copy.deepcopy(reward_model) if cfg.critic_from_reward_model else \
+                    ValueHeadModel(copy.deepcopy(policy), seed=cfg.seed)
             critic.requires_grad_(True)
             if isinstance(critic, ValueHeadModel):
                 critic.freeze_unused_lm_head()
             return policy, reference, reward_model, critic
+        if reference is not None or critic is not None:
+            raise ValueError("ppo.lora: the reference is the policy with its adapters off and the critic shares "
+                             "the base weights; they cannot be passed in")
         if cfg.critic_from_reward_model:
             if not isinstance(reward_model, ValueHeadModel):
                 raise TypeError("ppo.lora with critic_from_reward_model needs a ValueHeadModel reward model")
@@ -318,18 +328,25 @@ class PPOTrainer:
     def trained_policy(self) -> torch.nn.Module:
         """The policy with whole weights (every rank must call this): under ZeRO-3 the whole copy; with LoRA
         the adapters merged into the base weights."""
-        if self.generation_copy is not None:
+        if self.cfg.policy_optim.zero_stage == 3:
             return self.rollout_policy().requires_grad_(True)
         return merge_adapters(self.policy.module)
 
     def rollout_policy(self) -> torch.nn.Module:
         """The model that generates. Under ZeRO-3, a whole copy refreshed once per rollout (every rank calls
         this): generating from the partitioned engine would all-gather every layer for every new token,
-        and ranks whose rows hit EOS at different steps would wait for each other in those all-gathers."""
-        if self.generation_copy is None:
+        and ranks whose rows hit EOS at different steps would wait for each other in those all-gathers.
+        The copy is built on the device from the policy's config, never as a whole copy in host memory."""
+        if self.cfg.policy_optim.zero_stage != 3:
             return self.policy.module
-        dtype = torch.bfloat16 if self.policy.bfloat16_enabled() else None
-        self.generation_copy.to(self.policy.device, dtype=dtype)
+        if self.generation_copy is None:
+            partitioned, device = self.policy.module, torch.device(self.policy.device)
+            # its random initialisation, overwritten below, must not move the sampling RNG
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+                self.generation_copy = type(partitioned)._from_config(
+                    partitioned.config, dtype=torch.bfloat16 if self.policy.bfloat16_enabled() else None)
+            self.generation_copy.generation_config = copy.deepcopy(partitioned.generation_config)  # e.g. its EOS ids
+            self.generation_copy.eval().requires_grad_(False)
         self.generation_copy.load_state_dict(whole_state_dict(self.policy, device=self.policy.device))
         return self.generation_copy
 
@@ -522,6 +539,23 @@ class PPOTrainer:
         self.moments.load_state_dict(state["moments"])
         set_rng_state(load_file(str(self.checkpoint_dir / f"{tag}_rng.safetensors")))
         logger.info("Resumed from checkpoint %s", tag)
+
+
+def engine_optims(cfg: PPOConfig) -> tuple[OptimConfig, OptimConfig]:
+    """The policy's and the critic's settings as their engines run them: one optimiser step per mini-batch
+    (the trainer accumulates its micro-batches itself, see ``PPOTrainer.update``)."""
+    mini = {"micro_batch_size": cfg.mini_batch_size, "grad_accum": 1}
+    return (OptimConfig(**{**asdict(cfg.policy_optim), **mini}), OptimConfig(**{**asdict(cfg.critic_optim), **mini}))
+
+
+def load_configs(cfg: PPOConfig) -> dict[str, dict | None]:
+    """The DeepSpeed config that each of the run's models (``policy``, ``critic``, ``frozen``: the reference and
+    the reward model) is loaded under with ``partitioned_loading``: ranks then hold only their partition of a
+    ZeRO-3 model from the moment it is read."""
+    policy_optim, critic_optim = engine_optims(cfg)
+    # zero.Init reads the ZeRO section and the precision; the step count does not matter to it
+    return {"policy": deepspeed_config(policy_optim, 1), "critic": deepspeed_config(critic_optim, 1),
+            "frozen": frozen_ds_config(cfg.frozen_models, bf16_enabled(cfg.policy_optim.bf16))}
 
 
 def json_config(cfg: PPOConfig) -> dict:

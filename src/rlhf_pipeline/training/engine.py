@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -166,13 +167,48 @@ def make_frozen_engine(model: nn.Module, placement: str, bf16: bool):
     if placement == "device":
         return model.to(rank_device(), dtype=torch.bfloat16 if bf16 else None)
     init_distributed()
-    zero = {"stage": 3, "stage3_param_persistence_threshold": 0,
-            "offload_param": {"device": "cpu" if placement == "zero3_offload" else "none", "pin_memory": True}}
-    engine, *_ = deepspeed.initialize(model=model, config={
-        "train_micro_batch_size_per_gpu": 1, "zero_optimization": zero, "bf16": {"enabled": bf16},
-        "steps_per_print": 10**9})
+    engine, *_ = deepspeed.initialize(model=model, config=frozen_ds_config(placement, bf16))
     engine.eval()
     return engine
+
+
+def frozen_ds_config(placement: str, bf16: bool) -> dict | None:
+    """The DeepSpeed config of a frozen model's engine (None for ``device``: no engine)."""
+    if placement == "device":
+        return None
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0,
+            "offload_param": {"device": "cpu" if placement == "zero3_offload" else "none", "pin_memory": True}}
+    return {"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero, "bf16": {"enabled": bf16},
+            "steps_per_print": 10**9}
+
+
+@contextmanager
+def partitioned_loading(ds_config: dict | None) -> Iterator[None]:
+    """Inside, transformers' ``from_pretrained`` builds models under ``deepspeed.zero.Init`` for a ZeRO-3
+    ``ds_config``: each rank reads the checkpoint into its own partition of every weight and never holds the
+    whole model (at 8B in bf16, 16 GB of host memory per model per rank saved). Below stage 3 (or None) models
+    load whole, as their engines hold them. Everything in the context must run on every rank (the loading
+    gathers each layer once)."""
+    if not ds_config or ds_config["zero_optimization"]["stage"] != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    init_distributed()
+    # transformers reads the config through a weak reference: this object must outlive the loading
+    hf_config = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()  # later models (the whole generation copy) build as usual
+        del hf_config
+
+
+def resident_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(held, total)`` parameter elements of ``model``: ``held`` is this rank's partition under ZeRO-3."""
+    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+    return held, sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 def whole_state_dict(engine, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

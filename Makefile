@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 
 SMOLLM2_STAMP := $(VENV)/.smollm2
 
-.PHONY: install smollm2 run test lint viz ui benchmark clean
+.PHONY: install check-torch smollm2 run test lint viz ui benchmark clean
 
 install: $(STAMP)
 
@@ -29,10 +29,13 @@ $(STAMP): pyproject.toml Makefile
 	if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi >/dev/null 2>&1; then \
 		$(PY) -m pip install "torch==2.13.0" ; fi
 	$(PY) -m pip install -e ".[dev]"
-	# With a working GPU driver, a torch that cannot use it would silently train on the CPU: stop here.
-	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
-		$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'nvidia-smi sees a GPU but torch ' + torch.__version__ + ' cannot use it (CUDA build ' + str(torch.version.cuda) + '): install a torch build for this driver, then make again')" ; fi
+	$(MAKE) --no-print-directory check-torch
 	touch $(STAMP)
+
+# With a working GPU driver, a torch that cannot use it would silently train on the CPU: stop here.
+check-torch:
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'nvidia-smi sees a GPU but torch ' + torch.__version__ + ' cannot use it (CUDA build ' + str(torch.version.cuda) + '): install a torch build for this driver, then make again')" ; fi
 
 run: install
 	$(VENV)/bin/kedro run

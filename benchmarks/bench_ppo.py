@@ -88,16 +88,18 @@ def prepared_policy(shape: Shape) -> torch.nn.Module:
     return policy
 
 
-def time_rlhf_pipeline(shape: Shape, iterations: int, packing: bool = True) -> tuple[list[float], list[dict]]:
-    """Seconds, metrics and token counts of each PPO-max iteration of this project's trainer."""
+def time_rlhf_pipeline(shape: Shape, iterations: int, packing: bool = True, bf16: bool = False,
+                       ) -> tuple[list[float], list[dict]]:
+    """Seconds, metrics and token counts of each PPO-max iteration of this project's trainer, in the precision
+    TRL is given (never bf16 on one side and fp32 on the other)."""
     torch.manual_seed(0)
     reward_model = ValueHeadModel(build_tiny_model(shape.tokenizer, SHAPE))
     cfg = PPOConfig(iterations=iterations, rollout_batch_size=ROLLOUT, mini_batch_size=MINI_BATCH, ppo_epochs=EPOCHS,
                     max_prompt_length=MAX_PROMPT, forward_batch_size=FORWARD_BATCH, packing=packing,
                     micro_batch_tokens=MICRO_BATCH_TOKENS if packing else None,
                     sampling=SamplingConfig(max_new_tokens=RESPONSE_TOKENS, temperature=1.0, top_p=1.0),
-                    ptx_coef=0.0, policy_optim=OptimConfig(lr=LR, zero_stage=0),
-                    critic_optim=OptimConfig(lr=LR, zero_stage=0), checkpoint_every=0, sample_every=0)
+                    ptx_coef=0.0, policy_optim=OptimConfig(lr=LR, zero_stage=0, bf16=str(bf16)),
+                    critic_optim=OptimConfig(lr=LR, zero_stage=0, bf16=str(bf16)), checkpoint_every=0, sample_every=0)
     trainer = PPOTrainer(prepared_policy(shape), reward_model, DialogueEncoder(shape.tokenizer), shape.prompts, cfg)
     seconds, metrics = [], []
     for _ in range(iterations):
@@ -111,7 +113,7 @@ def time_rlhf_pipeline(shape: Shape, iterations: int, packing: bool = True) -> t
     return seconds, metrics
 
 
-def time_trl(shape: Shape, iterations: int) -> list[float]:
+def time_trl(shape: Shape, iterations: int, bf16: bool = False) -> list[float]:
     """Seconds of each update of TRL's PPOTrainer on the same shape (rollout 32, 4 mini-batches of 8, 4 epochs)."""
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, TrainerCallback
@@ -141,7 +143,7 @@ def time_trl(shape: Shape, iterations: int) -> list[float]:
         args = TRLConfig(output_dir=output_dir, per_device_train_batch_size=ROLLOUT, gradient_accumulation_steps=1,
                          num_mini_batches=ROLLOUT // MINI_BATCH, num_ppo_epochs=EPOCHS, response_length=RESPONSE_TOKENS,
                          local_rollout_forward_batch_size=ROLLOUT, total_episodes=ROLLOUT * iterations,
-                         learning_rate=LR, temperature=1.0, kl_coef=0.05, bf16=False, report_to="none",
+                         learning_rate=LR, temperature=1.0, kl_coef=0.05, bf16=bf16, report_to="none",
                          save_strategy="no", num_sample_generations=0, logging_steps=10**6, seed=0,
                          disable_tqdm=True, stop_token=None if shape.ban_eos else "eos")
         trainer = TRLTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=copy.deepcopy(policy),
@@ -173,7 +175,7 @@ def run_shape(shape: Shape, args, peak: float) -> list[float]:
     params = count_parameters(shape.policy)
     speed_ups = []
     for repeat in range(1, args.repeats + 1):
-        seconds, metrics = time_rlhf_pipeline(shape, args.warmup + args.iterations)
+        seconds, metrics = time_rlhf_pipeline(shape, args.warmup + args.iterations, bf16=args.bf16)
         seconds, metrics = seconds[args.warmup:], metrics[args.warmup:]
         mean = statistics.mean(seconds)
         real = statistics.mean(m["real_tokens"] for m in metrics)
@@ -188,7 +190,7 @@ def run_shape(shape: Shape, args, peak: float) -> list[float]:
               f"computes; {useful_gflop(params, real) / mean:.1f} useful GFLOP/s "
               f"({100 * useful_gflop(params, real) / mean / peak:.1f} % of the matmul peak)")
         if args.compare_trl:
-            trl_seconds = time_trl(shape, args.warmup + args.iterations)[args.warmup:]
+            trl_seconds = time_trl(shape, args.warmup + args.iterations, bf16=args.bf16)[args.warmup:]
             trl_mean = statistics.mean(trl_seconds)
             speed_ups.append(trl_mean / mean)
             print(f"[{shape.name} {repeat}/{args.repeats}] TRL 0.28 PPOTrainer, same shape: {trl_mean:.3f} s/iteration "
@@ -208,6 +210,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=5, help="timed PPO iterations")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
     parser.add_argument("--compare-trl", action="store_true", help="also time trl==0.28.0's PPOTrainer")
+    parser.add_argument("--bf16", action="store_true", help="both trainers in bf16 (a GPU); default: both in fp32")
     parser.add_argument("--repeats", type=int, default=1,
                         help="alternate the trainers this many times and report the median speed-up (a noisy "
                              "machine drifts between runs; only same-run ratios mean anything)")
@@ -218,7 +221,7 @@ def main() -> None:
     peak = matmul_peak_gflops()
     print(f"PPO-max on {device} (fp32 matmul peak measured now: {peak:.1f} GFLOP/s): GPT-2 policy, critic and RM, "
           f"{ROLLOUT} prompts, <= {RESPONSE_TOKENS} new tokens, {EPOCHS} epochs, mini-batch {MINI_BATCH}, ptx off, "
-          f"{args.iterations} timed iterations after {args.warmup} untimed")
+          f"{args.iterations} timed iterations after {args.warmup} untimed, both trainers in {'bf16' if args.bf16 else 'fp32'}")
     for name in (["fixed", "realistic"] if args.shape == "both" else [args.shape]):
         shape = fixed_shape() if name == "fixed" else realistic_shape()
         print(f"shape {name}: {count_parameters(shape.policy) / 1e6:.2f}M parameters, prompts of "

@@ -77,3 +77,39 @@ def test_kedro_run_test_environment_on_the_gpu(tmp_path):
     kedro(project, "run", "--env", "test")
     summary = json.loads((project / "data" / "08_reporting" / "evaluation_summary.json").read_text())
     assert summary  # every stage ran on the GPU through to the evaluation
+
+
+def test_score_moments_all_reduce_on_an_nccl_group(monkeypatch):
+    """NCCL refuses CPU tensors: the moments' all-reduce must run on the scores' GPU."""
+    from rlhf_pipeline.rl import ppo_max as F
+    from rlhf_pipeline.rl import trainer as trainer_module
+    from rlhf_pipeline.training.engine import init_distributed
+
+    init_distributed()
+    assert torch.distributed.get_backend() == "nccl"
+    monkeypatch.setattr(trainer_module, "world", lambda: (0, 2))  # take the all-reduce path on the one-rank group
+    moments = F.RunningMoments()
+    trainer_module.merge_moments(moments, torch.tensor([1.0, 2.0, 4.0], device="cuda"))
+    assert moments.count == 3 and moments.mean == pytest.approx(7 / 3)
+
+
+def test_phase_timings_hold_the_gpu_work_queued_in_them():
+    from rlhf_pipeline.rl.experience import timer
+
+    torch.cuda.synchronize()
+    timings = {}
+    with timer("busy", timings):
+        torch.cuda._sleep(200_000_000)  # queued at once, runs for ~0.1 s at ~2 GHz
+    with timer("idle", timings):
+        pass
+    assert timings["timing/busy"] > 0.02 and timings["timing/idle"] < 0.01
+
+
+def test_cuda_rng_state_round_trips():
+    from rlhf_pipeline.training import devices
+
+    state = devices.rng_state()
+    assert "cuda_rng" in state
+    first = torch.rand(3, device="cuda")
+    devices.set_rng_state(state)
+    assert torch.equal(torch.rand(3, device="cuda"), first)

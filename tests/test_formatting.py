@@ -182,3 +182,18 @@ def test_evaluation_samples_and_scores_long_prompts(tokenizer):
     assert response.shape[1] <= 24 and len(texts) == 1
     result = kl_and_perplexity(bundle.model, tiny_model(tokenizer, seed=1).eval(), encoder, [LONG_PROMPT], texts, 1024)
     assert math.isfinite(result["kl_to_sft"]) and math.isfinite(result["perplexity"])
+
+
+def test_hh_prompts_start_with_the_tokenizers_bos_and_responses_do_not():
+    """A Llama-style tokenizer adds BOS in its post-processor; tokenising with ``add_special_tokens=False``
+    everywhere would hide it from the model, which saw it before every text in pretraining."""
+    from tokenizers import processors
+
+    tokenizer = train_tokenizer([render_prompt([("Human", "Hello there")]) + " Hi"] * 10, vocab_size=300)
+    bos = tokenizer.bos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{tokenizer.bos_token} $A", special_tokens=[(tokenizer.bos_token, bos)])
+    encoder = DialogueEncoder(tokenizer)
+    prompt_ids, cut = encoder.prompt_ids(render_prompt([("Human", "Hello there")]), 64)
+    assert prompt_ids[0] == bos and prompt_ids.count(bos) == 1 and not cut
+    assert bos not in encoder.response_ids("Hi")[:-1]  # the response follows the prompt: no BOS inside the sequence

@@ -144,6 +144,48 @@ def test_vanilla_settings_and_collapse_alarm_stop(tokenizer):
     assert result.stopped_early and len(result.history) == 1  # length can never exceed half its first value
 
 
+def test_an_alarm_on_one_rank_stops_every_rank(tokenizer, monkeypatch):
+    """This rank's metrics raise no alarm; the other rank's do. Every rank must take the other's decision, or
+    one would leave the loop while the rest wait for it in the next collective."""
+    trainer = make_trainer(tokenizer, iterations=5, alarm_kl=1e9, stop_on_alarm=True)
+    trainer.world_size = 2  # as the launcher's ranks see it; the engines' own group stays one rank
+    reduce = torch.distributed.all_reduce
+    flags = []
+
+    def with_an_alarm_on_the_other_rank(tensor, op=torch.distributed.ReduceOp.SUM, **kwargs):
+        if op == torch.distributed.ReduceOp.MAX:  # any_rank's decision
+            flags.append(float(tensor))
+            return tensor.fill_(1.0)
+        return reduce(tensor, op=op, **kwargs)
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", with_an_alarm_on_the_other_rank)
+    result = trainer.train()
+    assert flags == [0.0] and result.stopped_early and len(result.history) == 1
+
+
+def test_score_moments_merge_every_ranks_scores_on_the_scores_device(monkeypatch):
+    """The normaliser's moments are those of every rank's scores together; what is all-reduced lives on the
+    scores' device (an NCCL group refuses CPU tensors; ``tests/test_cuda.py`` runs it on one)."""
+    from rlhf_pipeline.rl import ppo_max as F
+    from rlhf_pipeline.rl import trainer as trainer_module
+
+    mine, other = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([-3.0, 0.5])
+    reduced = []
+
+    def add_the_other_ranks(stats, **kwargs):
+        reduced.append((stats.device, stats.dtype))
+        stats += torch.tensor([len(other), other.sum(), (other**2).sum()], dtype=torch.float64)
+
+    monkeypatch.setattr(trainer_module, "world", lambda: (0, 2))
+    monkeypatch.setattr(torch.distributed, "all_reduce", add_the_other_ranks)
+    moments = F.RunningMoments()
+    trainer_module.merge_moments(moments, mine)
+    both = torch.cat([mine, other]).double()
+    assert reduced == [(mine.device, torch.float64)]
+    assert moments.count == 5 and moments.mean == pytest.approx(float(both.mean()))
+    assert moments.std == pytest.approx(float(both.std(correction=0)), rel=1e-6)
+
+
 def zero3(lr: float) -> OptimConfig:
     # threshold 0: ZeRO-3 partitions even this tiny model's parameters (by default small ones stay whole)
     return OptimConfig(lr=lr, warmup_ratio=0.0, zero_stage=3,

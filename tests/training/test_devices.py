@@ -47,3 +47,41 @@ def test_rng_state_round_trips():
     first = torch.rand(3)
     devices.set_rng_state(state)
     assert torch.equal(torch.rand(3), first)
+
+
+def test_a_phase_timer_waits_for_the_gpu_work_queued_before_and_in_it(monkeypatch):
+    """GPU kernels run after the Python that queued them returns: without a synchronisation at both ends a phase's
+    seconds would land in the next phase. On the CPU the order of events is what can be checked; the GPU
+    figures are checked in ``tests/test_cuda.py``."""
+    from rlhf_pipeline.rl import experience
+
+    events = []
+    monkeypatch.setattr(devices, "has_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: events.append("synchronize"))
+    timings = {}
+    with experience.timer("generate", timings):
+        events.append("queue work")
+    assert events == ["synchronize", "queue work", "synchronize"] and timings["timing/generate"] >= 0
+
+
+def test_install_stops_when_a_gpu_driver_works_but_torch_cannot_use_it(tmp_path):
+    """``make check-torch`` (run by the install): with a working ``nvidia-smi`` on the PATH and this CPU build of
+    torch it must fail and say why; without one it passes."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+
+    def check(path: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["make", "--no-print-directory", "check-torch"], cwd=root, capture_output=True, text=True,
+                              env={**os.environ, "PATH": path})
+
+    plain_path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
+                                 if not (Path(p) / "nvidia-smi").exists())
+    assert check(plain_path).returncode == 0
+    with_gpu = check(f"{tmp_path}{os.pathsep}{plain_path}")
+    assert with_gpu.returncode != 0 and "nvidia-smi sees a GPU but torch" in with_gpu.stderr

@@ -190,6 +190,25 @@ def test_launched_ranks_load_zero3_models_partitioned_and_train_as_from_whole_co
         torch.testing.assert_close(trained[name], tensor, msg=name)
 
 
+def test_launched_ranks_with_lora_derive_the_reference_and_critic_as_in_one_process(tokenizer, tmp_path):
+    """With LoRA the reference is the policy with adapters off and the critic shares the RM's weights: the ranks
+    read only the policy and the RM, and train as one process does."""
+    from rlhf_pipeline.launch import load_ppo_models
+    from rlhf_pipeline.modeling import ModelBundle
+
+    ModelBundle(tiny(tokenizer, "gpt2"), tokenizer).save_pretrained(str(tmp_path / "policy"))
+    ModelBundle(ValueHeadModel(tiny(tokenizer, "gpt2", seed=1), seed=2), tokenizer).save_pretrained(
+        str(tmp_path / "reward_model"))
+    from_models = trainer_for(tokenizer, lora=LoraSettings(r=4, alpha=8))
+    expected = from_models.train().policy.state_dict()
+    policy, models = load_ppo_models(tmp_path, from_models.cfg)
+    assert set(models) == {"reward_model"}
+    trained = PPOTrainer(policy.model, encoder=DialogueEncoder(tokenizer), prompts=PROMPTS, cfg=from_models.cfg,
+                         **models).train().policy.state_dict()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(trained[name], tensor, msg=name)
+
+
 def test_lora_takes_no_prebuilt_reference_or_critic(tokenizer):
     with pytest.raises(ValueError, match="cannot be passed in"):
         PPOTrainer(tiny(tokenizer, "gpt2"), ValueHeadModel(tiny(tokenizer, "gpt2")), DialogueEncoder(tokenizer), PROMPTS,

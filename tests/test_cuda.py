@@ -113,3 +113,17 @@ def test_cuda_rng_state_round_trips():
     first = torch.rand(3, device="cuda")
     devices.set_rng_state(state)
     assert torch.equal(torch.rand(3, device="cuda"), first)
+
+
+def test_launched_ranks_put_whole_models_on_their_gpu_in_bf16_as_they_read_them(tokenizer, tmp_path):
+    from rlhf_pipeline.launch import load_ppo_models
+    from rlhf_pipeline.modeling import ModelBundle
+
+    shape = TinyModelConfig(arch="llama", hidden_size=64, num_layers=2, num_heads=2)
+    ModelBundle(build_tiny_model(tokenizer, shape), tokenizer).save_pretrained(str(tmp_path / "policy"))
+    ModelBundle(ValueHeadModel(build_tiny_model(tokenizer, shape)), tokenizer).save_pretrained(str(tmp_path / "reward_model"))
+    policy, models = load_ppo_models(tmp_path, PPOConfig())  # bf16 "auto": on where the GPU supports it
+    for name, model in {"policy": policy.model, **models}.items():
+        lm = model.lm if isinstance(model, ValueHeadModel) else model
+        assert {p.device.type for p in lm.parameters()} == {"cuda"}, name
+        assert {p.dtype for p in lm.parameters()} == {torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32}

@@ -29,10 +29,11 @@ import torch
 from rlhf_pipeline.config import config_from
 from rlhf_pipeline.modeling import ModelBundle, ValueHeadModel, load_policy, load_value_model
 from rlhf_pipeline.rl.trainer import PPOConfig, PPOResult, PPOTrainer, load_configs
-from rlhf_pipeline.training.devices import release_device_memory
+from rlhf_pipeline.training.devices import release_device_memory, to_rank_device
 from rlhf_pipeline.training.engine import (
     LogFn,
     OptimConfig,
+    bf16_enabled,
     child_environment,
     no_logging,
     partitioned_loading,
@@ -184,20 +185,32 @@ def mlflow_rank0_logger(prefix: str) -> LogFn:
 def load_ppo_models(job: Path, cfg: PPOConfig) -> tuple[ModelBundle, dict[str, torch.nn.Module]]:
     """The policy bundle and the models for ``PPOTrainer`` (``reward_model``, and without LoRA ``reference`` and
     ``critic``), each read from the job folder as its engine will hold it: a ZeRO-3 model partitioned from the
-    first byte, so no rank holds it whole in host memory; the reference and the critic are read again rather
-    than copied from a policy and reward model this rank may hold only a part of."""
+    first byte, so no rank holds it whole in host memory; a whole model in its training precision and moved to
+    the rank's device at once, so the host holds one at a time. The reference and the critic are read again
+    rather than copied from a policy and reward model this rank may hold only a part of."""
     configs = load_configs(cfg)
+    # a bf16 run reads bf16 weights (its engines would cast them anyway): half the host memory of fp32
+    policy_dtype, critic_dtype = ("bfloat16" if bf16_enabled(optim.bf16) else None
+                                  for optim in (cfg.policy_optim, cfg.critic_optim))
+
+    def placed(model: torch.nn.Module) -> torch.nn.Module:
+        return model if hasattr(next(model.parameters()), "ds_id") else to_rank_device(model)
+
     if cfg.lora.enabled:  # LoRA trains at ZeRO 0-2 and derives the reference and critic from the policy and RM
-        return load_policy(str(job / "policy")), {"reward_model": ValueHeadModel.from_pretrained(str(job / "reward_model"))}
+        policy = load_policy(str(job / "policy"), dtype=policy_dtype)
+        reward_model = ValueHeadModel.from_pretrained(str(job / "reward_model"), dtype=critic_dtype)
+        return policy.with_model(placed(policy.model)), {"reward_model": placed(reward_model)}
     with partitioned_loading(configs["policy"]):
-        policy = load_policy(str(job / "policy"))
+        policy = load_policy(str(job / "policy"), dtype=policy_dtype)
+    policy = policy.with_model(placed(policy.model))
     models = {}
-    with partitioned_loading(configs["frozen"]):
-        models["reward_model"] = ValueHeadModel.from_pretrained(str(job / "reward_model"))
-        models["reference"] = load_policy(str(job / "policy")).model
+    with partitioned_loading(configs["frozen"]):  # the frozen models take the policy's precision
+        models["reward_model"] = placed(ValueHeadModel.from_pretrained(str(job / "reward_model"), dtype=policy_dtype))
+        models["reference"] = placed(load_policy(str(job / "policy"), dtype=policy_dtype).model)
     with partitioned_loading(configs["critic"]):
-        models["critic"] = ValueHeadModel.from_pretrained(str(job / "reward_model")) if cfg.critic_from_reward_model \
-            else ValueHeadModel(load_policy(str(job / "policy")).model, seed=cfg.seed)
+        models["critic"] = placed(
+            ValueHeadModel.from_pretrained(str(job / "reward_model"), dtype=critic_dtype) if cfg.critic_from_reward_model
+            else ValueHeadModel(load_policy(str(job / "policy"), dtype=critic_dtype).model, seed=cfg.seed))
     return policy, models
 
 

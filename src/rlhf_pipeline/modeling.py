@@ -242,9 +242,11 @@ class ValueHeadModel(nn.Module):
         (Path(path) / VALUE_HEAD_CONFIG).write_text(json.dumps({"hidden_size": self.lm.config.hidden_size}))
 
     @classmethod
-    def from_pretrained(cls, path: str, trust_remote_code: bool = False) -> ValueHeadModel:
-        """Load a saved value-head model; a plain causal LM directory gets a freshly initialised head."""
-        model = cls(AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code))
+    def from_pretrained(cls, path: str, trust_remote_code: bool = False, dtype: str | None = None) -> ValueHeadModel:
+        """Load a saved value-head model (the backbone in ``dtype`` if given, the small head as saved); a plain
+        causal LM directory gets a freshly initialised head."""
+        model = cls(AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                         dtype=getattr(torch, dtype) if dtype else None))
         head = Path(path) / VALUE_HEAD_FILE
         if head.exists():
             model.value_head.load_state_dict(load_file(str(head)))

@@ -209,6 +209,24 @@ def test_launched_ranks_with_lora_derive_the_reference_and_critic_as_in_one_proc
         torch.testing.assert_close(trained[name], tensor, msg=name)
 
 
+def test_launched_ranks_read_whole_models_in_the_runs_precision(tokenizer, tmp_path):
+    """A bf16 run's ranks read bf16 weights (half of fp32's host memory; the engines would cast them anyway)."""
+    from rlhf_pipeline.launch import load_ppo_models
+    from rlhf_pipeline.modeling import ModelBundle
+
+    ModelBundle(tiny(tokenizer, "llama"), tokenizer).save_pretrained(str(tmp_path / "policy"))
+    ModelBundle(ValueHeadModel(tiny(tokenizer, "llama", seed=1)), tokenizer).save_pretrained(str(tmp_path / "reward_model"))
+    bf16 = OptimConfig(zero_stage=2, bf16="true")
+    for critic_from_reward_model in (True, False):
+        cfg = PPOConfig(policy_optim=bf16, critic_optim=bf16, critic_from_reward_model=critic_from_reward_model)
+        policy, models = load_ppo_models(tmp_path, cfg)
+        for name, model in {"policy": policy.model, **models}.items():
+            lm = model.lm if isinstance(model, ValueHeadModel) else model
+            assert {p.dtype for p in lm.parameters()} == {torch.bfloat16}, name
+    fp32 = PPOConfig(policy_optim=OptimConfig(bf16="false"), critic_optim=OptimConfig(bf16="false"))
+    assert {p.dtype for p in load_ppo_models(tmp_path, fp32)[0].model.parameters()} == {torch.float32}
+
+
 def test_lora_takes_no_prebuilt_reference_or_critic(tokenizer):
     with pytest.raises(ValueError, match="cannot be passed in"):
         PPOTrainer(tiny(tokenizer, "gpt2"), ValueHeadModel(tiny(tokenizer, "gpt2")), DialogueEncoder(tokenizer), PROMPTS,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -218,8 +219,10 @@ def ppo_worker(job: Path, spec: dict, output: Path) -> None:
     cfg = PPOConfig.from_params(spec["config"])
     policy, models = load_ppo_models(job, cfg)
     resident = {name: resident_parameters(model) for name, model in {"policy": policy.model, **models}.items()}
-    logger.info("Rank %d holds %s", world()[0], ", ".join(f"{name} {held:,} of {total:,} parameters"
-                                                          for name, (held, total) in resident.items()))
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    logger.info("Rank %d holds %s; peak host memory so far %.2f GiB", world()[0],
+                ", ".join(f"{name} {held:,} of {total:,} parameters" for name, (held, total) in resident.items()),
+                peak_gib)
     prompts = pd.read_parquet(job / "prompts.parquet")["prompt"].tolist()
     ptx = pd.read_parquet(job / "ptx.parquet")
     trainer = PPOTrainer(policy.model, encoder=policy.encoder(), prompts=prompts, cfg=cfg,
@@ -233,7 +236,8 @@ def ppo_worker(job: Path, spec: dict, output: Path) -> None:
         (output / "samples.json").write_text(json.dumps(result.samples))
         (output / "status.json").write_text(json.dumps({"stopped_early": result.stopped_early, "world_size": world()[1],
                                                            "prompts_dropped": result.prompts_dropped,
-                                                           "rank0_parameters_at_load": resident}))
+                                                           "rank0_parameters_at_load": resident,
+                                                           "rank0_peak_host_gib_at_load": peak_gib}))
 
 
 def sft_worker(job: Path, spec: dict, output: Path) -> None:

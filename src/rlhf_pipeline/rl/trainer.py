@@ -44,11 +44,11 @@ from rlhf_pipeline.training.engine import (
     frozen_ds_config,
     grad_norm,
     init_distributed,
+    load_whole_weights,
     make_engine,
     make_frozen_engine,
     no_logging,
     release_engine,
-    whole_state_dict,
     world,
 )
 
@@ -347,7 +347,7 @@ class PPOTrainer:
                     partitioned.config, dtype=torch.bfloat16 if self.policy.bfloat16_enabled() else None)
             self.generation_copy.generation_config = copy.deepcopy(partitioned.generation_config)  # e.g. its EOS ids
             self.generation_copy.eval().requires_grad_(False)
-        self.generation_copy.load_state_dict(whole_state_dict(self.policy, device=self.policy.device))
+        load_whole_weights(self.policy, self.generation_copy)
         return self.generation_copy
 
     def step(self) -> tuple[dict[str, float], Experience]:

@@ -211,14 +211,21 @@ def resident_parameters(model: nn.Module) -> tuple[int, int]:
     return held, sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
-def whole_state_dict(engine, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """The engine's model weights, whole, copied to ``device``. ZeRO-3 partitions the parameters across
-    ranks, so there every rank must call this (it gathers them)."""
+def load_whole_weights(engine, target: nn.Module) -> None:
+    """Copy the engine's model weights into ``target``, a whole model of the same architecture (its persistent
+    buffers too). Under ZeRO-3 each parameter is gathered, copied and released in turn, so the device never holds
+    a second whole copy beside ``target``; every rank must call this (it gathers)."""
     import deepspeed
 
     partitioned = engine.zero_optimization_partition_weights()
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=partitioned):
-        return {name: tensor.detach().to(device, copy=True) for name, tensor in engine.module.state_dict().items()}
+    target_state = target.state_dict()  # shares storage with target's parameters and buffers
+    with torch.no_grad():
+        for name, parameter in engine.module.named_parameters():
+            with deepspeed.zero.GatheredParameters([parameter], enabled=partitioned):
+                target_state[name].copy_(parameter)
+        for name, buffer in engine.module.named_buffers():
+            if name in target_state:  # non-persistent buffers (e.g. rotary frequencies) stay as target built them
+                target_state[name].copy_(buffer)
 
 
 def release_engine(engine) -> nn.Module:

@@ -31,7 +31,8 @@ from rlhf_pipeline.adapters import LoraSettings
 from rlhf_pipeline.formatting import DialogueEncoder
 from rlhf_pipeline.generation import SamplingConfig, sample_responses
 from rlhf_pipeline.modeling import ValueHeadModel, count_parameters, train_tokenizer
-from rlhf_pipeline.rl.trainer import PPOConfig, PPOTrainer
+from rlhf_pipeline.rl.config import PPOConfig
+from rlhf_pipeline.rl.trainer import PPOTrainer
 from rlhf_pipeline.training.devices import has_cuda, rank_device, synchronize
 from rlhf_pipeline.training.engine import OptimConfig
 

@@ -40,7 +40,8 @@ from rlhf_pipeline.modeling import (
     count_parameters,
     train_tokenizer,
 )
-from rlhf_pipeline.rl.trainer import PPOConfig, PPOTrainer
+from rlhf_pipeline.rl.config import PPOConfig
+from rlhf_pipeline.rl.trainer import PPOTrainer
 from rlhf_pipeline.training.engine import OptimConfig
 
 SHAPE = TinyModelConfig(arch="gpt2", vocab_size=2048, hidden_size=224, num_layers=4, num_heads=4, max_positions=256)

@@ -1,7 +1,7 @@
 import pytest
 
 from rlhf_pipeline.config import config_from
-from rlhf_pipeline.rl.trainer import PPOConfig
+from rlhf_pipeline.rl.config import PPOConfig
 from rlhf_pipeline.training.engine import OptimConfig
 
 

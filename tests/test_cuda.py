@@ -12,7 +12,8 @@ from rlhf_pipeline.adapters import LoraSettings
 from rlhf_pipeline.formatting import DialogueEncoder
 from rlhf_pipeline.generation import SamplingConfig, sample_responses
 from rlhf_pipeline.modeling import TinyModelConfig, ValueHeadModel, build_tiny_model, train_tokenizer
-from rlhf_pipeline.rl.trainer import PPOConfig, PPOTrainer
+from rlhf_pipeline.rl.config import PPOConfig
+from rlhf_pipeline.rl.trainer import PPOTrainer
 from rlhf_pipeline.training.engine import OptimConfig
 from rlhf_pipeline.training.sft import SFTConfig, train_sft
 
@@ -42,7 +43,7 @@ def test_ppo_puts_every_model_and_batch_on_the_gpu_in_bf16(tokenizer, lora):
         assert {p.device.type for p in model.parameters()} == {"cuda"}
         assert torch.bfloat16 in {p.dtype for p in model.parameters()}
     metrics, exp = trainer.step()
-    assert exp.sequences.device.type == "cuda" and exp.logprobs.dtype == torch.float32  # losses in fp32
+    assert exp.sequences.device.type == "cuda" and exp.old_logprobs.dtype == torch.float32  # losses in fp32
     assert abs(metrics["kl/sequence"]) < 1e-3  # the reference is the policy, in the same precision
     assert metrics["timing/generate_tokens_per_s"] > 0
 
@@ -116,13 +117,13 @@ def test_cuda_rng_state_round_trips():
 
 
 def test_launched_ranks_put_whole_models_on_their_gpu_in_bf16_as_they_read_them(tokenizer, tmp_path):
-    from rlhf_pipeline.launch import load_ppo_models
     from rlhf_pipeline.modeling import ModelBundle
+    from rlhf_pipeline.rl.models import load_models
 
     shape = TinyModelConfig(arch="llama", hidden_size=64, num_layers=2, num_heads=2)
     ModelBundle(build_tiny_model(tokenizer, shape), tokenizer).save_pretrained(str(tmp_path / "policy"))
     ModelBundle(ValueHeadModel(build_tiny_model(tokenizer, shape)), tokenizer).save_pretrained(str(tmp_path / "reward_model"))
-    policy, models = load_ppo_models(tmp_path, PPOConfig())  # bf16 "auto": on where the GPU supports it
+    policy, models = load_models(tmp_path, PPOConfig())  # bf16 "auto": on where the GPU supports it
     for name, model in {"policy": policy.model, **models}.items():
         lm = model.lm if isinstance(model, ValueHeadModel) else model
         assert {p.device.type for p in lm.parameters()} == {"cuda"}, name

@@ -29,7 +29,8 @@ from rlhf_pipeline.modeling import (
     prepare_tokenizer,
     train_tokenizer,
 )
-from rlhf_pipeline.rl.trainer import PPOConfig, PPOTrainer
+from rlhf_pipeline.rl.config import PPOConfig
+from rlhf_pipeline.rl.trainer import PPOTrainer
 from rlhf_pipeline.training.engine import OptimConfig
 from rlhf_pipeline.training.reward import (
     RewardConfig,

@@ -18,7 +18,7 @@ from rlhf_pipeline.modeling import (
     disable_dropout,
     train_tokenizer,
 )
-from rlhf_pipeline.rl.trainer import PPOConfig
+from rlhf_pipeline.rl.config import PPOConfig
 from rlhf_pipeline.training.engine import OptimConfig
 from rlhf_pipeline.training.reward import RewardConfig
 from rlhf_pipeline.training.sft import SFTConfig

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import torch
 
 from rlhf_pipeline.formatting import DialogueEncoder
-from rlhf_pipeline.training.batching import TokenBatch, response_logprob_sums, score_encoded
+from rlhf_pipeline.training.batching import TokenBatch, score_encoded
+from rlhf_pipeline.training.forward import response_logprob_sums
 
 
 def win_rate(scores: Sequence[float], baseline_scores: Sequence[float]) -> float:
@@ -27,14 +28,14 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
 
 @torch.no_grad()
 def response_logprobs(model, encoder: DialogueEncoder, prompts: list[str], responses: list[str], max_length: int,
-                      batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probability of each response (EOS included) under ``model`` and its token count, ``(N,)``
-    each; NaN for a pair that cannot fit the context."""
+                      batch_size: int = 16, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each response (EOS included) under ``softmax(logits / temperature)`` of
+    ``model`` and its token count, ``(N,)`` each; NaN for a pair that cannot fit the context."""
     device = next(model.parameters()).device
     model.eval()
 
     def logprob_and_count(batch: TokenBatch) -> torch.Tensor:
-        return torch.stack(response_logprob_sums(model, batch.to(device)), dim=1)
+        return torch.stack(response_logprob_sums(model, batch.to(device), temperature=temperature), dim=1)
 
     rows = encoder.encode_many(prompts, [[r] for r in responses], max_length)
     out = score_encoded(rows, encoder.tokenizer.pad_token_id, batch_size, logprob_and_count)
@@ -42,11 +43,12 @@ def response_logprobs(model, encoder: DialogueEncoder, prompts: list[str], respo
 
 
 def kl_and_perplexity(policy, reference, encoder: DialogueEncoder, prompts: list[str], responses: list[str],
-                      max_length: int) -> dict[str, float]:
-    """KL(π‖π_ref) per sequence, estimated on the policy's own samples (k1), and the policy's perplexity of them."""
-    policy_logp, counts = response_logprobs(policy, encoder, prompts, responses, max_length)
-    reference_logp = policy_logp if policy is reference else response_logprobs(reference, encoder, prompts, responses,
-                                                                                  max_length)[0]
+                      max_length: int, temperature: float = 1.0) -> dict[str, float]:
+    """KL(π‖π_ref) per sequence, estimated (k1) on the policy's own samples, and the policy's perplexity of them;
+    both read the distributions at the sampling ``temperature`` the responses were drawn with, as PPO does."""
+    policy_logp, counts = response_logprobs(policy, encoder, prompts, responses, max_length, temperature=temperature)
+    reference_logp = policy_logp if policy is reference else response_logprobs(
+        reference, encoder, prompts, responses, max_length, temperature=temperature)[0]
     fits = ~policy_logp.isnan()
     policy_logp, counts, reference_logp = policy_logp[fits], counts[fits], reference_logp[fits]
     return {"kl_to_sft": (policy_logp - reference_logp).mean().item(),

@@ -30,6 +30,25 @@ class SamplingConfig:
     """``static``: a pre-allocated KV cache, with which transformers compiles the decoding step on a GPU
     (``benchmarks/bench_gpu.py`` measures whether that wins); None: the dynamic cache."""
 
+    def __post_init__(self) -> None:
+        """Raises ``ValueError`` naming the field for a setting ``generate`` would reject or that samples nothing,
+        so that it fails when the config is built, not at the first ``generate`` after earlier stages trained."""
+        if self.max_new_tokens < 1:
+            raise ValueError(f"sampling.max_new_tokens must be >= 1 (tokens sampled per response), "
+                             f"got {self.max_new_tokens}")
+        # > 0 even for greedy decoding: PPO divides the policy's and reference's logits by it when scoring
+        if self.temperature <= 0:
+            raise ValueError(f"sampling.temperature must be > 0, got {self.temperature}; for greedy decoding set "
+                             f"do_sample: false (and keep temperature > 0: PPO scores with logits / temperature)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.top_p must be in (0, 1] (1: no nucleus cut), got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"sampling.repetition_penalty must be > 0 (1.0: no penalty), got "
+                             f"{self.repetition_penalty}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"sampling.batch_size must be null (every prompt in one call) or >= 1, "
+                             f"got {self.batch_size}")
+
 
 def left_pad(prompt_ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad prompts so that every response starts at the same column: ``(input_ids, attention_mask)``."""

@@ -1,4 +1,10 @@
-"""Lineage in MLflow, declared in the catalog and recorded by one Kedro hook.
+"""Kedro hooks: every stage's settings built before the run's first node, and lineage in MLflow.
+
+``SettingsCheckHook`` builds the typed config of each stage the run includes from the run's parameters, so
+that a bad value (``ppo.vanilla.sampling.temperature: 0``, ``reward_model.stats_sample: 0``) fails the run in
+seconds, naming its key, instead of after the stages before it have trained.
+
+Lineage in MLflow is declared in the catalog and recorded by ``MlflowLineageHook``:
 
 * A dataset with ``metadata: {mlflow: {context: training}}`` (or ``validation``, ``evaluation``) is logged as
   an MLflow dataset input of the run each time a node loads it (``mlflow.log_input``: name = the catalog
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +34,7 @@ import mlflow
 import mlflow.pyfunc
 import pandas as pd
 from kedro.framework.hooks import hook_impl
+from kedro.pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +42,81 @@ CATALOG_VERSION_TAG = "kedro.catalog_version"
 DATASET_TAG = "kedro.dataset"
 CHAMPION = "champion"
 EXAMPLE_PROMPT = "\n\nHuman: What is 2 plus 3?\n\nAssistant:"  # the input example of every logged model
+
+
+def without(params: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {key: value for key, value in params.items() if key not in keys}
+
+
+def settings_builders(parameters: dict[str, Any]) -> dict[str, Callable[[dict[str, Any]], Any]]:
+    """Parameter key -> a function that builds that stage's typed configs from its parameters as its node does
+    (the keys a node reads itself, beside its core config, are left out or built here too)."""
+    # imported here, not at the top: the Kedro wiring imports no torch (the core does)
+    from rlhf_pipeline.config import config_from
+    from rlhf_pipeline.generation import SamplingConfig
+    from rlhf_pipeline.launch import LaunchConfig
+    from rlhf_pipeline.pipelines.reward_model.nodes import RewardModelSettings
+    from rlhf_pipeline.rl.config import PPOConfig
+    from rlhf_pipeline.training.engine import OptimConfig
+    from rlhf_pipeline.training.sft import SFTConfig
+
+    def sft(params: dict[str, Any]) -> None:
+        config_from(LaunchConfig, params.get("launcher", {}))
+        config_from(SamplingConfig, params["sampling"])
+        config_from(SFTConfig, without(params, "val_fraction", "gold_eval_prompts", "launcher", "sampling"),
+                    optim=OptimConfig)
+
+    def ppo(params: dict[str, Any]) -> None:
+        config_from(LaunchConfig, params.get("launcher", {}))
+        PPOConfig.from_params(without(params, "name", "checkpoint_dir", "launcher"))
+
+    def judge(params: dict[str, Any]) -> None:
+        if not params.get("path"):  # a saved judge is loaded, not trained
+            RewardModelSettings.from_params(without(params, "path"), "evaluation.judge")
+
+    return {
+        "sft": sft,
+        "reward_model": lambda params: RewardModelSettings.from_params(params, "reward_model"),
+        **{f"ppo.{variant}": ppo for variant in parameters.get("ppo", {})},
+        "evaluation": lambda params: config_from(SamplingConfig, params["sampling"]),
+        "evaluation.judge": judge,
+    }
+
+
+def parameter(parameters: dict[str, Any], key: str) -> Any:
+    """The value at dotted ``key`` (``ppo.vanilla``), None where it is absent."""
+    for part in key.split("."):
+        parameters = parameters.get(part) if isinstance(parameters, dict) else None
+    return parameters
+
+
+def check_settings(parameters: dict[str, Any], pipeline: Pipeline) -> None:
+    """Build the typed configs of every stage whose parameters ``pipeline`` reads (``params:ppo`` covers each
+    ``ppo.<variant>``).
+
+    Raises:
+        ValueError: A setting a stage would reject, prefixed with its parameter key and file.
+    """
+    read = {name.removeprefix("params:") for name in pipeline.inputs() if name.startswith("params:")}
+    for key, build in settings_builders(parameters).items():
+        value = parameter(parameters, key)
+        prefixes = [".".join(key.split(".")[:depth]) for depth in range(1, key.count(".") + 2)]
+        if value is None or not read.intersection(prefixes):
+            continue
+        try:
+            build(value)
+        except (ValueError, TypeError, KeyError) as error:
+            reason = f"missing key {error}" if isinstance(error, KeyError) else str(error)
+            raise ValueError(f"parameters '{key}' (parameters_{key.split('.')[0]}.yml of conf/base or the run's "
+                             f"environment, or --params): {reason}") from error
+
+
+class SettingsCheckHook:
+    """Builds every stage's typed settings from the run's parameters before the first node runs."""
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Pipeline, catalog) -> None:
+        check_settings(catalog.load("parameters"), pipeline)
 
 
 def lineage_of(catalog, dataset_name: str) -> dict[str, Any]:

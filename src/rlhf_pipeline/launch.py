@@ -12,6 +12,7 @@ caller loads and returns.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -29,15 +30,15 @@ import torch
 
 from rlhf_pipeline.config import config_from
 from rlhf_pipeline.modeling import ModelBundle, ValueHeadModel, load_policy, load_value_model
-from rlhf_pipeline.rl.trainer import PPOConfig, PPOResult, PPOTrainer, load_configs
-from rlhf_pipeline.training.devices import release_device_memory, to_rank_device
+from rlhf_pipeline.rl.config import PPOConfig
+from rlhf_pipeline.rl.models import load_models
+from rlhf_pipeline.rl.trainer import PPOResult, PPOTrainer
+from rlhf_pipeline.training.devices import release_device_memory
 from rlhf_pipeline.training.engine import (
     LogFn,
     OptimConfig,
-    bf16_enabled,
     child_environment,
     no_logging,
-    partitioned_loading,
     resident_parameters,
     world,
 )
@@ -122,9 +123,9 @@ def run_ppo(policy: ModelBundle, reward_model: ModelBundle, prompts: list[str], 
             score_prior: tuple[float, float, float] | None = None, log: LogFn = no_logging,
             metric_prefix: str = "") -> PPOResult:
     """Train with PPO in-process or through the ``deepspeed`` launcher (see the module docstring)."""
-    if in_process(launch):
-        trainer = PPOTrainer(policy.model, reward_model.model, policy.encoder(), prompts, cfg, checkpoint_dir=checkpoint_dir,
-                             ptx_data=ptx_data, log=log, score_prior=score_prior)
+    if in_process(launch):  # the run owns its models: the caller's stay as they are (e.g. the RM scores next)
+        trainer = PPOTrainer(copy.deepcopy(policy.model), copy.deepcopy(reward_model.model), policy.encoder(), prompts,
+                             cfg, checkpoint_dir=checkpoint_dir, ptx_data=ptx_data, log=log, score_prior=score_prior)
         return trainer.train()
     frames = {"prompts": pd.DataFrame({"prompt": prompts}),
               "ptx": pd.DataFrame({"prompt": ptx_data[0], "response": ptx_data[1]})}
@@ -183,41 +184,9 @@ def mlflow_rank0_logger(prefix: str) -> LogFn:
     return log
 
 
-def load_ppo_models(job: Path, cfg: PPOConfig) -> tuple[ModelBundle, dict[str, torch.nn.Module]]:
-    """The policy bundle and the models for ``PPOTrainer`` (``reward_model``, and without LoRA ``reference`` and
-    ``critic``), each read from the job folder as its engine will hold it: a ZeRO-3 model partitioned from the
-    first byte, so no rank holds it whole in host memory; a whole model in its training precision and moved to
-    the rank's device at once, so the host holds one at a time. The reference and the critic are read again
-    rather than copied from a policy and reward model this rank may hold only a part of."""
-    configs = load_configs(cfg)
-    # a bf16 run reads bf16 weights (its engines would cast them anyway): half the host memory of fp32
-    policy_dtype, critic_dtype = ("bfloat16" if bf16_enabled(optim.bf16) else None
-                                  for optim in (cfg.policy_optim, cfg.critic_optim))
-
-    def placed(model: torch.nn.Module) -> torch.nn.Module:
-        return model if hasattr(next(model.parameters()), "ds_id") else to_rank_device(model)
-
-    if cfg.lora.enabled:  # LoRA trains at ZeRO 0-2 and derives the reference and critic from the policy and RM
-        policy = load_policy(str(job / "policy"), dtype=policy_dtype)
-        reward_model = ValueHeadModel.from_pretrained(str(job / "reward_model"), dtype=critic_dtype)
-        return policy.with_model(placed(policy.model)), {"reward_model": placed(reward_model)}
-    with partitioned_loading(configs["policy"]):
-        policy = load_policy(str(job / "policy"), dtype=policy_dtype)
-    policy = policy.with_model(placed(policy.model))
-    models = {}
-    with partitioned_loading(configs["frozen"]):  # the frozen models take the policy's precision
-        models["reward_model"] = placed(ValueHeadModel.from_pretrained(str(job / "reward_model"), dtype=policy_dtype))
-        models["reference"] = placed(load_policy(str(job / "policy"), dtype=policy_dtype).model)
-    with partitioned_loading(configs["critic"]):
-        models["critic"] = placed(
-            ValueHeadModel.from_pretrained(str(job / "reward_model"), dtype=critic_dtype) if cfg.critic_from_reward_model
-            else ValueHeadModel(load_policy(str(job / "policy"), dtype=critic_dtype).model, seed=cfg.seed))
-    return policy, models
-
-
 def ppo_worker(job: Path, spec: dict, output: Path) -> None:
     cfg = PPOConfig.from_params(spec["config"])
-    policy, models = load_ppo_models(job, cfg)
+    policy, models = load_models(job, cfg)
     resident = {name: resident_parameters(model) for name, model in {"policy": policy.model, **models}.items()}
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
     logger.info("Rank %d holds %s; peak host memory so far %.2f GiB", world()[0],

@@ -226,13 +226,19 @@ class ValueHeadModel(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_lm_logits: bool = False,
         position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-token values ``(B, T)`` and, if asked, the LM logits ``(B, T, V)``."""
+        """Per-token values ``(B, T)`` and, if asked, the LM logits ``(B, T, V)`` from the LM's own forward (which
+        applies what the architecture does after its head, e.g. Gemma-2's soft-capping); its last hidden state
+        is the one the values read."""
         lm = transformer_of(self)
-        hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=False).last_hidden_state
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                  "use_cache": False}
+        if return_lm_logits:
+            output = self.lm(**inputs, output_hidden_states=True)
+            hidden, logits = output.hidden_states[-1], output.logits
+        else:
+            hidden, logits = lm.base_model(**inputs).last_hidden_state, None
         # the head may be fp32 under a bf16 backbone (or the reverse): it reads the hidden state in its own dtype
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
-        logits = lm.get_output_embeddings()(hidden) if return_lm_logits else None
         return values, logits
 
     def save_pretrained(self, path: str) -> None:

@@ -7,11 +7,12 @@ replace a whole top-level key such as `data_processing`, dropping its other entr
 
 from kedro.config import OmegaConfigLoader
 
-from rlhf_pipeline.hooks import MlflowLineageHook
+from rlhf_pipeline.hooks import MlflowLineageHook, SettingsCheckHook
 from rlhf_pipeline.pipelines.ablation.pipeline import AblationGridHook
 
-# dataset inputs, registered models and the champion alias in MLflow; the ablation grid from the run's parameters
-HOOKS = (MlflowLineageHook(), AblationGridHook())
+# every stage's settings checked before the first node; dataset inputs, registered models and the champion
+# alias in MLflow; the ablation grid from the run's parameters
+HOOKS = (SettingsCheckHook(), MlflowLineageHook(), AblationGridHook())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

@@ -9,9 +9,11 @@ from rlhf_pipeline.adapters import LoraSettings, add_lora, enable_gradient_check
 from rlhf_pipeline.formatting import DialogueEncoder
 from rlhf_pipeline.generation import SamplingConfig
 from rlhf_pipeline.modeling import TinyModelConfig, ValueHeadModel, build_tiny_model, train_tokenizer
-from rlhf_pipeline.rl.experience import make_experience, positions, response_logits
-from rlhf_pipeline.rl.trainer import PPOConfig, PPOTrainer
+from rlhf_pipeline.rl.config import PPOConfig
+from rlhf_pipeline.rl.experience import make_experience
+from rlhf_pipeline.rl.trainer import PPOTrainer
 from rlhf_pipeline.training.engine import OptimConfig
+from rlhf_pipeline.training.forward import ResponseForward, positions
 
 PROMPTS = [f"\n\nHuman: Tell me about item {i}.\n\nAssistant:" for i in range(16)]
 ARCHS = ("gpt2", "llama")
@@ -51,12 +53,10 @@ def test_lora_reference_is_the_base_model_and_the_merged_policy_is_the_trained_o
     assert not any(p.requires_grad for n, p in trainer.policy.module.named_parameters() if "lora_" not in n)
     for _ in range(2):  # steps, not train(): train() merges the adapters at the end
         trainer.step()
-        trainer.iteration += 1
     sequences, mask, position_ids = batch(tokenizer)
-    width = sequences.shape[1] - 3
 
-    def logits(model):
-        return response_logits(model, sequences, mask, position_ids, width)
+    def logits(model):  # at the positions that predict the last 3 tokens
+        return ResponseForward(sequences, mask, position_ids, mask[:, -3:], packed=False).token_logits(model)
 
     with torch.no_grad():
         trained = logits(trainer.policy.module)
@@ -127,7 +127,7 @@ def test_frozen_models_under_zero3_score_as_whole_models(tokenizer, placement):
     assert sharded.reference.module.transformer.wte.weight.numel() == 0  # partitioned, not a whole copy
     parted = experience(sharded)
     assert torch.equal(parted.sequences, whole.sequences)
-    for name in ("logprobs", "ref_logprobs", "values", "raw_scores"):
+    for name in ("old_logprobs", "ref_logprobs", "old_values", "raw_scores"):
         torch.testing.assert_close(getattr(parted, name), getattr(whole, name), msg=name)
 
 
@@ -163,11 +163,11 @@ def test_frozen_models_on_the_device_take_the_policys_precision(tokenizer):
 @pytest.mark.parametrize("critic_from_reward_model", [True, False])
 def test_launched_ranks_load_zero3_models_partitioned_and_train_as_from_whole_copies(tokenizer, tmp_path,
                                                                                      critic_from_reward_model):
-    """``load_ppo_models`` (each launched rank): ZeRO-3 models are read straight into partitions, never whole in
+    """``load_models`` (each launched rank): ZeRO-3 models are read straight into partitions, never whole in
     host memory, and the reference and critic are read from the job folder instead of copied from a policy the
     rank holds only a part of. Training from them equals training from whole models and their copies."""
-    from rlhf_pipeline.launch import load_ppo_models
     from rlhf_pipeline.modeling import ModelBundle
+    from rlhf_pipeline.rl.models import load_models
     from tests.rl.test_trainer import zero3
 
     ModelBundle(tiny(tokenizer, "gpt2"), tokenizer).save_pretrained(str(tmp_path / "policy"))
@@ -176,7 +176,7 @@ def test_launched_ranks_load_zero3_models_partitioned_and_train_as_from_whole_co
     from_copies = trainer_for(tokenizer, policy_optim=zero3(5e-3), critic_optim=zero3(5e-3), frozen_models="zero3",
                               critic_from_reward_model=critic_from_reward_model)
     expected = from_copies.train().policy.state_dict()  # before the next trainer re-seeds the sampling RNG
-    policy, models = load_ppo_models(tmp_path, from_copies.cfg)
+    policy, models = load_models(tmp_path, from_copies.cfg)
     assert set(models) == {"reward_model", "reference", "critic"}
     for name, model in {"policy": policy.model, **models}.items():
         lm = model.lm if isinstance(model, ValueHeadModel) else model
@@ -193,15 +193,15 @@ def test_launched_ranks_load_zero3_models_partitioned_and_train_as_from_whole_co
 def test_launched_ranks_with_lora_derive_the_reference_and_critic_as_in_one_process(tokenizer, tmp_path):
     """With LoRA the reference is the policy with adapters off and the critic shares the RM's weights: the ranks
     read only the policy and the RM, and train as one process does."""
-    from rlhf_pipeline.launch import load_ppo_models
     from rlhf_pipeline.modeling import ModelBundle
+    from rlhf_pipeline.rl.models import load_models
 
     ModelBundle(tiny(tokenizer, "gpt2"), tokenizer).save_pretrained(str(tmp_path / "policy"))
     ModelBundle(ValueHeadModel(tiny(tokenizer, "gpt2", seed=1), seed=2), tokenizer).save_pretrained(
         str(tmp_path / "reward_model"))
     from_models = trainer_for(tokenizer, lora=LoraSettings(r=4, alpha=8))
     expected = from_models.train().policy.state_dict()
-    policy, models = load_ppo_models(tmp_path, from_models.cfg)
+    policy, models = load_models(tmp_path, from_models.cfg)
     assert set(models) == {"reward_model"}
     trained = PPOTrainer(policy.model, encoder=DialogueEncoder(tokenizer), prompts=PROMPTS, cfg=from_models.cfg,
                          **models).train().policy.state_dict()
@@ -211,23 +211,23 @@ def test_launched_ranks_with_lora_derive_the_reference_and_critic_as_in_one_proc
 
 def test_launched_ranks_read_whole_models_in_the_runs_precision(tokenizer, tmp_path):
     """A bf16 run's ranks read bf16 weights (half of fp32's host memory; the engines would cast them anyway)."""
-    from rlhf_pipeline.launch import load_ppo_models
     from rlhf_pipeline.modeling import ModelBundle
+    from rlhf_pipeline.rl.models import load_models
 
     ModelBundle(tiny(tokenizer, "llama"), tokenizer).save_pretrained(str(tmp_path / "policy"))
     ModelBundle(ValueHeadModel(tiny(tokenizer, "llama", seed=1)), tokenizer).save_pretrained(str(tmp_path / "reward_model"))
     bf16 = OptimConfig(zero_stage=2, bf16="true")
     for critic_from_reward_model in (True, False):
         cfg = PPOConfig(policy_optim=bf16, critic_optim=bf16, critic_from_reward_model=critic_from_reward_model)
-        policy, models = load_ppo_models(tmp_path, cfg)
+        policy, models = load_models(tmp_path, cfg)
         for name, model in {"policy": policy.model, **models}.items():
             lm = model.lm if isinstance(model, ValueHeadModel) else model
             assert {p.dtype for p in lm.parameters()} == {torch.bfloat16}, name
     fp32 = PPOConfig(policy_optim=OptimConfig(bf16="false"), critic_optim=OptimConfig(bf16="false"))
-    assert {p.dtype for p in load_ppo_models(tmp_path, fp32)[0].model.parameters()} == {torch.float32}
+    assert {p.dtype for p in load_models(tmp_path, fp32)[0].model.parameters()} == {torch.float32}
 
 
 def test_lora_takes_no_prebuilt_reference_or_critic(tokenizer):
     with pytest.raises(ValueError, match="cannot be passed in"):
         PPOTrainer(tiny(tokenizer, "gpt2"), ValueHeadModel(tiny(tokenizer, "gpt2")), DialogueEncoder(tokenizer), PROMPTS,
-                   PPOConfig(lora=LoraSettings(r=4)), reference=tiny(tokenizer, "gpt2"))
+                   PPOConfig(lora=LoraSettings(r=4), rollout_batch_size=8), reference=tiny(tokenizer, "gpt2"))

@@ -19,7 +19,8 @@ from rlhf_pipeline.modeling import (
     train_tokenizer,
     use_fused_gelu,
 )
-from rlhf_pipeline.training.batching import collate_encoded, masked_token_nll
+from rlhf_pipeline.training.batching import collate_encoded
+from rlhf_pipeline.training.forward import masked_token_nll
 from rlhf_pipeline.training.engine import OptimConfig
 from rlhf_pipeline.training.reward import (
     RewardConfig,
@@ -149,7 +150,10 @@ def test_packed_sft_and_reward_model_steps_equal_padded_ones(tokenizer, arch):
     prompts = [f"\n\nHuman: {'Please, ' * (3 * (i % 3))}what is {i} plus {i}?\n\nAssistant:" for i in range(8)]
     responses = [f"{i} plus {i} is {2 * i}." + " Indeed." * (12 if i == 7 else i % 2) for i in range(8)]
     shape = TinyModelConfig(arch=arch, hidden_size=32, num_layers=2, num_heads=2)
-    optim = OptimConfig(lr=1e-2, micro_batch_size=8, warmup_ratio=0.0, zero_stage=0)
+    # eps = 1: Adam's first update g / (|g| + 1) follows the gradient, not its sign (which float noise flips
+    # where a gradient is ~0, e.g. the value head's bias, which cancels in r_chosen - r_rejected)
+    optim = OptimConfig(lr=1.0, micro_batch_size=8, warmup_ratio=0.0, zero_stage=0,
+                        extra_ds_config={"optimizer": {"params": {"eps": 1.0}}})
 
     def model():  # no dropout: its random masks would differ between the two layouts
         return disable_dropout(build_tiny_model(tokenizer, shape))
@@ -216,7 +220,7 @@ def test_extra_deepspeed_config_merges_into_nested_sections():
     from rlhf_pipeline.training.engine import deepspeed_config
 
     offload = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}, "gradient_clipping": 0.5}
-    config = deepspeed_config(OptimConfig(zero_stage=2, extra_ds_config=offload), total_steps=10)
+    config = deepspeed_config(OptimConfig(zero_stage=2, extra_ds_config=offload))
     assert config["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu"}}
     assert config["gradient_clipping"] == 0.5 and config["optimizer"]["type"] == "AdamW"
 
@@ -260,15 +264,16 @@ def test_critic_freezes_an_untied_lm_head_and_keeps_a_tied_one(tokenizer):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_response_logprobs_in_chunks_equal_the_full_logits(tokenizer, arch):
-    from rlhf_pipeline.training.batching import response_logprob_sums
+@pytest.mark.parametrize("packed", [False, True])
+def test_response_logprob_sums_equal_the_full_logits(tokenizer, arch, packed):
+    from rlhf_pipeline.training.forward import response_logprob_sums
 
     model = build_tiny_model(tokenizer, TinyModelConfig(arch=arch, hidden_size=32, num_layers=1, num_heads=2)).eval()
     encoder = DialogueEncoder(tokenizer)
     rows = [encoder.encode("\n\nHuman: What is 2 plus 3?\n\nAssistant:", [r], 64) for r in ("2 plus 3 is 5.", "hi")]
     batch = collate_encoded(rows, tokenizer.pad_token_id)
     with torch.no_grad():
-        sums, counts = response_logprob_sums(model, batch, chunk_tokens=3)  # chunks that split rows
+        sums, counts = response_logprob_sums(model, batch, packed=packed)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     for row in range(2):
         total, count = masked_token_nll(logits[row:row + 1], batch.input_ids[row:row + 1], batch.response_mask[row:row + 1])

@@ -127,37 +127,3 @@ def score_encoded(rows: EncodedRows, pad_token_id: int, batch_size: int,
     out = torch.full((len(rows.rows), *scores.shape[1:]), math.nan)
     out[kept] = scores
     return out
-
-
-def masked_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed negative log-likelihood of the response tokens and their count.
-
-    Token t is predicted by the logits at t-1, so the mask shifts with the labels: a prompt token
-    never carries loss.
-    """
-    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
-    labels = input_ids[:, 1:]  # (B, T-1)
-    mask = response_mask[:, 1:].float()
-    nll = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), labels, reduction="none")  # (B, T-1)
-    return (nll * mask).sum(), mask.sum()
-
-
-def response_logprob_sums(model, batch: TokenBatch, chunk_tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probability of each row's response tokens under a causal LM, and their count, ``(B,)`` each.
-
-    Only the positions that predict a response token go through the LM head, ``chunk_tokens`` at a time,
-    as logit − logsumexp: a ``(B, T, V)`` fp32 logit tensor (and its log-softmax copy) never exists. At a
-    49k vocabulary, 64 rows of 384 tokens would need ~10 GB for those two alone.
-    """
-    hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              use_cache=False).last_hidden_state[:, :-1]  # position t-1 predicts token t
-    mask = batch.response_mask[:, 1:].bool()
-    rows = torch.nonzero(mask)[:, 0]
-    targets = batch.input_ids[:, 1:][mask]
-    head = model.get_output_embeddings()
-    logprobs = torch.cat([
-        (logits := head(chunk).float()).gather(1, target.unsqueeze(1)).squeeze(1) - logits.logsumexp(dim=-1)
-        for chunk, target in zip(hidden[mask].split(chunk_tokens), targets.split(chunk_tokens), strict=True)
-    ]) if len(targets) else torch.zeros(0, device=hidden.device)
-    sums = torch.zeros(mask.shape[0], device=hidden.device).index_add_(0, rows, logprobs)
-    return sums, mask.sum(dim=1).float()

@@ -1,13 +1,15 @@
 """DeepSpeed engine set-up shared by every trainer.
 
 One code path for a laptop and a GPU cluster: the model is wrapped by ``deepspeed.initialize`` with
-ZeRO, AdamW, warm-up/decay and global gradient clipping from an ``OptimConfig``. Without a launcher the
-process joins a one-rank process group (gloo on CPU, nccl on GPU), so tests run what a GPU run runs.
+ZeRO, AdamW, global gradient clipping and a warm-up/decay schedule (a torch ``LambdaLR``) from an
+``OptimConfig``. Without a launcher the process joins a one-rank process group (gloo on CPU, nccl on GPU),
+so tests run what a GPU run runs.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -43,12 +45,19 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
-    """Share of the optimiser steps spent in linear warm-up before linear decay."""
+    """Share of the T optimiser steps spent in linear warm-up, in [0, 1]: W = floor(warmup_ratio · T) steps.
+    Step k (1-based) runs at ``lr · k/W`` for k ≤ W, then decays linearly from the peak, step P = max(W, 1),
+    towards 0 at the step after the last: ``lr · (T + 1 - k) / (T + 1 - P)``. No step runs at lr 0: the first
+    is at lr/W (at lr when W = 0: no warm-up) and the last at lr/(T + 1 - P). It is Hugging Face's
+    ``get_linear_schedule_with_warmup`` moved one step later, so that step 1 is not at 0, and with the decay
+    starting at the peak so that the peak is not repeated. E.g. T = 4: W = 2 gives lr · [1/2, 1, 2/3, 1/3],
+    W = 0 gives lr · [1, 3/4, 1/2, 1/4]."""
     grad_clip: float = 1.0
     """Global gradient-norm clipping."""
     zero_stage: int = 0
     micro_batch_size: int = 16
     grad_accum: int = 1
+    """Micro-batches whose gradients add up to one optimiser step (the training loops accumulate them)."""
     bf16: str = "auto"
     """``auto`` (on a GPU that supports it), ``true`` or ``false``."""
     gradient_checkpointing: bool = False
@@ -61,6 +70,8 @@ class OptimConfig:
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.micro_batch_size < 1 or self.grad_accum < 1:
             raise ValueError("micro_batch_size and grad_accum must be >= 1")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
         object.__setattr__(self, "betas", tuple(self.betas))
 
 
@@ -100,22 +111,19 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def deepspeed_config(cfg: OptimConfig, total_steps: int) -> dict:
-    """The DeepSpeed config for ``cfg`` over ``total_steps`` optimiser steps."""
-    total_steps = max(1, total_steps)
+def deepspeed_config(cfg: OptimConfig) -> dict:
+    """The DeepSpeed config for ``cfg``. It has no scheduler (``make_engine`` hands DeepSpeed one) and an
+    accumulation of 1: the trainers accumulate micro-batches themselves, marking the last backward of each
+    optimiser step with ``set_gradient_accumulation_boundary`` and weighting each micro-batch by its share of
+    the step, so DeepSpeed neither divides the loss by an accumulation count nor steps on its own."""
     adamw = adamw_params(cfg.lr, cfg.betas, cfg.weight_decay)
     config = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.grad_clip,
         "optimizer": {
             "type": "AdamW",
             "params": adamw,
-        },
-        "scheduler": {
-            "type": "WarmupDecayLR",
-            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr, "total_num_steps": total_steps,
-                       "warmup_num_steps": max(1, int(cfg.warmup_ratio * total_steps)), "warmup_type": "linear"},
         },
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": bf16_enabled(cfg.bf16)},
@@ -123,6 +131,32 @@ def deepspeed_config(cfg: OptimConfig, total_steps: int) -> dict:
         "wall_clock_breakdown": False,
     }
     return deep_merge(config, cfg.extra_ds_config)
+
+
+def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
+    """W = floor(warmup_ratio · total_steps); the tolerance keeps e.g. 0.29 · 100 = 28.999… at 29."""
+    return math.floor(cfg.warmup_ratio * total_steps + 1e-9)
+
+
+def warmup_decay(warmup: int, total_steps: int) -> Callable[[int], float]:
+    """The lr multiplier of ``OptimConfig.warmup_ratio``'s schedule for ``LambdaLR``: called with the number
+    of optimiser steps already taken, it returns the factor of the step about to be taken. Steps past
+    ``total_steps`` keep the last step's factor rather than reaching 0.
+
+    Raises:
+        ValueError: unless 0 <= warmup <= total_steps and total_steps >= 1.
+    """
+    if total_steps < 1 or not 0 <= warmup <= total_steps:
+        raise ValueError(f"schedule: need 0 <= warmup ({warmup}) <= total_steps ({total_steps}), total_steps >= 1")
+    peak = max(warmup, 1)
+
+    def factor(taken: int) -> float:
+        step = min(taken + 1, total_steps)  # 1-based
+        if step <= warmup:
+            return step / warmup
+        return (total_steps + 1 - step) / (total_steps + 1 - peak)
+
+    return factor
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -135,8 +169,10 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 
 def make_engine(model: nn.Module, cfg: OptimConfig, total_steps: int):
-    """Wrap ``model`` in a DeepSpeed engine (ZeRO, AdamW, warm-up/decay, gradient clipping) whose
-    checkpoints load with ``weights_only=True``."""
+    """Wrap ``model`` in a DeepSpeed engine (ZeRO, AdamW, gradient clipping) whose checkpoints load with
+    ``weights_only=True``, with the warm-up/decay schedule of ``cfg.warmup_ratio`` over ``total_steps``: the
+    optimiser steps this engine will take (an engine planned to take none gets a one-step schedule).
+    ``engine.get_lr()`` is the lr of the next step."""
     import deepspeed
 
     from rlhf_pipeline.training.checkpointing import use_weights_only_checkpoints
@@ -144,9 +180,13 @@ def make_engine(model: nn.Module, cfg: OptimConfig, total_steps: int):
     init_distributed()
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    total_steps = max(1, total_steps)
+    factor = warmup_decay(warmup_steps(cfg, total_steps), total_steps)
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=deepspeed_config(cfg, total_steps),
+        config=deepspeed_config(cfg),
+        # a callable: DeepSpeed builds the optimiser from the config and hands it over
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor),
     )
     use_weights_only_checkpoints(engine)
     return engine

@@ -13,10 +13,11 @@ from rlhf_pipeline.modeling import ValueHeadModel
 from rlhf_pipeline.training.batching import (
     TokenBatch,
     collate,
-    masked_token_nll,
+    collate_encoded,
     score_encoded,
 )
 from rlhf_pipeline.training.engine import LogFn, OptimConfig, no_logging
+from rlhf_pipeline.training.forward import masked_token_nll
 from rlhf_pipeline.training.loop import train_loop
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,13 @@ def train_reward_model(
         raise ValueError(f"reward_model: no pair fits in {encoder.limit(cfg.max_length)} tokens; raise reward_model.max_length")
     pad = encoder.tokenizer.pad_token_id
 
+    def count_fn(indices):
+        counts = {"pairs": float(len(indices))}
+        if cfg.lm_loss_coef > 0:  # the positions masked_token_nll counts on the chosen responses
+            chosen = collate_encoded([pairs[i] for i in indices], pad)
+            counts["chosen_tokens"] = float(chosen.response_mask[:, 1:].sum())
+        return counts
+
     def loss_fn(engine, indices):
         rows = [pairs[i] for i in indices]
         # chosen and rejected in one forward pass: rows [0, B) chosen, [B, 2B) rejected
@@ -110,16 +118,19 @@ def train_reward_model(
                                 position_ids=inputs.get("position_ids"))
         scores = last_token_scores(values, batch)
         chosen_scores, rejected_scores = scores.float().chunk(2)
-        ranking = pairwise_ranking_loss(chosen_scores, rejected_scores, cfg.margin)
-        loss = ranking + cfg.score_l2_coef * (scores.float() ** 2).mean()
-        metrics = {"train/ranking_loss": ranking.item(), "train/accuracy": ranking_accuracy(chosen_scores, rejected_scores),
-                   "train/margin": (chosen_scores - rejected_scores).mean().item()}
-        if cfg.lm_loss_coef > 0:
+        # sums over the micro-batch's pairs (the score penalty: each pair's two squared scores halved), so that
+        # train_loop's division by the window's pairs makes the pair-weighted mean of the paper's per-pair loss
+        ranking = pairwise_ranking_loss(chosen_scores, rejected_scores, cfg.margin) * n
+        pair_loss = ranking + cfg.score_l2_coef * (scores.float() ** 2).sum() / 2
+        metrics = {"train/ranking_loss": (ranking.item(), n),
+                   "train/accuracy": (ranking_accuracy(chosen_scores, rejected_scores) * n, n),
+                   "train/margin": ((chosen_scores - rejected_scores).sum().item(), n)}
+        terms = {"pairs": pair_loss}
+        if cfg.lm_loss_coef > 0:  # a token-weighted mean over the window's chosen responses
             total, count = masked_token_nll(logits, batch.input_ids, batch.response_mask)
-            lm_loss = total / count.clamp(min=1.0)
-            loss = loss + cfg.lm_loss_coef * lm_loss
-            metrics["train/lm_loss"] = lm_loss.item()
-        metrics["train/loss"] = loss.item()
-        return loss, metrics, int(batch.attention_mask.sum())
+            terms["chosen_tokens"] = cfg.lm_loss_coef * total
+            metrics["train/lm_loss"] = (total.item(), count.item())
+        return terms, metrics, int(batch.attention_mask.sum())
 
-    return train_loop(model, len(pairs), cfg.epochs, cfg.seed, cfg.optim, loss_fn, log, description), counts
+    return train_loop(model, len(pairs), cfg.epochs, cfg.seed, cfg.optim, count_fn, loss_fn, log,
+                      description), counts

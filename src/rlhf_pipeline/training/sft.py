@@ -9,12 +9,9 @@ from dataclasses import dataclass, field
 import torch
 
 from rlhf_pipeline.formatting import DialogueEncoder, EncodedRows
-from rlhf_pipeline.training.batching import (
-    collate_encoded,
-    masked_token_nll,
-    response_logprob_sums,
-)
+from rlhf_pipeline.training.batching import collate_encoded
 from rlhf_pipeline.training.engine import LogFn, OptimConfig, no_logging
+from rlhf_pipeline.training.forward import ResponseForward, response_logprob_sums
 from rlhf_pipeline.training.loop import train_loop
 
 logger = logging.getLogger(__name__)
@@ -30,7 +27,7 @@ class SFTConfig:
     eval_batch_size: int = 64
     seed: int = 0
     packing: bool = True
-    """Pack each micro-batch's demonstrations into rows without padding (see ``TokenBatch.packed``)."""
+    """Pack each micro-batch's demonstrations into rows without padding (see ``training.forward``)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -54,7 +51,8 @@ def train_sft(
 ) -> tuple[torch.nn.Module, dict[str, float]]:
     """Fine-tune ``model`` on (prompt, response) demonstrations; returns the model and metrics (held-out
     loss after and before training, and how many demonstrations were dropped, truncated or lost turns to
-    fit the context)."""
+    fit the context). Each optimiser step descends the mean NLL over every response token of its
+    ``grad_accum`` micro-batches, so a long demonstration weighs by its length."""
     pad = encoder.tokenizer.pad_token_id
     encoded = encoder.encode_many(prompts, [[r] for r in responses], cfg.max_length)
     val = encoder.encode_many(val_prompts, [[r] for r in val_responses], cfg.max_length)
@@ -65,13 +63,13 @@ def train_sft(
     if not train_rows:
         raise ValueError(f"sft: no demonstration fits in {encoder.limit(cfg.max_length)} tokens; raise sft.max_length")
 
+    def count_fn(indices):
+        return {"tokens": float(collate_encoded([train_rows[i] for i in indices], pad).response_mask.sum())}
+
     def loss_fn(engine, indices):
         batch = collate_encoded([train_rows[i] for i in indices], pad).to(engine.device)
-        batch = batch.packed() if cfg.packing else batch
-        logits = engine(**batch.model_inputs(), use_cache=False).logits
-        total, count = masked_token_nll(logits, batch.input_ids, batch.response_mask)
-        loss = total / count.clamp(min=1.0)
-        return loss, {"train/loss": loss.item()}, int(batch.attention_mask.sum())
+        forward = ResponseForward.of_tokens(batch, cfg.packing)
+        return {"tokens": -forward.token_logprobs(engine).sum()}, {}, int(batch.attention_mask.sum())
 
     has_val = bool(val.kept)
 
@@ -82,7 +80,7 @@ def train_sft(
 
     # the held-out loss before training says what SFT bought where no gold reward exists (real data)
     before = {f"{k}_before": v for k, v in evaluate_lm(model, val, pad, cfg.eval_batch_size).items()} if has_val else {}
-    model = train_loop(model, len(train_rows), cfg.epochs, cfg.seed, cfg.optim, loss_fn, log, "sft",
-                       evaluate if has_val else None, cfg.eval_every)
+    model = train_loop(model, len(train_rows), cfg.epochs, cfg.seed, cfg.optim, count_fn, loss_fn, log,
+                       "sft", evaluate if has_val else None, cfg.eval_every)
     metrics = evaluate_lm(model, val, pad, cfg.eval_batch_size) if has_val else {}
     return model, {**metrics, **before, **{k: float(v) for k, v in counts.items()}}

@@ -14,6 +14,8 @@ from rlhf_pipeline.pipelines.data_processing.nodes import (
 SPLIT = {"seed": 0, "fractions": {"sft_train": 0.3, "rm_train": 0.3, "rm_val": 0.05, "ppo_prompts": 0.15, "eval_prompts": 0.1,
                                   "judge_train": 0.1}}
 
+PPO = {"ppo_max": {"rollout_batch_size": 8, "launcher": {"num_processes": 1}}, "vanilla": {"rollout_batch_size": 8}}
+
 
 def rows_of(records) -> list[RawRow]:
     return [RawRow("synthetic_hh.jsonl", i, json.dumps(r).encode()) for i, r in enumerate(records, 1)]
@@ -28,7 +30,7 @@ def preferences() -> pd.DataFrame:
 
 
 def test_no_prompt_crosses_splits_and_eval_is_unseen(preferences):
-    sft, rm_train, rm_val, ppo, evaluation, judge, sizes = split_preferences(preferences, SPLIT)
+    sft, rm_train, rm_val, ppo, evaluation, judge, sizes = split_preferences(preferences, SPLIT, PPO)
     training = set(sft["prompt"]) | set(rm_train["prompt"]) | set(rm_val["prompt"]) | set(ppo["prompt"])
     assert evaluation["prompt"].nunique() == len(evaluation) > 20
     assert not set(evaluation["prompt"]) & (training | set(judge["prompt"]))
@@ -41,19 +43,36 @@ def test_no_prompt_crosses_splits_and_eval_is_unseen(preferences):
 
 def test_duplicates_are_dropped(preferences):
     doubled = pd.concat([preferences, preferences.head(100)], ignore_index=True)
-    outputs = split_preferences(doubled, SPLIT)
+    outputs = split_preferences(doubled, SPLIT, PPO)
     pairs_out = len(outputs[0]) + len(outputs[1]) + len(outputs[2])
-    pairs_in = split_preferences(preferences.drop_duplicates(), SPLIT)
+    pairs_in = split_preferences(preferences.drop_duplicates(), SPLIT, PPO)
     assert pairs_out == len(pairs_in[0]) + len(pairs_in[1]) + len(pairs_in[2])
 
 
 def test_max_pairs_splits_a_seeded_sample(preferences):
-    outputs = split_preferences(preferences, {**SPLIT, "max_pairs": 600})
+    outputs = split_preferences(preferences, {**SPLIT, "max_pairs": 600}, PPO)
     pairs = len(outputs[0]) + len(outputs[1]) + len(outputs[2]) + len(outputs[5])
     assert 400 < pairs < 600  # ppo and eval splits hold unique prompts, not pairs
     assert outputs[6]["sft_train_size"]["value"] == len(outputs[0]) < 0.4 * 600
-    again = split_preferences(preferences, {**SPLIT, "max_pairs": 600})
+    again = split_preferences(preferences, {**SPLIT, "max_pairs": 600}, PPO)
     assert outputs[0].equals(again[0])
+
+
+def test_ppo_prompts_smaller_than_a_rollout_buffer_fail_naming_split_variant_and_fix(preferences):
+    tiny_ppo_split = {**SPLIT, "fractions": {**SPLIT["fractions"], "ppo_prompts": 0.004}}
+    ppo = {"ppo_max": {"rollout_batch_size": 8, "launcher": {"num_processes": 1}},
+           "vanilla": {"rollout_batch_size": 2, "launcher": {"num_processes": 1}}}
+    with pytest.raises(ValueError) as error:
+        split_preferences(preferences, tiny_ppo_split, ppo)
+    message = str(error.value)
+    assert "split 'ppo_prompts' holds" in message and "ppo.ppo_max.rollout_batch_size 8 x 1 process(es)" in message
+    assert "data_processing.split.fractions.ppo_prompts (now 0.004)" in message
+    assert "vanilla" not in message  # its buffer of 2 fits
+    # ranks per node multiply the buffer: 100 prompts fit 8 x 1 but not 8 x 16
+    prompts = len(split_preferences(preferences, SPLIT, PPO)[3])
+    assert 8 < prompts < 8 * 16
+    with pytest.raises(ValueError, match=r"ppo.vanilla.rollout_batch_size 8 x 16 process\(es\)"):
+        split_preferences(preferences, SPLIT, {"vanilla": {"rollout_batch_size": 8, "launcher": {"num_processes": 16}}})
 
 
 def test_split_is_stable_per_prompt_and_close_to_fractions():

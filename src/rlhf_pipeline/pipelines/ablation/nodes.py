@@ -31,7 +31,7 @@ from rlhf_pipeline.pipelines.evaluation.nodes import (
 )
 from rlhf_pipeline.pipelines.ppo.nodes import score_prior
 from rlhf_pipeline.pipelines.tracking import mlflow_logger, strict_json
-from rlhf_pipeline.rl.trainer import PPOConfig
+from rlhf_pipeline.rl.config import PPOConfig
 from rlhf_pipeline.stats import difference_interval, mean_interval, paired_bootstrap_win_rate
 from rlhf_pipeline.task import gold_score
 from rlhf_pipeline.training.engine import deep_merge

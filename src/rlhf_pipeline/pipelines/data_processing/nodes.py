@@ -51,7 +51,7 @@ def parse_preferences(
 
 
 def split_preferences(
-    preferences: pd.DataFrame, split: dict[str, Any]
+    preferences: pd.DataFrame, split: dict[str, Any], ppo: dict[str, dict[str, Any]]
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, dict[str, float]]]:
     """De-duplicate pairs and split them by prompt, so that no prompt crosses two splits.
 
@@ -59,11 +59,17 @@ def split_preferences(
         preferences: Valid pairs from ``parse_preferences``.
         split: ``fractions`` per split name, the ``seed`` of the prompt hashing and ``max_pairs`` (optional: a
             seeded sample of at most this many pairs is split, for a run on a budget).
+        ppo: The PPO variants' parameters (``params:ppo``); each one's ``rollout_batch_size`` and
+            ``launcher.num_processes`` give the prompts it rolls out per iteration.
 
     Returns:
         ``sft_train`` (prompt, response = chosen), ``rm_train`` and ``rm_val`` (prompt, chosen, rejected),
         ``ppo_prompts`` and ``eval_prompts`` (unique prompts, with the request category), ``judge_train``
         (pairs for the evaluation's judge reward model, which PPO never sees), and split sizes.
+
+    Raises:
+        ValueError: A split is empty, or ``ppo_prompts`` holds fewer prompts than a PPO variant rolls out per
+            iteration (its buffers would repeat prompts): here, before any stage trains.
     """
     pairs = preferences.drop_duplicates(["prompt", "chosen", "rejected"], ignore_index=True)
     logger.info("Dropped %d duplicate pair(s)", len(preferences) - len(pairs))
@@ -86,5 +92,24 @@ def split_preferences(
     for name, frame in zip(names, outputs, strict=True):
         if frame.empty:
             raise ValueError(f"data_processing.split: split '{name}' is empty; raise its fraction or the data size")
+    check_ppo_prompts(len(outputs[3]), split, ppo)
     sizes = {f"{name}_size": {"value": float(len(frame)), "step": 0} for name, frame in zip(names, outputs, strict=True)}
     return (*outputs, sizes)
+
+
+def check_ppo_prompts(prompts: int, split: dict[str, Any], ppo: dict[str, dict[str, Any]]) -> None:
+    """Raise a ``ValueError`` naming the variants whose experience buffer (``rollout_batch_size`` prompts on
+    each of ``launcher.num_processes`` ranks per node, a lower bound for multi-node runs) is larger than the
+    ``prompts`` of the ``ppo_prompts`` split: PPO would fill each buffer with repeats of the same prompts."""
+    short = {}
+    for variant, settings in ppo.items():
+        processes = (settings.get("launcher") or {}).get("num_processes", 1)
+        if settings["rollout_batch_size"] * processes > prompts:
+            short[variant] = f"ppo.{variant}.rollout_batch_size {settings['rollout_batch_size']} x {processes} process(es)"
+    if short:
+        raise ValueError(
+            f"data_processing.split: split 'ppo_prompts' holds {prompts} prompt(s), fewer than one PPO iteration "
+            f"rolls out ({'; '.join(short.values())}), so every buffer would repeat prompts; raise "
+            f"data_processing.split.fractions.ppo_prompts (now {split['fractions'].get('ppo_prompts', 0)}) or the "
+            f"data (task.num_pairs, data_processing.split.max_pairs), or lower the rollout_batch_size of "
+            f"{', '.join(f'ppo.{variant}' for variant in short)}")

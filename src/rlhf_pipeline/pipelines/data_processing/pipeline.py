@@ -1,4 +1,5 @@
-"""Wiring of the data_processing pipeline."""
+"""Wiring of the data_processing pipeline. The split reads the PPO presets too: a ``ppo_prompts`` split smaller
+than a rollout buffer fails here, before any stage trains."""
 
 from kedro.pipeline import Pipeline, node, pipeline
 
@@ -21,7 +22,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(
                 split_preferences,
-                ["preferences", "params:data_processing.split"],
+                ["preferences", "params:data_processing.split", "params:ppo"],
                 ["sft_train", "rm_train", "rm_val", "ppo_prompts", "eval_prompts", "judge_train", "split_sizes"],
                 name="split_preferences_node",
             ),

@@ -122,7 +122,7 @@ def compare_with_sft(policy: torch.nn.Module, scores: dict[str, list], sft_score
         **{f"win_rate_vs_sft_{s}": win_rate(scores[s], sft_scores[s]) for s in scorers},
         **({"judge_gold_correlation": _correlation(scores["judge"], scores["gold"])} if "judge" in scores else {}),
         **kl_and_perplexity(policy, sft_model.model, sft_model.encoder(), eval_set.prompts, scores["responses"],
-                            eval_set.max_length),
+                            eval_set.max_length, temperature=eval_set.sampling.temperature),
         "response_length": sum(len(r.split()) for r in scores["responses"]) / max(len(eval_set.prompts), 1),
         "distinct_1": distinct_n(scores["responses"], 1),
         "distinct_2": distinct_n(scores["responses"], 2),

@@ -11,7 +11,7 @@ from rlhf_pipeline.config import config_from
 from rlhf_pipeline.launch import LaunchConfig, run_ppo
 from rlhf_pipeline.modeling import ModelBundle
 from rlhf_pipeline.pipelines.tracking import mlflow_logger
-from rlhf_pipeline.rl.trainer import PPOConfig
+from rlhf_pipeline.rl.config import PPOConfig
 
 logger = logging.getLogger(__name__)
 

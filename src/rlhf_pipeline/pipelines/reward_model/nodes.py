@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,14 +35,41 @@ def gold_ordered(pairs: pd.DataFrame) -> pd.DataFrame:
     })
 
 
+@dataclass(frozen=True)
+class RewardModelSettings:
+    """A reward model's parameters (``reward_model``, or the judge's ``evaluation.judge``), typed."""
+
+    train: RewardConfig
+    launch: LaunchConfig
+    stats_sample: int
+    """Training pairs whose two responses are scored for ``reward_mean``/``reward_std`` (where PPO's score
+    normaliser starts); all of them when there are fewer."""
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], key: str) -> RewardModelSettings:
+        """The settings from the parameters under ``key`` (named in errors): ``RewardConfig`` fields plus
+        ``stats_sample`` and ``launcher`` (``LaunchConfig``).
+
+        Raises:
+            ValueError: ``stats_sample`` below 1 (no score statistics: PPO would fail to normalise scores), or
+                an unknown or invalid ``RewardConfig``/``LaunchConfig`` field.
+        """
+        params = dict(params)
+        stats_sample = params.pop("stats_sample")
+        if not isinstance(stats_sample, int) or stats_sample < 1:
+            raise ValueError(f"{key}.stats_sample must be an integer >= 1 (training pairs scored for reward_mean/"
+                             f"reward_std, which PPO normalises scores with), got {stats_sample!r}; e.g. 1000")
+        launch = config_from(LaunchConfig, params.pop("launcher", {}))
+        return cls(config_from(RewardConfig, params, optim=OptimConfig), launch, stats_sample)
+
+
 def fit_reward_model(sft_model: ModelBundle, train_pairs: pd.DataFrame, val_pairs: pd.DataFrame, params: dict[str, Any],
                      log_prefix: str) -> tuple[ModelBundle, dict[str, float | None]]:
     """Train a scalar-head RM from the SFT model on ``train_pairs`` and measure it on ``val_pairs``: the reward
-    model PPO optimises, and the judge it never sees, are made by this one function."""
-    params = dict(params)
-    stats_sample = params.pop("stats_sample")
-    launch = config_from(LaunchConfig, params.pop("launcher", {}))
-    cfg = config_from(RewardConfig, params, optim=OptimConfig)
+    model PPO optimises, and the judge it never sees, are made by this one function. ``params``: see
+    ``RewardModelSettings.from_params`` (errors name ``log_prefix`` as the key)."""
+    settings = RewardModelSettings.from_params(params, log_prefix)
+    cfg, launch, stats_sample = settings.train, settings.launch, settings.stats_sample
     log = mlflow_logger(log_prefix)
     encoder = sft_model.encoder()
     model, fit_counts = run_reward_training(sft_model.with_model(ValueHeadModel(sft_model.model, seed=cfg.seed)),
@@ -95,7 +123,8 @@ def train_reward_model_node(
         sft_model: The SFT model; its LM becomes the RM's backbone under a fresh scalar head.
         rm_train: Training pairs (``prompt``, ``chosen``, ``rejected``).
         rm_val: Held-out pairs.
-        reward_model: ``RewardConfig`` fields plus ``stats_sample`` (responses used for the score statistics).
+        reward_model: ``RewardConfig`` fields plus ``stats_sample`` (training pairs scored for the score
+            statistics, >= 1) and ``launcher`` (see ``RewardModelSettings``).
 
     Returns:
         The reward model and its metrics: ``val_accuracy``, ``val_margin``, ``gold_agreement`` (accuracy on

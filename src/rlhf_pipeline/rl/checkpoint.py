@@ -1,0 +1,106 @@
+"""PPO checkpoints: the engines (weights, optimiser, scheduler) through DeepSpeed, the trainer's state as JSON,
+each rank's RNG states as safetensors; and the rule for what may change between a run and its resume.
+
+A checkpoint resumes only a run whose updates it would continue exactly: the same algorithm settings and the
+same inputs (``models.fingerprint``: SFT policy, reward model, tokenizer, prompts, world size). Settings that
+leave every update unchanged - how far the run goes and how often it saves, how a mini-batch is split into
+micro-batches or packed, how scoring passes are chunked, what is monitored - may change, so a run can be
+extended or re-split to fit memory. Anything else is refused with the names of what changed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from rlhf_pipeline.rl.config import PPOConfig, json_config
+from rlhf_pipeline.training.engine import world
+
+logger = logging.getLogger(__name__)
+
+RESUMABLE_CHANGES = frozenset({
+    "iterations", "checkpoint_every", "keep_checkpoints", "micro_batch_size", "micro_batch_tokens", "packing",
+    "forward_batch_size", "sample_every", "sample_count", "alarm_kl", "alarm_perplexity_drop", "alarm_length_growth",
+    "stop_on_alarm",
+})
+"""Settings proven not to change an update (tests/rl: micro-batching and packing give the same update)."""
+
+
+def resume_conflicts(saved: dict, cfg: PPOConfig, inputs: dict) -> list[str]:
+    """The names of the settings and inputs that differ between a checkpoint's state and this run, beyond
+    ``RESUMABLE_CHANGES``; ``iterations`` may only grow past the checkpoint's iteration."""
+    current = json_config(cfg)
+    saved_config = saved.get("config", {})
+    changed = sorted(k for k, v in current.items() if k not in RESUMABLE_CHANGES and saved_config.get(k) != v)
+    if cfg.iterations < saved["iteration"]:
+        changed.append(f"iterations ({cfg.iterations} < the checkpoint's {saved['iteration']})")
+    changed += sorted(f"input {k}" for k, v in inputs.items() if saved.get("inputs", {}).get(k) != v)
+    return changed
+
+
+class CheckpointStore:
+    """A run's checkpoint folder: ``latest`` names the newest tag ``iteration_<n>``; ``complete`` marks a
+    finished run. Every rank calls ``save``/``load`` (DeepSpeed saves each rank's shards)."""
+
+    def __init__(self, folder: str | Path, keep: int):
+        self.folder, self.keep = Path(folder), max(keep, 1)
+
+    def latest(self) -> str | None:
+        """The tag to resume from, or None for a fresh start (no checkpoint, or a finished run)."""
+        if (self.folder / "complete").exists() or not (self.folder / "latest").exists():
+            return None
+        return (self.folder / "latest").read_text().strip()
+
+    def clear(self) -> None:
+        """Rank 0 deletes what a previous run left (a finished run, or checkpoints of a run not resumed); every
+        rank waits for it. Called by a run that starts afresh, before its first save."""
+        if world()[0] == 0 and self.folder.exists():
+            logger.info("%s: starting afresh over a finished run", self.folder)
+            shutil.rmtree(self.folder)
+        if world()[1] > 1:
+            import torch.distributed
+
+            torch.distributed.barrier()
+
+    def save(self, iteration: int, engines: dict, state: dict, rng: dict) -> None:
+        """Save ``engines`` (name -> DeepSpeed engine), rank 0's ``state`` (JSON) and this rank's ``rng`` tensors."""
+        tag = f"iteration_{iteration}"
+        for name, engine in engines.items():
+            engine.save_checkpoint(str(self.folder / name), tag=tag)
+        rank = world()[0]
+        save_file(rng, str(self.folder / f"{tag}_rng_rank{rank}.safetensors"))
+        if rank == 0:
+            (self.folder / f"{tag}.json").write_text(json.dumps(state))
+            (self.folder / "latest").write_text(tag)
+            self.prune(list(engines))
+        logger.info("Saved checkpoint %s", tag)
+
+    def state(self, tag: str) -> dict:
+        return json.loads((self.folder / f"{tag}.json").read_text())
+
+    def load(self, tag: str, engines: dict) -> dict:
+        """Load ``engines`` and return this rank's RNG tensors. DeepSpeed's loader reads only files this store
+        wrote itself (``weights_only`` where torch allows it); it is never pointed at downloaded data."""
+        for name, engine in engines.items():
+            engine.load_checkpoint(str(self.folder / name), tag=tag)
+        return load_file(str(self.folder / f"{tag}_rng_rank{world()[0]}.safetensors"))
+
+    def mark_complete(self, iteration: int) -> None:
+        """Rank 0 marks the run finished: the next run in this folder starts afresh and overwrites it."""
+        if world()[0] == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            (self.folder / "complete").write_text(str(iteration))
+
+    def prune(self, engines: list[str]) -> None:
+        """Delete all but the latest ``keep`` checkpoints (the engines' folders, the state and RNG files)."""
+        tags = sorted((int(p.stem.split("_")[1]) for p in self.folder.glob("iteration_*.json")), reverse=True)
+        for iteration in tags[self.keep:]:
+            tag = f"iteration_{iteration}"
+            for engine in engines:
+                shutil.rmtree(self.folder / engine / tag, ignore_errors=True)
+            for path in [self.folder / f"{tag}.json", *self.folder.glob(f"{tag}_rng_rank*.safetensors")]:
+                path.unlink(missing_ok=True)

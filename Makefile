@@ -43,8 +43,10 @@ run: install
 test: install smollm2
 	$(PY) -m pytest -q
 
+# ruff, and the import-linter contract: the core imports no kedro, no mlflow, nothing of the Kedro layer
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 viz: install
 	$(VENV)/bin/kedro viz build

@@ -42,14 +42,17 @@ def test_two_ranks_through_the_launcher(tmp_path):
                     policy_optim=zero3(1e-2), critic_optim=OptimConfig(lr=1e-4, zero_stage=2),
                     frozen_models="zero3", checkpoint_every=1, sample_every=1, ptx_coef=0.1, ptx_batch_size=2)
     launch = LaunchConfig(num_processes=2, master_port=29517, job_dir=str(tmp_path / "job"), timeout_s=300)
+    logged = []
     result = run_ppo(policy, reward_model, PROMPTS, (PROMPTS, ["1"] * 16), cfg, launch,
-                     checkpoint_dir=str(tmp_path / "checkpoints"))
+                     checkpoint_dir=str(tmp_path / "checkpoints"), log=lambda metrics, step: logged.append((step, metrics)))
     assert [h["step"] for h in result.history] == [1, 2]
+    # rank 0's live metrics reach the caller's LogFn under the names an in-process run logs
+    assert [step for step, _ in logged] == [1, 2] and {"kl/sequence", "response/truncated_fraction"} <= set(logged[0][1])
     assert all(h["response/length"] < 6 for h in result.history)  # responses did stop early
-    status = json.loads((tmp_path / "job/output/status.json").read_text())
+    status = json.loads((tmp_path / "job/output/results.json").read_text())
     assert status["world_size"] == 2
     # each rank read its half of every ZeRO-3 model (plus padding to even halves), never the whole model
-    loaded = status["rank0_parameters_at_load"]
+    loaded = status["parameters_at_load"]
     for model in ("policy", "reference", "reward_model"):
         held, total = loaded[model]
         assert total > 10_000 and total / 2 <= held <= total / 2 + 50, (model, held, total)
@@ -69,7 +72,7 @@ def test_a_job_past_its_time_limit_is_stopped_with_every_process_it_started(tmp_
     import subprocess
     import sys
 
-    from rlhf_pipeline.launch import run_job
+    from rlhf_pipeline.launch.job import run_job
 
     marker = tmp_path / "child.pid"
     # a "launcher" that starts a long-lived child, as deepspeed's runner starts its ranks
@@ -104,21 +107,27 @@ def test_sft_and_reward_model_train_data_parallel_on_two_ranks_as_in_one_process
     together, metrics = run_sft(start, (prompts, responses), (prompts[:2], responses[:2]), per_rank, launch)
     assert metrics["world_size"] == 2 and metrics["val/loss"] < 0.9 * metrics["val/loss_before"]
     assert metrics["val/loss"] == pytest.approx(alone_metrics["val/loss"], rel=1e-4)
+    # Adam turns last-digit differences of near-zero gradients into up to ~1 % of a step (lr 1e-2); a rank
+    # training on the wrong half or scale of the data would be off by whole steps
     for name, tensor in alone.state_dict().items():
-        torch.testing.assert_close(together.state_dict()[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(together.state_dict()[name], tensor, atol=2e-4, rtol=1e-4, msg=name)
 
     value_model = ModelBundle(ValueHeadModel(no_dropout_model(tokenizer)), tokenizer)
     pairs = pd.DataFrame({"prompt": prompts, "chosen": responses, "rejected": ["It is 7."] * 16})
-    rm = RewardConfig(epochs=2, max_length=48, optim=OptimConfig(lr=1e-2, zero_stage=2, micro_batch_size=8))
+    # eps = 1: Adam's update g / (|g| + 1) follows the gradient; with the default eps, gradients that vanish in
+    # theory (the attention's key biases, the value head's bias under a ranking loss) are float noise that
+    # Adam's g / |g| blows up to a whole step
+    rm = RewardConfig(epochs=2, max_length=48, optim=OptimConfig(lr=1.0, zero_stage=2, micro_batch_size=8,
+                                                                  extra_ds_config={"optimizer": {"params": {"eps": 1.0}}}))
+    start_head = value_model.model.value_head.weight.detach().clone()
     alone, _ = run_reward_training(value_model.with_model(copy.deepcopy(value_model.model)), pairs, rm, LaunchConfig())
     launch = replace(launch, job_dir=str(tmp_path / "rm_job"))
     together, counts = run_reward_training(value_model, pairs, replace(rm, optim=replace(rm.optim, micro_batch_size=4)),
                                            launch)
     assert counts["world_size"] == 2 and counts["pairs_dropped"] == 0
-    # Adam turns last-digit differences of near-zero gradients into up to ~1 % of a step (lr 1e-2); a rank
-    # training on the wrong half or scale of the data would be off by whole steps
+    assert (alone.value_head.weight - start_head).abs().max() > 1e-3  # it trained
     for name, tensor in alone.state_dict().items():
-        torch.testing.assert_close(together.state_dict()[name], tensor, atol=2e-4, rtol=1e-4, msg=name)
+        torch.testing.assert_close(together.state_dict()[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_every_rank_gets_as_many_micro_batches(monkeypatch):

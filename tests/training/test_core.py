@@ -20,8 +20,8 @@ from rlhf_pipeline.modeling import (
     use_fused_gelu,
 )
 from rlhf_pipeline.training.batching import collate_encoded
-from rlhf_pipeline.training.forward import masked_token_nll
 from rlhf_pipeline.training.engine import OptimConfig
+from rlhf_pipeline.training.forward import masked_token_nll
 from rlhf_pipeline.training.reward import (
     RewardConfig,
     pairwise_ranking_loss,

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, GPT2Config, Gemma2Config, GraniteConfig, LlamaConfig
+from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, GraniteConfig, LlamaConfig
 
 from rlhf_pipeline.modeling import ValueHeadModel
 from rlhf_pipeline.rl import ppo_max as F

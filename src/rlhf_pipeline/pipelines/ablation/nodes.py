@@ -179,10 +179,9 @@ def run_variant(sft_model: ModelBundle, reward_model: ModelBundle, ppo_prompts: 
     def train(seed: int, work_dir: Path, log) -> dict[str, Any]:
         cfg = PPOConfig.from_params({**settings, "seed": seed})
         launch = config_from(LaunchConfig, {**launcher, "job_dir": str(work_dir / "job")})
-        # the SFT model stays as it is for the next seed: the trainer trains a copy
-        result = run_ppo(sft_model.with_model(copy.deepcopy(sft_model.model)), reward_model,
+        result = run_ppo(sft_model, reward_model,
                          ppo_prompts["prompt"].tolist(), ptx, cfg, launch, checkpoint_dir=str(work_dir / "checkpoints"),
-                         score_prior=score_prior(reward_model_metrics), log=lambda metrics, step: log(metrics, step))
+                         score_prior=score_prior(reward_model_metrics), log=log)
         return seed_result(variant, seed, result.policy, result.history, gold_curve(result.samples), sft_model,
                            reward_model, eval_set, ablation_sft_scores, ablation, stopped_early=result.stopped_early)
 

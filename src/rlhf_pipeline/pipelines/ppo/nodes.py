@@ -47,8 +47,8 @@ def train_ppo(
     cfg = PPOConfig.from_params(params)
     result = run_ppo(sft_model, reward_model, ppo_prompts["prompt"].tolist(),
                      (sft_train["prompt"].tolist(), sft_train["response"].tolist()), cfg, launch,
-                     checkpoint_dir=checkpoint_dir, score_prior=score_prior(reward_model_metrics), log=mlflow_logger(f"ppo/{name}"),
-                     metric_prefix=f"ppo/{name}/")
+                     checkpoint_dir=checkpoint_dir, score_prior=score_prior(reward_model_metrics),
+                     log=mlflow_logger(f"ppo/{name}"))
     mlflow_logger(f"ppo/{name}")({"prompts_dropped": result.prompts_dropped}, 0)
     history = pd.DataFrame(result.history)
     if not history.empty:

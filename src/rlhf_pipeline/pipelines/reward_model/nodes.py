@@ -73,7 +73,7 @@ def fit_reward_model(sft_model: ModelBundle, train_pairs: pd.DataFrame, val_pair
     log = mlflow_logger(log_prefix)
     encoder = sft_model.encoder()
     model, fit_counts = run_reward_training(sft_model.with_model(ValueHeadModel(sft_model.model, seed=cfg.seed)),
-                                            train_pairs, cfg, launch, log, f"{log_prefix}/", log_prefix)
+                                            train_pairs, cfg, launch, log, log_prefix)
 
     def scores(frame: pd.DataFrame, column: str) -> torch.Tensor:
         return score_responses(model, encoder, frame["prompt"].tolist(), frame[column].tolist(), cfg.max_length,

@@ -101,7 +101,7 @@ def train_sft_model(base_model: ModelBundle, sft_train: pd.DataFrame, sft: dict[
 
     gold_before = gold_of_samples(base_model.model)
     model, train_metrics = run_sft(base_model, (train["prompt"].tolist(), train["response"].tolist()),
-                                   (val["prompt"].tolist(), val["response"].tolist()), cfg, launch, log, "sft/")
+                                   (val["prompt"].tolist(), val["response"].tolist()), cfg, launch, log)
     metrics = {**{k.replace("/", "_"): v for k, v in train_metrics.items()}, "gold_score_before": gold_before,
                "gold_score_after": gold_of_samples(model), "train_examples": len(train), "val_examples": len(val),
                "gold_eval_prompts_dropped": len(eval_prompts) - len(kept)}

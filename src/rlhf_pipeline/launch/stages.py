@@ -1,0 +1,168 @@
+"""The stage registry: SFT, reward-model and PPO training, run in this process or through the launcher.
+
+A stage is one function ``(inputs, spec, log) -> StageOutput``. ``run_stage`` calls it in this process when one
+process is configured; otherwise it writes a job folder (``job``) and every launched rank's worker calls the
+same function on the job's inputs. Either way the caller gets the same ``StageOutput`` and its ``LogFn`` sees the
+same metric names. ``run_sft``, ``run_reward_training`` and ``run_ppo`` are the typed entry points.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import resource
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from rlhf_pipeline.config import config_from
+from rlhf_pipeline.launch.job import JobSpec, LaunchConfig, launch_job
+from rlhf_pipeline.modeling import ModelBundle, ValueHeadModel, load_policy, load_value_model
+from rlhf_pipeline.rl.config import PPOConfig
+from rlhf_pipeline.rl.models import load_models
+from rlhf_pipeline.rl.trainer import PPOResult, PPOTrainer
+from rlhf_pipeline.training.devices import release_device_memory
+from rlhf_pipeline.training.engine import LogFn, OptimConfig, no_logging, resident_parameters, world
+from rlhf_pipeline.training.reward import RewardConfig, train_reward_model
+from rlhf_pipeline.training.sft import SFTConfig, train_sft
+
+LOADERS: dict[str, Callable[[str], ModelBundle]] = {"policy": load_policy, "value": load_value_model}
+"""How a model kind is read back from a ``save_pretrained`` directory."""
+
+
+@dataclass
+class StageInputs:
+    """A stage's models and data: in memory (in-process), or in the launched ranks' job folder."""
+
+    models: dict[str, ModelBundle]
+    frames: dict[str, pd.DataFrame]
+    job: Path | None = None
+
+    def bundle(self, name: str, kind: str) -> ModelBundle:
+        return self.models[name] if self.job is None else LOADERS[kind](str(self.job / name))
+
+
+@dataclass
+class StageOutput:
+    models: dict[str, ModelBundle]
+    results: dict
+
+
+@dataclass(frozen=True)
+class Stage:
+    run: Callable[[StageInputs, JobSpec, LogFn], StageOutput]
+    outputs: dict[str, str]
+    """Output model name -> kind (a key of ``LOADERS``)."""
+
+
+def sft_stage(inputs: StageInputs, spec: JobSpec, log: LogFn) -> StageOutput:
+    cfg = config_from(SFTConfig, spec.config, optim=OptimConfig)
+    model, train, val = inputs.bundle("model", "policy"), inputs.frames["train"], inputs.frames["val"]
+    trained, metrics = train_sft(model.model, model.encoder(), train["prompt"].tolist(), train["response"].tolist(),
+                                 val["prompt"].tolist(), val["response"].tolist(), cfg, log)
+    return StageOutput({"model": model.with_model(trained)}, metrics)
+
+
+def reward_stage(inputs: StageInputs, spec: JobSpec, log: LogFn) -> StageOutput:
+    cfg = config_from(RewardConfig, spec.config, optim=OptimConfig)
+    model, pairs = inputs.bundle("model", "value"), inputs.frames["pairs"]
+    trained, counts = train_reward_model(model.model, model.encoder(), pairs["prompt"].tolist(), pairs["chosen"].tolist(),
+                                         pairs["rejected"].tolist(), cfg, log, spec.options["description"])
+    return StageOutput({"model": model.with_model(trained)}, counts)
+
+
+def ppo_stage(inputs: StageInputs, spec: JobSpec, log: LogFn) -> StageOutput:
+    """PPO owns its models: in-process it trains copies (the caller's policy and RM stay as they are, e.g. for
+    the next seed of an ablation); launched ranks read theirs from the job folder (``rl.models.load_models``)."""
+    cfg = PPOConfig.from_params(spec.config)
+    if inputs.job is None:
+        policy = inputs.models["policy"].with_model(copy.deepcopy(inputs.models["policy"].model))
+        models = {"reward_model": copy.deepcopy(inputs.models["reward_model"].model)}
+    else:
+        policy, models = load_models(inputs.job, cfg)
+    at_load = {name: resident_parameters(model) for name, model in {"policy": policy.model, **models}.items()}
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    ptx = inputs.frames["ptx"]
+    prior = spec.options["score_prior"]
+    trainer = PPOTrainer(policy.model, encoder=policy.encoder(), prompts=inputs.frames["prompts"]["prompt"].tolist(),
+                         cfg=cfg, checkpoint_dir=spec.options["checkpoint_dir"],
+                         ptx_data=(ptx["prompt"].tolist(), ptx["response"].tolist()), log=log,
+                         score_prior=tuple(prior) if prior else None, **models)
+    result = trainer.train()
+    return StageOutput({"policy": policy.with_model(result.policy)},
+                       {"history": result.history, "samples": result.samples, "stopped_early": result.stopped_early,
+                        "prompts_dropped": result.prompts_dropped, "parameters_at_load": at_load,
+                        "peak_host_gib_at_load": peak_gib})
+
+
+STAGES: dict[str, Stage] = {
+    "sft": Stage(sft_stage, {"model": "policy"}),
+    "reward": Stage(reward_stage, {"model": "value"}),
+    "ppo": Stage(ppo_stage, {"policy": "policy"}),
+}
+
+
+def run_stage(spec: JobSpec, models: dict[str, ModelBundle], frames: dict[str, pd.DataFrame], launch: LaunchConfig,
+              log: LogFn = no_logging) -> StageOutput:
+    """Run the registered stage ``spec.stage`` here or on ``launch.num_processes`` ranks (see the module
+    docstring); launched, the caller's models leave the GPUs first, because the ranks load their own copies."""
+    stage = STAGES[spec.stage]
+    if launch.in_process:
+        return stage.run(StageInputs(models, frames), spec, log)
+
+    def write_inputs(job: Path) -> None:
+        for name, bundle in models.items():
+            bundle.save_pretrained(str(job / name))
+            bundle.model.to("cpu")
+        release_device_memory()
+        for name, frame in frames.items():
+            frame.to_parquet(job / f"{name}.parquet")
+
+    output = launch_job(launch, spec, write_inputs, log)
+    return StageOutput({name: LOADERS[kind](str(output / name)) for name, kind in stage.outputs.items()},
+                       read_results(output))
+
+
+def read_results(output: Path) -> dict:
+    return json.loads((output / "results.json").read_text())
+
+
+def run_sft(model: ModelBundle, train: tuple[list[str], list[str]], val: tuple[list[str], list[str]], cfg: SFTConfig,
+            launch: LaunchConfig, log: LogFn = no_logging) -> tuple[torch.nn.Module, dict]:
+    """``train_sft`` on (prompts, responses); the model and its metrics (with ``world_size``)."""
+    frames = {"train": pd.DataFrame({"prompt": train[0], "response": train[1]}),
+              "val": pd.DataFrame({"prompt": val[0], "response": val[1]})}
+    out = run_stage(JobSpec("sft", asdict(cfg)), {"model": model}, frames, launch, log)
+    return out.models["model"].model, {**out.results, "world_size": out.results.get("world_size", 1)}
+
+
+def run_reward_training(model: ModelBundle, pairs: pd.DataFrame, cfg: RewardConfig, launch: LaunchConfig,
+                        log: LogFn = no_logging, description: str = "reward_model") -> tuple[ValueHeadModel, dict]:
+    """``train_reward_model`` on ``prompt``/``chosen``/``rejected`` pairs (``model``: a value-head model); the model
+    and its fitting counts (with ``world_size``)."""
+    out = run_stage(JobSpec("reward", asdict(cfg), {"description": description}), {"model": model},
+                    {"pairs": pairs[["prompt", "chosen", "rejected"]]}, launch, log)
+    return out.models["model"].model, {**out.results, "world_size": out.results.get("world_size", 1)}
+
+
+def run_ppo(policy: ModelBundle, reward_model: ModelBundle, prompts: list[str], ptx_data: tuple[list[str], list[str]],
+            cfg: PPOConfig, launch: LaunchConfig, checkpoint_dir: str | None = None,
+            score_prior: tuple[float, float, float] | None = None, log: LogFn = no_logging) -> PPOResult:
+    """Train with PPO; the caller's models are not changed (see ``ppo_stage``)."""
+    frames = {"prompts": pd.DataFrame({"prompt": prompts}),
+              "ptx": pd.DataFrame({"prompt": ptx_data[0], "response": ptx_data[1]})}
+    spec = JobSpec("ppo", asdict(cfg), {"checkpoint_dir": checkpoint_dir, "score_prior": score_prior})
+    out = run_stage(spec, {"policy": policy, "reward_model": reward_model}, frames, launch, log)
+    results = out.results
+    return PPOResult(out.models["policy"].model, results["history"], results["samples"], results["stopped_early"],
+                     results["prompts_dropped"])
+
+
+def write_output(output: StageOutput, folder: Path) -> None:
+    """Rank 0 of a launched job: the output models as ``save_pretrained`` directories, the results as JSON."""
+    for name, bundle in output.models.items():
+        bundle.save_pretrained(str(folder / name))
+    (folder / "results.json").write_text(json.dumps({**output.results, "world_size": world()[1]}))

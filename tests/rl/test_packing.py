@@ -9,8 +9,8 @@ from rlhf_pipeline.formatting import DialogueEncoder
 from rlhf_pipeline.generation import SamplingConfig, left_pad
 from rlhf_pipeline.modeling import TinyModelConfig, ValueHeadModel, build_tiny_model, train_tokenizer
 from rlhf_pipeline.rl.config import PPOConfig
-from rlhf_pipeline.rl.experience import score_rollouts
-from rlhf_pipeline.rl.trainer import PPOTrainer, compute_advantages
+from rlhf_pipeline.rl.experience import compute_advantages, score_rollouts
+from rlhf_pipeline.rl.trainer import PPOTrainer
 from rlhf_pipeline.training.engine import OptimConfig
 from rlhf_pipeline.training.forward import ResponseForward, positions
 

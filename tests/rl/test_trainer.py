@@ -113,8 +113,7 @@ def test_scoring_in_chunks_equals_one_forward_over_the_buffer(tokenizer):
 def test_micro_batches_give_the_mini_batchs_update(tokenizer, split):
     """Token-weighted accumulation, packed or not: norms before clipping (scale-sensitive, unlike Adam's step)
     and weights agree with one unpacked pass over the mini-batch."""
-    from rlhf_pipeline.rl.experience import make_experience
-    from rlhf_pipeline.rl.trainer import compute_advantages
+    from rlhf_pipeline.rl.experience import compute_advantages, make_experience
 
     settings = {"ppo_epochs": 1, "ptx_coef": 0.0}
     whole = make_trainer(tokenizer, iterations=1, packing=False, **settings)
@@ -175,8 +174,8 @@ def test_an_alarm_on_one_rank_stops_every_rank(tokenizer, monkeypatch):
 def test_score_moments_merge_every_ranks_scores_on_the_scores_device(monkeypatch):
     """The normaliser's moments are those of every rank's scores together; what is all-reduced lives on the
     scores' device (an NCCL group refuses CPU tensors; ``tests/test_cuda.py`` runs it on one)."""
+    from rlhf_pipeline.rl import experience as experience_module
     from rlhf_pipeline.rl import ppo_max as F
-    from rlhf_pipeline.rl import trainer as trainer_module
 
     mine, other = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([-3.0, 0.5])
     reduced = []
@@ -185,10 +184,10 @@ def test_score_moments_merge_every_ranks_scores_on_the_scores_device(monkeypatch
         reduced.append((stats.device, stats.dtype))
         stats += torch.tensor([len(other), other.sum(), (other**2).sum()], dtype=torch.float64)
 
-    monkeypatch.setattr(trainer_module, "world", lambda: (0, 2))
+    monkeypatch.setattr(experience_module, "world", lambda: (0, 2))
     monkeypatch.setattr(torch.distributed, "all_reduce", add_the_other_ranks)
     moments = F.RunningMoments()
-    trainer_module.merge_moments(moments, mine)
+    experience_module.merge_moments(moments, mine)
     both = torch.cat([mine, other]).double()
     assert reduced == [(mine.device, torch.float64)]
     assert moments.count == 5 and moments.mean == pytest.approx(float(both.mean()))

@@ -127,3 +127,13 @@ def engine_optims(cfg: PPOConfig) -> tuple[OptimConfig, OptimConfig]:
 def json_config(cfg: PPOConfig) -> dict:
     """The config as JSON values (tuples become lists), to compare with a checkpoint's."""
     return json.loads(json.dumps(asdict(cfg)))
+
+
+def policy_steps(cfg: PPOConfig) -> int:
+    """Optimiser steps the policy takes: none during the critic's warm-up iterations."""
+    return max(cfg.iterations - cfg.critic_warmup_iterations, 0) * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
+
+
+def critic_steps(cfg: PPOConfig) -> int:
+    """Optimiser steps the critic takes: one per mini-batch of every iteration."""
+    return cfg.iterations * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)

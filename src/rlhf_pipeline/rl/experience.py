@@ -25,7 +25,10 @@ from dataclasses import dataclass, fields
 import torch
 
 from rlhf_pipeline.generation import SamplingConfig, response_mask_of, sample_responses, stop_token_ids
+from rlhf_pipeline.rl import ppo_max as F
+from rlhf_pipeline.rl.config import PPOConfig
 from rlhf_pipeline.training.devices import synchronize
+from rlhf_pipeline.training.engine import world
 from rlhf_pipeline.training.forward import ResponseForward, positions
 
 
@@ -128,3 +131,39 @@ def score_rollouts(policy, reference, critic, reward_model, prompt: torch.Tensor
     old_logprobs, ref_logprobs, old_values, raw_scores = (torch.cat(part) for part in zip(*parts, strict=True))
     return Experience(sequences, attention_mask, positions(attention_mask), response_mask.float(), old_logprobs,
                       ref_logprobs, old_values, raw_scores, truncated)
+
+
+def merge_moments(moments: F.RunningMoments, values: torch.Tensor) -> None:
+    """Update the running score moments with this step's scores of every rank."""
+    # on the scores' device: an NCCL group all-reduces GPU tensors only
+    values = values.double()
+    stats = torch.stack([torch.tensor(float(values.numel()), dtype=torch.float64, device=values.device), values.sum(),
+                         (values**2).sum()])
+    if world()[1] > 1:
+        torch.distributed.all_reduce(stats)
+    count, total, squares = stats.tolist()
+    mean = total / count
+    moments.update(count, mean, squares - count * mean**2)
+
+
+def compute_advantages(exp: Experience, cfg: PPOConfig, moments: F.RunningMoments) -> Experience:
+    """Reparameterise scores (the moments see the RM's raw scores; ``missing_eos_penalty`` then lowers those of
+    truncated responses), fold the KL penalty into per-token rewards, run GAE and whiten."""
+    merge_moments(moments, exp.raw_scores)
+    scores = exp.raw_scores
+    if cfg.missing_eos_penalty:
+        scores = scores - cfg.missing_eos_penalty * exp.truncated.to(scores.dtype)
+    if cfg.reward_normalisation:
+        exp.scores = F.normalise_and_clip_scores(scores, moments.mean, moments.std, cfg.reward_clip)
+    elif cfg.reward_scaling:
+        exp.scores = scores / (moments.std + F.EPS)
+    else:
+        exp.scores = scores
+    exp.kl = F.kl_estimate(exp.old_logprobs, exp.ref_logprobs, cfg.kl_estimator) * exp.response_mask
+    exp.rewards = F.kl_shaped_rewards(exp.scores, exp.kl, exp.response_mask, cfg.kl_coef)
+    exp.advantages, exp.returns = F.gae(exp.rewards, exp.old_values, exp.response_mask, cfg.gamma, cfg.lam)
+    if cfg.advantage_normalisation:
+        exp.advantages = F.masked_whiten(exp.advantages, exp.response_mask)
+    if cfg.advantage_clip is not None:
+        exp.advantages = exp.advantages.clamp(-cfg.advantage_clip, cfg.advantage_clip)
+    return exp

@@ -27,6 +27,7 @@ from rlhf_pipeline.training.engine import (
     bf16_enabled,
     deepspeed_config,
     frozen_ds_config,
+    load_whole_weights,
     partitioned_loading,
     world,
 )
@@ -145,3 +146,26 @@ def fingerprint(policy, reward_model, tokenizer, prompt_ids: list[list[int]]) ->
 
     return {"sft_policy": weights_fingerprint(policy), "reward_model": weights_fingerprint(reward_model),
             "tokenizer": digest(tokenizer.get_vocab()), "prompts": digest(prompt_ids), "world_size": world()[1]}
+
+
+class GenerationCopy:
+    """A whole copy of a ZeRO-3 policy that generates, refreshed once per rollout: generating from the partitioned
+    engine would all-gather every layer for every new token, and ranks whose rows hit EOS at different steps
+    would wait for each other in those all-gathers. The copy is built on the device from the policy's config,
+    never as a whole copy in host memory."""
+
+    def __init__(self):
+        self.model: torch.nn.Module | None = None
+
+    def refreshed(self, engine) -> torch.nn.Module:
+        """The copy with the engine's current weights (every rank calls this: each parameter is gathered)."""
+        if self.model is None:
+            partitioned, device = engine.module, torch.device(engine.device)
+            # its random initialisation, overwritten below, must not move the sampling RNG
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+                self.model = type(partitioned)._from_config(
+                    partitioned.config, dtype=torch.bfloat16 if engine.bfloat16_enabled() else None)
+            self.model.generation_config = copy.deepcopy(partitioned.generation_config)  # e.g. its EOS ids
+            self.model.eval().requires_grad_(False)
+        load_whole_weights(engine, self.model)
+        return self.model

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from rlhf_pipeline.generation import decode_responses
 from rlhf_pipeline.rl import ppo_max as F
 from rlhf_pipeline.rl.config import PPOConfig
 from rlhf_pipeline.rl.experience import Experience
@@ -65,3 +66,11 @@ def any_rank(flag: bool, device: torch.device | str) -> bool:
     decision = torch.tensor(float(flag), device=device)
     torch.distributed.all_reduce(decision, op=torch.distributed.ReduceOp.MAX)
     return bool(decision.item())
+
+
+def sample_records(tokenizer, exp: Experience, count: int, step: int) -> list[dict]:
+    """The first ``count`` rollouts of a buffer as text with their RM scores, for the run's sample log."""
+    prompts = tokenizer.batch_decode(exp.sequences[:count, :exp.prompt_width], skip_special_tokens=True)
+    responses = decode_responses(tokenizer, exp.sequences[:count, exp.prompt_width:])
+    return [{"step": step, "prompt": p, "response": r, "rm_score": s}
+            for p, r, s in zip(prompts, responses, exp.raw_scores[:count].tolist(), strict=True)]

@@ -9,7 +9,6 @@ monitors from ``rl.monitors``; the maths is ``rl.ppo_max``. Logged names, averag
 
 from __future__ import annotations
 
-import copy
 import logging
 import random
 from dataclasses import dataclass
@@ -19,21 +18,20 @@ from tqdm.auto import tqdm
 
 from rlhf_pipeline.adapters import AdaptersOff, merge_adapters
 from rlhf_pipeline.formatting import DialogueEncoder
-from rlhf_pipeline.generation import decode_responses, fit_prompts
+from rlhf_pipeline.generation import fit_prompts
 from rlhf_pipeline.modeling import ValueHeadModel
 from rlhf_pipeline.rl import ppo_max as F
 from rlhf_pipeline.rl.checkpoint import CheckpointStore, resume_conflicts
-from rlhf_pipeline.rl.config import PPOConfig, engine_optims, json_config
-from rlhf_pipeline.rl.experience import Experience, make_experience, timer
-from rlhf_pipeline.rl.models import build_models, fingerprint
-from rlhf_pipeline.rl.monitors import CollapseMonitor, any_rank, rollout_metrics
+from rlhf_pipeline.rl.config import PPOConfig, critic_steps, engine_optims, json_config, policy_steps
+from rlhf_pipeline.rl.experience import Experience, compute_advantages, make_experience, timer
+from rlhf_pipeline.rl.models import GenerationCopy, build_models, fingerprint
+from rlhf_pipeline.rl.monitors import CollapseMonitor, any_rank, rollout_metrics, sample_records
 from rlhf_pipeline.training.batching import collate_encoded
 from rlhf_pipeline.training.devices import rng_state, set_rng_state
 from rlhf_pipeline.training.engine import (
     LogFn,
     grad_norm,
     init_distributed,
-    load_whole_weights,
     make_engine,
     make_frozen_engine,
     no_logging,
@@ -53,42 +51,6 @@ class PPOResult:
     stopped_early: bool
     prompts_dropped: int = 0
     """Prompts that could not fit ``max_prompt_length`` beside ``max_new_tokens`` in the model's positions."""
-
-
-def merge_moments(moments: F.RunningMoments, values: torch.Tensor) -> None:
-    """Update the running score moments with this step's scores of every rank."""
-    # on the scores' device: an NCCL group all-reduces GPU tensors only
-    values = values.double()
-    stats = torch.stack([torch.tensor(float(values.numel()), dtype=torch.float64, device=values.device), values.sum(),
-                         (values**2).sum()])
-    if world()[1] > 1:
-        torch.distributed.all_reduce(stats)
-    count, total, squares = stats.tolist()
-    mean = total / count
-    moments.update(count, mean, squares - count * mean**2)
-
-
-def compute_advantages(exp: Experience, cfg: PPOConfig, moments: F.RunningMoments) -> Experience:
-    """Reparameterise scores (the moments see the RM's raw scores; ``missing_eos_penalty`` then lowers those of
-    truncated responses), fold the KL penalty into per-token rewards, run GAE and whiten."""
-    merge_moments(moments, exp.raw_scores)
-    scores = exp.raw_scores
-    if cfg.missing_eos_penalty:
-        scores = scores - cfg.missing_eos_penalty * exp.truncated.to(scores.dtype)
-    if cfg.reward_normalisation:
-        exp.scores = F.normalise_and_clip_scores(scores, moments.mean, moments.std, cfg.reward_clip)
-    elif cfg.reward_scaling:
-        exp.scores = scores / (moments.std + F.EPS)
-    else:
-        exp.scores = scores
-    exp.kl = F.kl_estimate(exp.old_logprobs, exp.ref_logprobs, cfg.kl_estimator) * exp.response_mask
-    exp.rewards = F.kl_shaped_rewards(exp.scores, exp.kl, exp.response_mask, cfg.kl_coef)
-    exp.advantages, exp.returns = F.gae(exp.rewards, exp.old_values, exp.response_mask, cfg.gamma, cfg.lam)
-    if cfg.advantage_normalisation:
-        exp.advantages = F.masked_whiten(exp.advantages, exp.response_mask)
-    if cfg.advantage_clip is not None:
-        exp.advantages = exp.advantages.clamp(-cfg.advantage_clip, cfg.advantage_clip)
-    return exp
 
 
 class PPOTrainer:
@@ -136,7 +98,7 @@ class PPOTrainer:
             self.reward_model = models.reward_model
         else:
             self.reward_model = make_frozen_engine(models.reward_model, cfg.frozen_models, bf16)
-        self.generation_copy = None  # ZeRO-3 only: a whole copy that generates (see rollout_policy)
+        self.generation_copy = GenerationCopy()  # ZeRO-3 only: a whole copy that generates
         self.ptx_rows = []
         if ptx_data and cfg.ptx_coef:
             rows = encoder.encode_many(ptx_data[0], [[r] for r in ptx_data[1]],
@@ -180,7 +142,7 @@ class PPOTrainer:
             self.history.append({"step": self.iteration, **metrics})
             self.log(metrics, self.iteration)
             if cfg.sample_every and self.iteration % cfg.sample_every == 0:
-                self.kept_samples.extend(self.samples(exp, cfg.sample_count))
+                self.kept_samples.extend(sample_records(self.tokenizer, exp, cfg.sample_count, self.iteration))
             progress.update(1)
             progress.set_postfix(score=f"{metrics['reward/raw_score']:.3f}", kl=f"{metrics['kl/sequence']:.3f}")
             alarms = self.monitor.alarms(metrics)
@@ -325,12 +287,6 @@ class PPOTrainer:
         forward = ResponseForward.of_tokens(batch, self.cfg.packing)
         return -forward.token_logprobs(self.policy).mean()
 
-    def samples(self, exp: Experience, count: int) -> list[dict]:
-        prompts = self.tokenizer.batch_decode(exp.sequences[:count, :exp.prompt_width], skip_special_tokens=True)
-        responses = decode_responses(self.tokenizer, exp.sequences[:count, exp.prompt_width:])
-        return [{"step": self.iteration, "prompt": p, "response": r, "rm_score": s}
-                for p, r, s in zip(prompts, responses, exp.raw_scores[:count].tolist(), strict=True)]
-
     # --- checkpoint / resume -----------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         state = {"iteration": self.iteration, "moments": self.moments.state_dict(), "first": self.monitor.first,
@@ -364,29 +320,7 @@ class PPOTrainer:
         return merge_adapters(self.policy.module)
 
     def rollout_policy(self) -> torch.nn.Module:
-        """The model that generates. Under ZeRO-3, a whole copy refreshed once per rollout (every rank calls
-        this): generating from the partitioned engine would all-gather every layer for every new token,
-        and ranks whose rows hit EOS at different steps would wait for each other in those all-gathers.
-        The copy is built on the device from the policy's config, never as a whole copy in host memory."""
+        """The model that generates: the policy, or under ZeRO-3 its whole copy refreshed (every rank calls this)."""
         if self.cfg.policy_optim.zero_stage != 3:
             return self.policy.module
-        if self.generation_copy is None:
-            partitioned, device = self.policy.module, torch.device(self.policy.device)
-            # its random initialisation, overwritten below, must not move the sampling RNG
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
-                self.generation_copy = type(partitioned)._from_config(
-                    partitioned.config, dtype=torch.bfloat16 if self.policy.bfloat16_enabled() else None)
-            self.generation_copy.generation_config = copy.deepcopy(partitioned.generation_config)  # e.g. its EOS ids
-            self.generation_copy.eval().requires_grad_(False)
-        load_whole_weights(self.policy, self.generation_copy)
-        return self.generation_copy
-
-
-def policy_steps(cfg: PPOConfig) -> int:
-    """Optimiser steps the policy takes: none during the critic's warm-up iterations."""
-    return max(cfg.iterations - cfg.critic_warmup_iterations, 0) * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
-
-
-def critic_steps(cfg: PPOConfig) -> int:
-    """Optimiser steps the critic takes: one per mini-batch of every iteration."""
-    return cfg.iterations * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
+        return self.generation_copy.refreshed(self.policy)

@@ -231,3 +231,35 @@ def test_lora_takes_no_prebuilt_reference_or_critic(tokenizer):
     with pytest.raises(ValueError, match="cannot be passed in"):
         PPOTrainer(tiny(tokenizer, "gpt2"), ValueHeadModel(tiny(tokenizer, "gpt2")), DialogueEncoder(tokenizer), PROMPTS,
                    PPOConfig(lora=LoraSettings(r=4), rollout_batch_size=8), reference=tiny(tokenizer, "gpt2"))
+
+
+@pytest.mark.parametrize("lora", [LoraSettings(), LoraSettings(r=4, alpha=8)])
+def test_a_run_leaves_the_callers_models_as_they_were(tokenizer, lora):
+    """The ablation scores the next seed with the same reward model: a run must not write adapters into it, switch
+    off its dropout, swap its activations or cast it."""
+    from torch import nn
+
+    from rlhf_pipeline.launch import LaunchConfig, run_ppo
+    from rlhf_pipeline.modeling import ModelBundle
+
+    policy = ModelBundle(tiny(tokenizer, "gpt2"), tokenizer)
+    reward_model = ModelBundle(ValueHeadModel(tiny(tokenizer, "gpt2", seed=1), seed=2), tokenizer)
+
+    def snapshot(model):
+        return ({k: v.clone() for k, v in model.state_dict().items()},
+                [(name, type(module).__name__, getattr(module, "p", None)) for name, module in model.named_modules()])
+
+    before = [snapshot(bundle.model) for bundle in (policy, reward_model)]
+    assert any(isinstance(m, nn.Dropout) and m.p > 0 for m in reward_model.model.modules())  # it has dropout
+    cfg = PPOConfig(iterations=1, rollout_batch_size=8, mini_batch_size=8, lora=lora, critic_from_reward_model=True,
+                    sampling=SamplingConfig(max_new_tokens=6, temperature=1.0), checkpoint_every=0,
+                    policy_optim=OptimConfig(lr=1e-2, warmup_ratio=0.0), critic_optim=OptimConfig(lr=1e-2))
+    result = run_ppo(policy, reward_model, PROMPTS, ([], []), cfg, LaunchConfig())
+    trained = result.policy.state_dict()
+    assert any(not torch.equal(trained[name], tensor) for name, tensor in before[0][0].items())  # it trained
+    for bundle, (weights, modules) in zip((policy, reward_model), before, strict=True):
+        after_weights, after_modules = snapshot(bundle.model)
+        assert after_modules == modules  # no adapters, dropout and activations as they were
+        assert after_weights.keys() == weights.keys()
+        for name, tensor in weights.items():
+            assert torch.equal(after_weights[name], tensor), name

@@ -36,7 +36,7 @@ def tokenizer():
     return train_tokenizer(PROMPTS * 5, vocab_size=300)
 
 
-def make_trainer(tokenizer, iterations, checkpoint_dir=None, model_seed=0, **overrides):
+def make_trainer(tokenizer, iterations, checkpoint_dir=None, model_seed=0, ptx_data=None, **overrides):
     policy = build_tiny_model(tokenizer, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, seed=model_seed))
     cfg = PPOConfig(**{
         "iterations": iterations, "rollout_batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 4,
@@ -44,7 +44,8 @@ def make_trainer(tokenizer, iterations, checkpoint_dir=None, model_seed=0, **ove
         "critic_from_reward_model": False, "policy_optim": OptimConfig(lr=3e-3, warmup_ratio=0.0, zero_stage=2),
         "critic_optim": OptimConfig(lr=3e-3, warmup_ratio=0.0, zero_stage=2), "checkpoint_every": 2,
         "sample_every": 5, **overrides})
-    return PPOTrainer(policy, EvenTokenReward(), DialogueEncoder(tokenizer), PROMPTS, cfg, checkpoint_dir=checkpoint_dir)
+    return PPOTrainer(policy, EvenTokenReward(), DialogueEncoder(tokenizer), PROMPTS, cfg, checkpoint_dir=checkpoint_dir,
+                      ptx_data=ptx_data)
 
 
 def test_mean_reward_rises_on_a_toy_reward(tokenizer):
@@ -223,3 +224,37 @@ def test_dropout_is_off_so_the_first_ratio_is_one(tokenizer):
     trainer.critic.eval()
     torch.testing.assert_close(train_logits, trainer.policy(input_ids=ids).logits)
     torch.testing.assert_close(train_values, trainer.critic(ids, torch.ones_like(ids))[0])
+
+
+def test_ptx_batches_are_drawn_per_mini_batch_and_rank_and_resume_with_the_run(tokenizer, tmp_path, monkeypatch):
+    from rlhf_pipeline.rl import trainer as trainer_module
+
+    settings = {"ptx_coef": 0.1, "ptx_batch_size": 4, "rollout_batch_size": 8, "checkpoint_dir": tmp_path}
+    demonstrations = (PROMPTS, [f"It is {i}." for i in range(16)])
+    run = make_trainer(tokenizer, iterations=2, ptx_data=demonstrations, **settings)
+    draws = [run.ptx_batch() for _ in range(3)]
+    assert len({tuple(d) for d in draws}) == 3 and all(len(set(d)) == 4 for d in draws)  # afresh, no repeats
+    run.step()
+    run.save_checkpoint()
+    expected = run.ptx_batch()
+    resumed = make_trainer(tokenizer, iterations=2, ptx_data=demonstrations, **settings)
+    assert resumed.iteration == 1 and resumed.ptx_batch() == expected  # the generator's state came back
+    fresh = {**settings, "checkpoint_dir": None}
+    first_rank = make_trainer(tokenizer, iterations=2, ptx_data=demonstrations, **fresh).ptx_batch()
+    assert first_rank == draws[0]  # seeded: the same run draws the same batches
+    monkeypatch.setattr(trainer_module, "world", lambda: (1, 2))  # the second rank of two
+    second_rank = make_trainer(tokenizer, iterations=2, ptx_data=demonstrations, **fresh).ptx_batch()
+    assert second_rank != first_rank
+
+
+def test_the_policys_schedule_counts_only_the_steps_it_takes(tokenizer):
+    """Critic warm-up of 1 iteration out of 3, 2 mini-batches per iteration: the policy steps 4 times, so its
+    linear decay (no warm-up) runs lr x [1, 3/4, 1/2, 1/4] and ends there; counted over all 6 iterations' worth
+    of mini-batches it would end at lr x 1/2."""
+    trainer = make_trainer(tokenizer, iterations=3, critic_warmup_iterations=1, ppo_epochs=1)
+    lrs = []
+    for _ in range(3):
+        trainer.step()
+        lrs.append(trainer.policy.get_lr()[0])  # the lr of the policy's next step
+    assert trainer.policy.global_steps == 4 and trainer.critic.global_steps == 6
+    assert lrs == pytest.approx([3e-3, 3e-3 * 1 / 2, 3e-3 * 1 / 4])

@@ -13,8 +13,14 @@ def test_unknown_parameter_is_named_with_the_valid_ones():
 def test_nested_configs_and_validation():
     cfg = config_from(PPOConfig, {"policy_optim": {"lr": 0.5, "betas": [0.8, 0.9]}}, policy_optim=OptimConfig)
     assert cfg.policy_optim.lr == 0.5 and cfg.policy_optim.betas == (0.8, 0.9)
-    with pytest.raises(ValueError, match="alternatives"):
-        PPOConfig(reward_normalisation=True, reward_scaling=True)
+    with pytest.raises(ValueError, match="score_clip clips normalised scores"):
+        PPOConfig(score_reparam="scale")  # the default score_clip 0.8 cannot clip unnormalised scores
+    with pytest.raises(ValueError, match="score_reparam: unknown 'normalize'"):
+        PPOConfig(score_reparam="normalize")
+    with pytest.raises(ValueError, match="entropy_target is the target"):
+        PPOConfig(entropy_target=1.2)
+    with pytest.raises(ValueError, match="critic_warmup_iterations must be in"):
+        PPOConfig(iterations=3, critic_warmup_iterations=3)
     with pytest.raises(ValueError, match="multiple of"):
         PPOConfig(rollout_batch_size=10, mini_batch_size=4)
     with pytest.raises(ValueError, match="alternatives; set one to null"):
@@ -64,8 +70,8 @@ def test_test_environment_shrinks_sizes_and_keeps_each_presets_tricks():
                                                                       "temperature": 0.8}
         cfg = PPOConfig.from_params({k: v for k, v in preset.items() if k not in ("name", "checkpoint_dir", "launcher")})
         assert cfg.sampling.max_new_tokens == 12 and not cfg.lora.enabled  # every merged preset is a valid config
-    assert ppo["ppo_max"]["reward_clip"] == 0.8 and ppo["ppo_max"]["ptx_coef"] == 0.1
-    assert ppo["vanilla"]["kl_coef"] == 0.0 and ppo["vanilla"]["reward_clip"] is None and ppo["vanilla"]["name"] == "vanilla"
+    assert ppo["ppo_max"]["score_clip"] == 0.8 and ppo["ppo_max"]["ptx_coef"] == 0.1
+    assert ppo["vanilla"]["kl_coef"] == 0.0 and ppo["vanilla"]["score_clip"] is None and ppo["vanilla"]["name"] == "vanilla"
 
 
 def test_gpu_environment_is_real_lengths_with_lora_and_checkpointing():

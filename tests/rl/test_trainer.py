@@ -145,7 +145,7 @@ def test_only_the_latest_checkpoints_stay_on_disk(tokenizer, tmp_path):
 
 
 def test_vanilla_settings_and_collapse_alarm_stop(tokenizer):
-    trainer = make_trainer(tokenizer, iterations=5, reward_normalisation=False, reward_clip=None,
+    trainer = make_trainer(tokenizer, iterations=5, score_reparam="none", score_clip=None,
                            advantage_normalisation=False, value_clip=None, alarm_length_growth=0.5, stop_on_alarm=True)
     result = trainer.train()
     assert result.stopped_early and len(result.history) == 1  # length can never exceed half its first value

@@ -153,9 +153,9 @@ def compute_advantages(exp: Experience, cfg: PPOConfig, moments: F.RunningMoment
     scores = exp.raw_scores
     if cfg.missing_eos_penalty:
         scores = scores - cfg.missing_eos_penalty * exp.truncated.to(scores.dtype)
-    if cfg.reward_normalisation:
-        exp.scores = F.normalise_and_clip_scores(scores, moments.mean, moments.std, cfg.reward_clip)
-    elif cfg.reward_scaling:
+    if cfg.score_reparam == "normalise":
+        exp.scores = F.normalise_and_clip_scores(scores, moments.mean, moments.std, cfg.score_clip)
+    elif cfg.score_reparam == "scale":
         exp.scores = scores / (moments.std + F.EPS)
     else:
         exp.scores = scores

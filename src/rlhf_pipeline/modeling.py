@@ -223,17 +223,17 @@ class ValueHeadModel(nn.Module):
         return self
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_lm_logits: bool = False,
-        position_ids: torch.Tensor | None = None,
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, return_lm_logits: bool = False,
+        position_ids: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-token values ``(B, T)`` and, if asked, the LM logits ``(B, T, V)`` from the LM's own forward (which
-        applies what the architecture does after its head, e.g. Gemma-2's soft-capping); its last hidden state
-        is the one the values read."""
+        """Per-token values ``(B, T)`` and, if asked, the LM logits ``(B, T', V)`` from the LM's own forward (which
+        applies what the architecture does after its head, e.g. Gemma-2's soft-capping) at the positions
+        ``logits_to_keep`` selects (transformers' argument; 0: all); the values read its last hidden state."""
         lm = transformer_of(self)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
                   "use_cache": False}
         if return_lm_logits:
-            output = self.lm(**inputs, output_hidden_states=True)
+            output = self.lm(**inputs, output_hidden_states=True, logits_to_keep=logits_to_keep)
             hidden, logits = output.hidden_states[-1], output.logits
         else:
             hidden, logits = lm.base_model(**inputs).last_hidden_state, None

@@ -258,3 +258,14 @@ def test_the_policys_schedule_counts_only_the_steps_it_takes(tokenizer):
         lrs.append(trainer.policy.get_lr()[0])  # the lr of the policy's next step
     assert trainer.policy.global_steps == 4 and trainer.critic.global_steps == 6
     assert lrs == pytest.approx([3e-3, 3e-3 * 1 / 2, 3e-3 * 1 / 4])
+
+
+def test_the_update_reads_the_distribution_the_rollouts_were_sampled_from(tokenizer):
+    """At T = 0.5 the old log-probs are tempered; the update's must be too, so that the first mini-batch's ratio
+    is exactly 1 (untempered, it would be π(a) / π_T(a), far from 1 at T = 0.5)."""
+    trainer = make_trainer(tokenizer, iterations=1, ppo_epochs=1, mini_batch_size=16,
+                           sampling=SamplingConfig(max_new_tokens=8, temperature=0.5, top_p=1.0))
+    metrics, _ = trainer.step()
+    assert metrics["policy/ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["policy/approx_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["policy/clipfrac"] == 0.0

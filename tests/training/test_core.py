@@ -21,7 +21,7 @@ from rlhf_pipeline.modeling import (
 )
 from rlhf_pipeline.training.batching import collate_encoded
 from rlhf_pipeline.training.engine import OptimConfig
-from rlhf_pipeline.training.forward import masked_token_nll
+from rlhf_pipeline.training.forward import ResponseForward
 from rlhf_pipeline.training.reward import (
     RewardConfig,
     pairwise_ranking_loss,
@@ -29,6 +29,7 @@ from rlhf_pipeline.training.reward import (
     train_reward_model,
 )
 from rlhf_pipeline.training.sft import SFTConfig, train_sft
+from tests.reference import reference_nll
 
 CORPUS = ["\n\nHuman: What is 2 plus 3?\n\nAssistant: 2 plus 3 is 5.", "\n\nHuman: Say hi.\n\nAssistant: hi"] * 20
 
@@ -36,32 +37,6 @@ CORPUS = ["\n\nHuman: What is 2 plus 3?\n\nAssistant: 2 plus 3 is 5.", "\n\nHuma
 @pytest.fixture(scope="module")
 def tokenizer():
     return train_tokenizer(CORPUS, vocab_size=300)
-
-
-def test_prompt_tokens_carry_no_loss(tokenizer):
-    """Changing the logits at prompt positions leaves the loss unchanged; changing a response position does not."""
-    encoded = DialogueEncoder(tokenizer).encode("\n\nHuman: Say hi.\n\nAssistant:", ["hi"], max_length=64)
-    batch = collate_encoded([encoded], tokenizer.pad_token_id)
-    prompt_len = int((batch.response_mask[0] == 0).sum())
-    torch.manual_seed(0)
-    logits = torch.randn(1, batch.input_ids.shape[1], len(tokenizer))
-    base, count = masked_token_nll(logits, batch.input_ids, batch.response_mask)
-    assert count == int(batch.response_mask[0, 1:].sum())
-    perturbed = logits.clone()
-    perturbed[:, : prompt_len - 1] += 5 * torch.randn_like(perturbed[:, : prompt_len - 1])  # predict prompt tokens only
-    assert masked_token_nll(perturbed, batch.input_ids, batch.response_mask)[0] == pytest.approx(base.item())
-    perturbed[0, prompt_len - 1, batch.input_ids[0, prompt_len]] += 5.0  # predicts the first response token
-    assert masked_token_nll(perturbed, batch.input_ids, batch.response_mask)[0] != pytest.approx(base.item())
-    assert batch.input_ids[0, -1] == tokenizer.eos_token_id and batch.response_mask[0, -1] == 1
-
-
-def test_masked_nll_matches_hand_computation():
-    logits = torch.zeros(1, 3, 4)  # uniform over 4 tokens: every nll is log 4
-    logits[0, 1, 2] = math.log(3.0)  # p(token 2 at step 2) = 3 / 6
-    ids = torch.tensor([[0, 1, 2]])
-    total, count = masked_token_nll(logits, ids, torch.tensor([[0, 1, 1]]))
-    assert count == 2
-    assert total.item() == pytest.approx(math.log(4) + math.log(2))
 
 
 def test_ranking_loss_and_accuracy_by_hand():
@@ -160,7 +135,7 @@ def test_packed_sft_and_reward_model_steps_equal_padded_ones(tokenizer, arch):
 
     rows = DialogueEncoder(tokenizer).encode_many(prompts, [[r] for r in responses], 128).rows
     padded = collate_encoded(rows, tokenizer.pad_token_id)
-    assert padded.packed().input_ids.numel() < padded.input_ids.numel()  # packing removes padding here
+    assert ResponseForward.of_tokens(padded, packed=True).computed_tokens < padded.input_ids.numel()  # less padding
     results = {}
     for packing in (False, True):
         logged = []
@@ -276,5 +251,5 @@ def test_response_logprob_sums_equal_the_full_logits(tokenizer, arch, packed):
         sums, counts = response_logprob_sums(model, batch, packed=packed)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     for row in range(2):
-        total, count = masked_token_nll(logits[row:row + 1], batch.input_ids[row:row + 1], batch.response_mask[row:row + 1])
+        total, count = reference_nll(logits[row:row + 1], batch.input_ids[row:row + 1], batch.response_mask[row:row + 1])
         assert counts[row] == count and sums[row].item() == pytest.approx(-total.item(), rel=1e-5)

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, Granite
 
 from rlhf_pipeline.modeling import ValueHeadModel
 from rlhf_pipeline.rl import ppo_max as F
-from rlhf_pipeline.rl.experience import score_rollouts, with_eos_appended
+from rlhf_pipeline.rl.experience import as_scored, score_rollouts
 from rlhf_pipeline.training.batching import collate
 from rlhf_pipeline.training.forward import ResponseForward, positions, response_logprob_sums
 
@@ -26,10 +26,11 @@ CONFIGS = {
     "gemma2": lambda: Gemma2Config(**SMALL, head_dim=8, final_logit_softcapping=0.3, attn_logit_softcapping=None),
     "granite": lambda: GraniteConfig(**SMALL, logits_scaling=4.0),
 }
-# prompts left-padded to width 4, responses right-padded to width 4 (EOS, none at the cap, one token)
-PROMPTS = [[PAD, 5, 6, 7], [8, 9, 10, 11], [PAD, PAD, 12, 13]]
-RESPONSES = [[14, 15, EOS, PAD], [16, 17, 18, 19], [EOS, PAD, PAD, PAD]]
-MASKS = [[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+# prompts left-padded to width 4, responses right-padded to width 4 (EOS, none at the cap, one token, two); the
+# two short rows share a bin when packed
+PROMPTS = [[PAD, 5, 6, 7], [8, 9, 10, 11], [PAD, PAD, 12, 13], [PAD, PAD, PAD, 20]]
+RESPONSES = [[14, 15, EOS, PAD], [16, 17, 18, 19], [EOS, PAD, PAD, PAD], [21, EOS, PAD, PAD]]
+MASKS = [[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]]
 
 
 def buffer():
@@ -66,6 +67,8 @@ def test_packed_and_padded_passes_give_the_models_own_log_probs(arch):
     with torch.no_grad():
         for packed in (False, True):
             forward = ResponseForward(sequences, attention, positions(attention), response_mask, packed)
+            if packed:
+                assert forward.inputs["input_ids"].shape[0] == 3  # rows of 3 + 3 tokens share a bin of 8
             torch.testing.assert_close(forward.scatter(forward.token_logprobs(model)), expected,
                                        msg=f"packed={packed}")
         # the bare LM head on the hidden states misses what these architectures do after it
@@ -87,12 +90,32 @@ def test_response_log_prob_sums_and_value_head_logits_are_the_models_own(arch):
         logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(
             -1, batch.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         expected = (logprobs * batch.response_mask[:, 1:]).sum(dim=1)
+        value_model = ValueHeadModel(model)
+        values, head_logits = value_model(batch.input_ids, batch.attention_mask, return_lm_logits=True)
         for packed in (False, True):
-            sums, counts = response_logprob_sums(model, batch, packed=packed)
-            torch.testing.assert_close(sums, expected)
-            assert counts.tolist() == [3.0, 2.0]
-        _, head_logits = ValueHeadModel(model)(batch.input_ids, batch.attention_mask, return_lm_logits=True)
+            for chunk_tokens in (4096, 6):  # one pass, or one row per pass
+                sums, counts = response_logprob_sums(model, batch, packed=packed, chunk_tokens=chunk_tokens)
+                torch.testing.assert_close(sums, expected)
+                assert counts.tolist() == [3.0, 2.0]
+            # the reward model's one pass: values at the last token and its LM head's log-probs
+            forward = ResponseForward.of_tokens(batch, packed)
+            last, token_logprobs = forward.last_values_and_token_logprobs(value_model)
+            torch.testing.assert_close(last, values[[0, 1], [5, 3]])
+            torch.testing.assert_close(forward.scatter(token_logprobs).sum(dim=1), expected)
     torch.testing.assert_close(head_logits, logits)
+
+
+def test_a_model_that_ignores_logits_to_keep_is_refused():
+    class AllPositions(FixedLogits):
+        def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0, use_cache=False):
+            return super().forward(input_ids, logits_to_keep=0)
+
+    prompt, prompt_mask, response, response_mask = buffer()
+    sequences, attention = torch.cat([prompt, response], dim=1), torch.cat([prompt_mask, response_mask], dim=1)
+    for packed in (False, True):
+        forward = ResponseForward(sequences, attention, positions(attention), response_mask, packed)
+        with pytest.raises(ValueError, match="must honour transformers' logits_to_keep"):
+            forward.token_logits(AllPositions([0.0] * VOCAB))
 
 
 class FixedLogits(nn.Module):
@@ -131,11 +154,15 @@ def test_log_probs_and_kl_read_the_tempered_distribution(packing):
 
 
 def test_a_truncated_response_is_scored_with_eos_appended():
-    response = torch.tensor([[5, 6, EOS, PAD], [7, 8, 9, 4]])
-    response_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
-    scored, scored_mask = with_eos_appended(response, response_mask, torch.tensor([False, True]), EOS)
-    assert scored[1].tolist() == [7, 8, 9, 4, EOS] and scored_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
-    assert scored[0, :3].tolist() == [5, 6, EOS]
+    response = torch.tensor([[5, 6, EOS, PAD], [7, 8, 9, 4], [5, 3, PAD, PAD]])
+    response_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+    # stop tokens: EOS and 3 (another end-of-turn token the model's generation config names)
+    scored, scored_mask, truncated = as_scored(response, response_mask, [EOS, 3], EOS)
+    assert truncated.tolist() == [False, True, False]
+    assert scored[1].tolist() == [7, 8, 9, 4, EOS] and scored[0, :3].tolist() == [5, 6, EOS]
+    assert scored[2, :2].tolist() == [5, EOS]  # the RM reads EOS, the token it was trained on
+    assert scored_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    response, response_mask = response[:2], response_mask[:2]
     prompt = torch.tensor([[3, 3], [3, 3]])
     uniform = FixedLogits([0.0] * 10)
     for packing in (False, True):

@@ -16,10 +16,10 @@ from rlhf_pipeline.modeling import (
 )
 from rlhf_pipeline.training.batching import collate_encoded
 from rlhf_pipeline.training.engine import OptimConfig, make_engine
-from rlhf_pipeline.training.forward import masked_token_nll
 from rlhf_pipeline.training.loop import optimizer_steps
 from rlhf_pipeline.training.reward import RewardConfig, train_reward_model
 from rlhf_pipeline.training.sft import SFTConfig, train_sft
+from tests.reference import reference_nll
 
 CORPUS = ["\n\nHuman: What is 2 plus 3?\n\nAssistant: 2 plus 3 is 5.", "\n\nHuman: Say hi.\n\nAssistant: hi"] * 20
 SHAPE = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2)
@@ -90,7 +90,7 @@ def reference_sft_gradient_norms(tokenizer) -> tuple[float, float, float]:
     sums, counts = [], []
     for row in rows:
         batch = collate_encoded([row], tokenizer.pad_token_id)
-        total, count = masked_token_nll(model(batch.input_ids).logits, batch.input_ids, batch.response_mask)
+        total, count = reference_nll(model(batch.input_ids).logits, batch.input_ids, batch.response_mask)
         sums.append(total)
         counts.append(count)
     assert counts == [2, 49]
@@ -122,9 +122,11 @@ def rm_step(tokenizer, micro_batch_size: int, grad_accum: int) -> tuple[dict, di
     optim = OptimConfig(lr=1.0, warmup_ratio=0.0, grad_clip=0.0, zero_stage=2, micro_batch_size=micro_batch_size,
                         grad_accum=grad_accum, extra_ds_config={"optimizer": {"params": {"eps": 1.0}}})
     logged = []
-    chosen, rejected = RESPONSES, ["no", "2 plus 3 is 6."]
+    # three pairs, so that a 2 + 1 split weighs pairs unequally if it averages per micro-batch
+    prompts = PROMPTS + ["\n\nHuman: Hi.\n\nAssistant:"]
+    chosen, rejected = RESPONSES + ["hi"], ["no", "2 plus 3 is 6.", "2 plus 3"]
     model, _ = train_reward_model(ValueHeadModel(disable_dropout(build_tiny_model(tokenizer, SHAPE))),
-                                  DialogueEncoder(tokenizer), PROMPTS, chosen, rejected,
+                                  DialogueEncoder(tokenizer), prompts, chosen, rejected,
                                   RewardConfig(max_length=128, lm_loss_coef=1.0, score_l2_coef=0.1, packing=False,
                                                optim=optim),
                                   log=lambda metrics, step: logged.append(metrics))
@@ -134,8 +136,8 @@ def rm_step(tokenizer, micro_batch_size: int, grad_accum: int) -> tuple[dict, di
 
 def test_reward_model_step_does_not_depend_on_the_split(tokenizer):
     """Ranking and score terms weigh by pairs, the LM term by chosen tokens, over the whole window."""
-    whole, whole_weights = rm_step(tokenizer, micro_batch_size=2, grad_accum=1)
-    split, split_weights = rm_step(tokenizer, micro_batch_size=1, grad_accum=2)
+    whole, whole_weights = rm_step(tokenizer, micro_batch_size=3, grad_accum=1)
+    split, split_weights = rm_step(tokenizer, micro_batch_size=2, grad_accum=2)
     for key in ("train/loss", "train/ranking_loss", "train/lm_loss", "train/accuracy", "train/margin",
                 "train/grad_norm"):
         assert split[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-7), key

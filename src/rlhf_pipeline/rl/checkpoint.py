@@ -1,11 +1,13 @@
 """PPO checkpoints: the engines (weights, optimiser, scheduler) through DeepSpeed, the trainer's state as JSON,
 each rank's RNG states as safetensors; and the rule for what may change between a run and its resume.
 
-A checkpoint resumes only a run whose updates it would continue exactly: the same algorithm settings and the
-same inputs (``models.fingerprint``: SFT policy, reward model, tokenizer, prompts, world size). Settings that
-leave every update unchanged - how far the run goes and how often it saves, how a mini-batch is split into
-micro-batches or packed, how scoring passes are chunked, what is monitored - may change, so a run can be
-extended or re-split to fit memory. Anything else is refused with the names of what changed.
+A checkpoint resumes only a run whose updates it would continue: the same algorithm settings and the same
+inputs (``models.fingerprint``: SFT policy, reward model, tokenizer, prompts, world size). Settings that leave
+every update unchanged - how often it saves, how a mini-batch is split into micro-batches or packed, how
+scoring passes are chunked, what is monitored - may change, so a run can be re-split to fit memory; so may a
+larger ``iterations``, which extends the run: the learning-rate schedules then decay over the longer run from
+the step reached (as a run planned that long would not have: its warm-up and decay differ). Anything else is
+refused with the names of what changed.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class CheckpointStore:
     finished run. Every rank calls ``save``/``load`` (DeepSpeed saves each rank's shards)."""
 
     def __init__(self, folder: str | Path, keep: int):
-        self.folder, self.keep = Path(folder), max(keep, 1)
+        self.folder, self.keep = Path(folder), keep
 
     def latest(self) -> str | None:
         """The tag to resume from, or None for a fresh start (no checkpoint, or a finished run)."""
@@ -56,15 +58,15 @@ class CheckpointStore:
         return (self.folder / "latest").read_text().strip()
 
     def clear(self) -> None:
-        """Rank 0 deletes what a previous run left (a finished run, or checkpoints of a run not resumed); every
-        rank waits for it. Called by a run that starts afresh, before its first save."""
+        """Rank 0 deletes what a previous run in this folder left (its checkpoints and markers, nothing else);
+        every rank waits for it. Called by a run that starts afresh, before its first save."""
         if world()[0] == 0 and self.folder.exists():
             logger.info("%s: starting afresh over a finished run", self.folder)
-            shutil.rmtree(self.folder)
-        if world()[1] > 1:
-            import torch.distributed
-
-            torch.distributed.barrier()
+            for path in [self.folder / "latest", self.folder / "complete", *self.folder.glob("iteration_*")]:
+                path.unlink(missing_ok=True)
+            for engine in ("policy", "critic"):
+                shutil.rmtree(self.folder / engine, ignore_errors=True)
+        barrier()
 
     def save(self, iteration: int, engines: dict, state: dict, rng: dict) -> None:
         """Save ``engines`` (name -> DeepSpeed engine), rank 0's ``state`` (JSON) and this rank's ``rng`` tensors."""
@@ -73,6 +75,7 @@ class CheckpointStore:
             engine.save_checkpoint(str(self.folder / name), tag=tag)
         rank = world()[0]
         save_file(rng, str(self.folder / f"{tag}_rng_rank{rank}.safetensors"))
+        barrier()  # every rank's files are written before ``latest`` names the tag
         if rank == 0:
             (self.folder / f"{tag}.json").write_text(json.dumps(state))
             (self.folder / "latest").write_text(tag)
@@ -104,3 +107,10 @@ class CheckpointStore:
                 shutil.rmtree(self.folder / engine / tag, ignore_errors=True)
             for path in [self.folder / f"{tag}.json", *self.folder.glob(f"{tag}_rng_rank*.safetensors")]:
                 path.unlink(missing_ok=True)
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        import torch.distributed
+
+        torch.distributed.barrier()

@@ -130,9 +130,22 @@ class PPOConfig:
                              "set entropy_coef > 0 or entropy_target: 0")
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
             raise ValueError(f"ppo.missing_eos_penalty must be >= 0 (it is subtracted), got {self.missing_eos_penalty}")
-        for name in ("iterations", "rollout_batch_size", "mini_batch_size", "ppo_epochs", "ptx_batch_size"):
-            if getattr(self, name) < 1:
+        for name in ("iterations", "rollout_batch_size", "mini_batch_size", "ppo_epochs", "ptx_batch_size",
+                     "keep_checkpoints", "micro_batch_size", "micro_batch_tokens", "forward_batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"ppo.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("kl_coef", "ptx_coef", "entropy_coef", "checkpoint_every", "sample_every", "sample_count"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ppo.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("clip_eps", "value_clip", "score_clip", "advantage_clip"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"ppo.{name} must be > 0 (null: no clip where allowed), got {getattr(self, name)}")
+        for name in ("gamma", "lam"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"ppo.{name} must be in [0, 1], got {getattr(self, name)}")
+        if not self.sampling.do_sample:
+            raise ValueError("ppo.sampling.do_sample: PPO's objective reads the distribution rollouts are sampled "
+                             "from; greedy rollouts have none: set do_sample: true")
         if self.critic_warmup_iterations < 0 or self.critic_warmup_iterations >= self.iterations:
             raise ValueError(f"ppo.critic_warmup_iterations must be in [0, iterations) = [0, {self.iterations}), got "
                              f"{self.critic_warmup_iterations}: the policy would never train")
@@ -169,7 +182,7 @@ def json_config(cfg: PPOConfig) -> dict:
 
 def policy_steps(cfg: PPOConfig) -> int:
     """Optimiser steps the policy takes: none during the critic's warm-up iterations."""
-    return max(cfg.iterations - cfg.critic_warmup_iterations, 0) * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
+    return (cfg.iterations - cfg.critic_warmup_iterations) * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
 
 
 def critic_steps(cfg: PPOConfig) -> int:

@@ -7,12 +7,12 @@ per-token rewards and runs GAE.
 
 A buffer is ``(B, P + R)``: prompts left-padded to the longest prompt, responses right-padded to the longest
 response. Every forward over it is a ``training.forward.ResponseForward`` (packed or padded, the model's own
-logits, divided by the sampling temperature).
+logits; the policy's and the reference's divided by the sampling temperature).
 
 Truncated responses: a response that reaches ``max_new_tokens`` without EOS is scored by the reward model as
 a finished reply, with EOS appended - the sequence the RM was trained on and the one evaluation scores when it
-encodes a response's text - and ``Experience.truncated`` marks it (for ``missing_eos_penalty`` and the
-``response/truncated_fraction`` monitor).
+encodes a response's text (``as_scored``) - and ``Experience.truncated`` marks it (for ``missing_eos_penalty``
+and the ``response/truncated_fraction`` monitor).
 """
 
 from __future__ import annotations
@@ -90,17 +90,24 @@ def make_experience(policy, reference, critic, reward_model, tokenizer, prompt_i
     return exp
 
 
-def with_eos_appended(response: torch.Tensor, response_mask: torch.Tensor, truncated: torch.Tensor,
-                      eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(response, response_mask)`` one column wider ``(B, R + 1)``, with EOS after each ``truncated`` row's
-    last token (the new column is masked out in the other rows)."""
-    response = torch.cat([response, response.new_full((len(response), 1), eos_token_id)], dim=1)
-    response_mask = torch.cat([response_mask, response_mask.new_zeros((len(response), 1))], dim=1)
+def as_scored(response: torch.Tensor, response_mask: torch.Tensor, stop_ids: list[int], eos_token_id: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The responses as the reward model scores them, ending in the tokenizer's EOS as the replies it was trained
+    on (and the ones evaluation encodes) do: ``(response, response_mask)`` one column wider ``(B, R + 1)``, and
+    ``truncated`` ``(B,)``. A response cut at the cap without a stop token gets EOS appended; one that stopped
+    at another stop token (e.g. Llama-3's ``<|eot_id|>``) ends in EOS instead of it."""
+    lengths = response_mask.sum(dim=1)
+    last = response.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    stopped = torch.isin(last, torch.tensor(stop_ids, device=last.device))
+    truncated = ~stopped & (lengths > 0)
+    scored = torch.cat([response, response.new_full((len(response), 1), eos_token_id)], dim=1)
+    scored_mask = torch.cat([response_mask, response_mask.new_zeros((len(response), 1))], dim=1)
     rows = truncated.nonzero(as_tuple=True)[0]
-    ends = response_mask[rows].sum(dim=1)
-    response[rows, ends] = eos_token_id
-    response_mask[rows, ends] = 1
-    return response, response_mask
+    scored[rows, lengths[rows]] = eos_token_id
+    scored_mask[rows, lengths[rows]] = 1
+    other = (stopped & (last != eos_token_id)).nonzero(as_tuple=True)[0]
+    scored[other, lengths[other] - 1] = eos_token_id
+    return scored, scored_mask, truncated
 
 
 @torch.no_grad()
@@ -113,9 +120,7 @@ def score_rollouts(policy, reference, critic, reward_model, prompt: torch.Tensor
     the rollouts were sampled from (see the module docstring for truncated responses)."""
     sequences = torch.cat([prompt, response], dim=1)
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
-    last = response.gather(1, (response_mask.sum(dim=1) - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-    truncated = ~torch.isin(last, torch.tensor(stop_ids, device=last.device)) & response_mask.bool().any(dim=1)
-    scored, scored_mask = with_eos_appended(response, response_mask, truncated, eos_token_id)
+    scored, scored_mask, truncated = as_scored(response, response_mask, stop_ids, eos_token_id)
     scored_sequences = torch.cat([prompt, scored], dim=1)
     scored_attention = torch.cat([prompt_mask, scored_mask], dim=1)
     parts = []

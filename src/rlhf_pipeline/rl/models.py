@@ -123,17 +123,23 @@ def load_models(job: Path, cfg: PPOConfig) -> tuple[ModelBundle, dict[str, torch
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A short digest of a model's weights: the float64 sum and sum of squares of each parameter over every
-    rank (a ZeRO-3 rank holds a flat partition, ``ds_tensor``, whose padding adds zeros), printed to 12
-    significant digits so that summation order does not show."""
+    """A short digest of a model's weights: the float64 sum and sum of squares of each parameter (a ZeRO-3
+    parameter's over every rank's flat partition, ``ds_tensor``, whose padding adds zeros), printed to 12
+    significant digits so that summation order does not show. The same model in another precision has
+    another digest."""
     stats = []
     for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
         held = getattr(param, "ds_tensor", param).detach().double()
         stats.append(torch.stack([held.sum(), (held**2).sum()]))
     total = torch.stack(stats) if stats else torch.zeros(0, 2, dtype=torch.float64)
-    if world()[1] > 1:
-        total = total.to(next(model.parameters()).device)
-        torch.distributed.all_reduce(total)
+    partitioned = [hasattr(param, "ds_tensor") for _, param in sorted(model.named_parameters(), key=lambda i: i[0])]
+    if world()[1] > 1 and any(partitioned):  # whole parameters are the same on every rank: only partitions add up
+        device = next(model.parameters()).device
+        mask = torch.tensor(partitioned, device=device).unsqueeze(1)
+        total = total.to(device)
+        summed = total * mask
+        torch.distributed.all_reduce(summed)
+        total = torch.where(mask, summed, total)
     text = ",".join(f"{value:.12g}" for value in total.flatten().tolist())
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

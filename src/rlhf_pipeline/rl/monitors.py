@@ -74,3 +74,22 @@ def sample_records(tokenizer, exp: Experience, count: int, step: int) -> list[di
     responses = decode_responses(tokenizer, exp.sequences[:count, exp.prompt_width:])
     return [{"step": step, "prompt": p, "response": r, "rm_score": s}
             for p, r, s in zip(prompts, responses, exp.raw_scores[:count].tolist(), strict=True)]
+
+
+def all_ranks_sum(value: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``value`` summed over the ranks (itself on one rank), on ``device`` (NCCL reduces GPU tensors only)."""
+    if world()[1] == 1:
+        return value
+    total = value.detach().to(device=device, dtype=torch.float64).clone()
+    torch.distributed.all_reduce(total)
+    return total.to(value.dtype)
+
+
+def mean_over_ranks(metrics: dict[str, float], device: torch.device | str) -> dict[str, float]:
+    """Each metric averaged over the ranks (each rank's is over its own share of the buffer, of equal size)."""
+    if world()[1] == 1:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([float(metrics[key]) for key in keys], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(values)
+    return dict(zip(keys, (values / world()[1]).tolist(), strict=True))

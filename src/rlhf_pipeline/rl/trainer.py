@@ -25,7 +25,14 @@ from rlhf_pipeline.rl.checkpoint import CheckpointStore, resume_conflicts
 from rlhf_pipeline.rl.config import PPOConfig, critic_steps, engine_optims, json_config, policy_steps
 from rlhf_pipeline.rl.experience import Experience, compute_advantages, make_experience, timer
 from rlhf_pipeline.rl.models import GenerationCopy, build_models, fingerprint
-from rlhf_pipeline.rl.monitors import CollapseMonitor, any_rank, rollout_metrics, sample_records
+from rlhf_pipeline.rl.monitors import (
+    CollapseMonitor,
+    all_ranks_sum,
+    any_rank,
+    mean_over_ranks,
+    rollout_metrics,
+    sample_records,
+)
 from rlhf_pipeline.training.batching import collate_encoded
 from rlhf_pipeline.training.devices import rng_state, set_rng_state
 from rlhf_pipeline.training.engine import (
@@ -41,6 +48,10 @@ from rlhf_pipeline.training.engine import (
 from rlhf_pipeline.training.forward import ResponseForward
 
 logger = logging.getLogger(__name__)
+
+PTX_SEED_STRIDE = 7919
+"""Seeds of the PPO-ptx generators: ``PTX_SEED_STRIDE * seed + rank`` (a prime: no two (seed, rank) pairs of a
+run on fewer ranks than it collide)."""
 
 
 @dataclass
@@ -84,7 +95,8 @@ class PPOTrainer:
                              f"(rollout_batch_size {cfg.rollout_batch_size} x {self.world_size} rank(s)); give more "
                              "prompts (data_processing.split.fractions.ppo_prompts) or lower ppo.rollout_batch_size")
         self.prompts_dropped = len(prompts) - len(kept)
-        self.inputs = fingerprint(policy, reward_model, self.tokenizer, self.prompt_ids)
+        # what a checkpoint of this run must have been made with (before the models are wrapped or cast)
+        self.inputs = fingerprint(policy, reward_model, self.tokenizer, self.prompt_ids) if checkpoint_dir else {}
         models = build_models(policy, reward_model, cfg, reference, critic)
         policy_optim, critic_optim = engine_optims(cfg)
         self.policy = make_engine(models.policy, policy_optim, policy_steps(cfg))
@@ -105,7 +117,7 @@ class PPOTrainer:
                                        cfg.max_prompt_length + cfg.sampling.max_new_tokens)
             self.ptx_rows = [rows.rows[i] for i in rows.kept]
         # each rank draws its own PPO-ptx batches, a new one per mini-batch; the state is checkpointed
-        self.ptx_generator = torch.Generator().manual_seed(cfg.seed * 7919 + self.rank)
+        self.ptx_generator = torch.Generator().manual_seed(PTX_SEED_STRIDE * cfg.seed + self.rank)
         self.moments = F.RunningMoments()
         if score_prior:
             count, mean, std = score_prior
@@ -139,6 +151,7 @@ class PPOTrainer:
         progress = tqdm(total=cfg.iterations, initial=self.iteration, desc="ppo", disable=self.rank != 0)
         while self.iteration < cfg.iterations:
             metrics, exp = self.step()
+            metrics = mean_over_ranks(metrics, self.policy.device)  # every rank logs, alarms and saves the same
             self.history.append({"step": self.iteration, **metrics})
             self.log(metrics, self.iteration)
             if cfg.sample_every and self.iteration % cfg.sample_every == 0:
@@ -202,13 +215,14 @@ class PPOTrainer:
         for _ in range(cfg.ppo_epochs):
             for index in torch.randperm(exp.sequences.shape[0]).split(cfg.mini_batch_size):
                 batch = exp.select(index)
-                tokens = batch.response_mask.sum().clamp(min=1.0)
+                tokens = all_ranks_sum(batch.response_mask.sum(), self.policy.device).clamp(min=1.0)
                 parts = self.micro_batches(batch)
                 for number, part in enumerate(parts):
                     micro_batch = batch.select(part)
                     forward = ResponseForward.of(micro_batch, cfg.packing)
                     real, computed = real + micro_batch.attention_mask.sum(), computed + forward.computed_tokens
-                    share = micro_batch.response_mask.sum() / tokens
+                    # DeepSpeed averages gradients over ranks: x world size makes them the all-rank token mean
+                    share = micro_batch.response_mask.sum() * self.world_size / tokens
                     for engine in engines:  # only the last backward of a mini-batch reduces and steps
                         engine.set_gradient_accumulation_boundary(number == len(parts) - 1)
                     records.append((share, self.critic_update(micro_batch, forward, share)))

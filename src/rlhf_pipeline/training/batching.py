@@ -64,37 +64,14 @@ class PackedLayout:
 
 @dataclass
 class TokenBatch:
-    """Right-padded prompt + response sequences, or (``packed``) the same rows concatenated into one."""
+    """Right-padded prompt + response sequences (``collate``); ``training.forward`` packs them for a pass."""
 
-    input_ids: torch.Tensor  # (B, T), or (bins, T) packed
+    input_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor  # (B, T) 1 for real tokens
     response_mask: torch.Tensor  # (B, T) 1 for response tokens (EOS included), 0 for prompt and padding
-    position_ids: torch.Tensor | None = None  # packed: each row's positions, restarting at 0
-    ends: torch.Tensor | None = None  # packed: index of each row's last token in the flattened bins
 
     def to(self, device: torch.device | str) -> TokenBatch:
-        return TokenBatch(*(None if t is None else t.to(device) for t in
-                            (self.input_ids, self.attention_mask, self.response_mask, self.position_ids, self.ends)))
-
-    @property
-    def last_index(self) -> torch.Tensor:
-        """Index of the last real token of each row ``(B,)`` (into the packed row when packed)."""
-        return self.ends if self.ends is not None else self.attention_mask.sum(dim=1) - 1
-
-    def packed(self) -> TokenBatch:
-        """The same rows packed into bins (``PackedLayout``): every token gets the padded pass's output, and a
-        row's first token is a prompt token (no loss), so nothing is learnt across a boundary."""
-        real = self.attention_mask.bool()
-        layout = PackedLayout.of(self.attention_mask)
-        return TokenBatch(layout.pack(self.input_ids, real), layout.pack(self.attention_mask, real),
-                          layout.pack(self.response_mask, real), layout.positions(),
-                          layout.starts + layout.lengths - 1)
-
-    def model_inputs(self) -> dict[str, torch.Tensor | None]:
-        """Keyword arguments of a forward pass: a packed batch has position ids and no attention mask."""
-        if self.position_ids is None:
-            return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
-        return {"input_ids": self.input_ids, "attention_mask": None, "position_ids": self.position_ids}
+        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device))
 
 
 def collate(sequences: list[tuple[list[int], int]], pad_token_id: int) -> TokenBatch:

@@ -17,7 +17,7 @@ from rlhf_pipeline.training.batching import (
     score_encoded,
 )
 from rlhf_pipeline.training.engine import LogFn, OptimConfig, no_logging
-from rlhf_pipeline.training.forward import masked_token_nll
+from rlhf_pipeline.training.forward import ResponseForward
 from rlhf_pipeline.training.loop import train_loop
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class RewardConfig:
     eval_batch_size: int = 64
     seed: int = 0
     packing: bool = True
-    """Pack each micro-batch's pairs into rows without padding (see ``TokenBatch.packed``)."""
+    """Pack each micro-batch's pairs into rows without padding (see ``training.forward``)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -50,13 +50,6 @@ def ranking_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor)
     return (chosen_scores > rejected_scores).float().mean().item()
 
 
-def last_token_scores(values: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
-    """The value head at each sequence's last real token (its EOS): the reward ``(B,)``."""
-    if batch.ends is not None:  # packed: flat indices into the bins
-        return values.reshape(-1)[batch.ends]
-    return values.gather(1, batch.last_index.unsqueeze(1)).squeeze(1)
-
-
 @torch.no_grad()
 def score_responses(model: ValueHeadModel, encoder: DialogueEncoder, prompts: list[str], responses: list[str],
                     max_length: int, batch_size: int = 64) -> torch.Tensor:
@@ -66,9 +59,7 @@ def score_responses(model: ValueHeadModel, encoder: DialogueEncoder, prompts: li
     rows = encoder.encode_many(prompts, [[r] for r in responses], max_length)
 
     def score(batch: TokenBatch) -> torch.Tensor:
-        batch = batch.to(device)
-        values, _ = model(batch.input_ids, batch.attention_mask)
-        return last_token_scores(values, batch)
+        return ResponseForward.of_tokens(batch.to(device), packed=True).last_values(model)
 
     return score_encoded(rows, encoder.tokenizer.pad_token_id, batch_size, score)
 
@@ -100,9 +91,8 @@ def train_reward_model(
 
     def count_fn(indices):
         counts = {"pairs": float(len(indices))}
-        if cfg.lm_loss_coef > 0:  # the positions masked_token_nll counts on the chosen responses
-            chosen = collate_encoded([pairs[i] for i in indices], pad)
-            counts["chosen_tokens"] = float(chosen.response_mask[:, 1:].sum())
+        if cfg.lm_loss_coef > 0:  # the chosen responses' tokens, which the LM term reads
+            counts["chosen_tokens"] = float(collate_encoded([pairs[i] for i in indices], pad).response_mask.sum())
         return counts
 
     def loss_fn(engine, indices):
@@ -111,25 +101,24 @@ def train_reward_model(
         batch = collate([(row.prompt_ids + row.response_ids[k], len(row.prompt_ids)) for k in (0, 1) for row in rows],
                         pad).to(engine.device)
         n = len(indices)
-        batch.response_mask[n:] = 0  # the LM loss reads the chosen responses only
-        batch = batch.packed() if cfg.packing else batch
-        inputs = batch.model_inputs()
-        values, logits = engine(inputs["input_ids"], inputs["attention_mask"], return_lm_logits=cfg.lm_loss_coef > 0,
-                                position_ids=inputs.get("position_ids"))
-        scores = last_token_scores(values, batch)
-        chosen_scores, rejected_scores = scores.float().chunk(2)
+        batch.response_mask[n:] = 0  # the LM term reads the chosen responses only
+        forward = ResponseForward.of_tokens(batch, cfg.packing)
+        if cfg.lm_loss_coef > 0:
+            scores, logprobs = forward.last_values_and_token_logprobs(engine)
+        else:
+            scores = forward.last_values(engine)
+        chosen_scores, rejected_scores = scores.chunk(2)
         # sums over the micro-batch's pairs (the score penalty: each pair's two squared scores halved), so that
         # train_loop's division by the window's pairs makes the pair-weighted mean of the paper's per-pair loss
         ranking = pairwise_ranking_loss(chosen_scores, rejected_scores, cfg.margin) * n
-        pair_loss = ranking + cfg.score_l2_coef * (scores.float() ** 2).sum() / 2
+        pair_loss = ranking + cfg.score_l2_coef * (scores**2).sum() / 2
         metrics = {"train/ranking_loss": (ranking.item(), n),
                    "train/accuracy": (ranking_accuracy(chosen_scores, rejected_scores) * n, n),
                    "train/margin": ((chosen_scores - rejected_scores).sum().item(), n)}
         terms = {"pairs": pair_loss}
         if cfg.lm_loss_coef > 0:  # a token-weighted mean over the window's chosen responses
-            total, count = masked_token_nll(logits, batch.input_ids, batch.response_mask)
-            terms["chosen_tokens"] = cfg.lm_loss_coef * total
-            metrics["train/lm_loss"] = (total.item(), count.item())
+            terms["chosen_tokens"] = -cfg.lm_loss_coef * logprobs.sum()
+            metrics["train/lm_loss"] = (-logprobs.sum().item(), float(len(logprobs)))
         return terms, metrics, int(batch.attention_mask.sum())
 
     return train_loop(model, len(pairs), cfg.epochs, cfg.seed, cfg.optim, count_fn, loss_fn, log,

@@ -49,35 +49,22 @@ def without(params: dict[str, Any], *keys: str) -> dict[str, Any]:
 
 
 def settings_builders(parameters: dict[str, Any]) -> dict[str, Callable[[dict[str, Any]], Any]]:
-    """Parameter key -> a function that builds that stage's typed configs from its parameters as its node does
-    (the keys a node reads itself, beside its core config, are left out or built here too)."""
+    """Parameter key -> the function its node builds its typed settings with."""
     # imported here, not at the top: the Kedro wiring imports no torch (the core does)
     from rlhf_pipeline.config import config_from
     from rlhf_pipeline.generation import SamplingConfig
-    from rlhf_pipeline.launch import LaunchConfig
+    from rlhf_pipeline.pipelines.ppo.nodes import PPOSettings
     from rlhf_pipeline.pipelines.reward_model.nodes import RewardModelSettings
-    from rlhf_pipeline.rl.config import PPOConfig
-    from rlhf_pipeline.training.engine import OptimConfig
-    from rlhf_pipeline.training.sft import SFTConfig
-
-    def sft(params: dict[str, Any]) -> None:
-        config_from(LaunchConfig, params.get("launcher", {}))
-        config_from(SamplingConfig, params["sampling"])
-        config_from(SFTConfig, without(params, "val_fraction", "gold_eval_prompts", "launcher", "sampling"),
-                    optim=OptimConfig)
-
-    def ppo(params: dict[str, Any]) -> None:
-        config_from(LaunchConfig, params.get("launcher", {}))
-        PPOConfig.from_params(without(params, "name", "checkpoint_dir", "launcher"))
+    from rlhf_pipeline.pipelines.sft.nodes import SFTSettings
 
     def judge(params: dict[str, Any]) -> None:
         if not params.get("path"):  # a saved judge is loaded, not trained
             RewardModelSettings.from_params(without(params, "path"), "evaluation.judge")
 
     return {
-        "sft": sft,
+        "sft": SFTSettings.from_params,
         "reward_model": lambda params: RewardModelSettings.from_params(params, "reward_model"),
-        **{f"ppo.{variant}": ppo for variant in parameters.get("ppo", {})},
+        **{f"ppo.{variant}": PPOSettings.from_params for variant in parameters.get("ppo", {})},
         "evaluation": lambda params: config_from(SamplingConfig, params["sampling"]),
         "evaluation.judge": judge,
     }

@@ -9,6 +9,7 @@ import pandas as pd
 
 from rlhf_pipeline.data import SPLITS, assign_splits, raw_rows_from_source
 from rlhf_pipeline.hh import RawRow, parse_rows
+from rlhf_pipeline.rl.config import PPOConfig
 from rlhf_pipeline.task import TaskConfig, classify_request, generate_preference_rows
 
 logger = logging.getLogger(__name__)
@@ -104,8 +105,9 @@ def check_ppo_prompts(prompts: int, split: dict[str, Any], ppo: dict[str, dict[s
     short = {}
     for variant, settings in ppo.items():
         processes = (settings.get("launcher") or {}).get("num_processes", 1)
-        if settings["rollout_batch_size"] * processes > prompts:
-            short[variant] = f"ppo.{variant}.rollout_batch_size {settings['rollout_batch_size']} x {processes} process(es)"
+        rollout = settings.get("rollout_batch_size", PPOConfig.rollout_batch_size)
+        if rollout * processes > prompts:
+            short[variant] = f"ppo.{variant}.rollout_batch_size {rollout} x {processes} process(es)"
     if short:
         raise ValueError(
             f"data_processing.split: split 'ppo_prompts' holds {prompts} prompt(s), fewer than one PPO iteration "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -14,6 +15,27 @@ from rlhf_pipeline.pipelines.tracking import mlflow_logger
 from rlhf_pipeline.rl.config import PPOConfig
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PPOSettings:
+    """One variant's parameters (``params:ppo.<variant>``): the core's ``PPOConfig`` and what the node reads."""
+
+    name: str
+    """The variant, in metric names (``ppo/<name>/...``)."""
+    checkpoint_dir: str | None
+    """Where a run killed mid-way resumes from (the same command)."""
+    launch: LaunchConfig
+    """Where PPO trains (more than one process: through the ``deepspeed`` launcher)."""
+    train: PPOConfig
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> PPOSettings:
+        """Raises ``ValueError``/``KeyError`` naming an unknown, missing or invalid key."""
+        params = dict(params)
+        name, checkpoint_dir = params.pop("name"), params.pop("checkpoint_dir", None)
+        launch = config_from(LaunchConfig, params.pop("launcher", {}))
+        return cls(name, checkpoint_dir, launch, PPOConfig.from_params(params))
 
 
 def score_prior(reward_model_metrics: dict[str, float]) -> tuple[float, float, float]:
@@ -41,10 +63,8 @@ def train_ppo(
     Returns:
         The trained policy, the per-iteration metrics and sample responses.
     """
-    params = dict(ppo)
-    name, checkpoint_dir = params.pop("name"), params.pop("checkpoint_dir", None)
-    launch = config_from(LaunchConfig, params.pop("launcher", {}))
-    cfg = PPOConfig.from_params(params)
+    settings = PPOSettings.from_params(ppo)
+    name, checkpoint_dir, launch, cfg = settings.name, settings.checkpoint_dir, settings.launch, settings.train
     result = run_ppo(sft_model, reward_model, ppo_prompts["prompt"].tolist(),
                      (sft_train["prompt"].tolist(), sft_train["response"].tolist()), cfg, launch,
                      checkpoint_dir=checkpoint_dir, score_prior=score_prior(reward_model_metrics),

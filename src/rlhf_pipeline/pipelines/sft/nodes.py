@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -27,6 +28,30 @@ from rlhf_pipeline.training.engine import OptimConfig
 from rlhf_pipeline.training.sft import SFTConfig
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SFTSettings:
+    """The sft node's parameters (``params:sft``): the core's ``SFTConfig`` and what the node reads itself."""
+
+    train: SFTConfig
+    launch: LaunchConfig
+    """Where SFT trains (more than one process: through the ``deepspeed`` launcher)."""
+    sampling: SamplingConfig
+    """How the gold score of samples before and after SFT is measured."""
+    val_fraction: float
+    """Share of the prompts held out for the validation loss."""
+    gold_eval_prompts: int
+    """Held-out prompts sampled for the gold score."""
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> SFTSettings:
+        """Raises ``ValueError``/``KeyError`` naming an unknown, missing or invalid key."""
+        params = dict(params)
+        val_fraction, gold_prompts = params.pop("val_fraction"), params.pop("gold_eval_prompts")
+        launch = config_from(LaunchConfig, params.pop("launcher", {}))
+        sampling = config_from(SamplingConfig, params.pop("sampling"))
+        return cls(config_from(SFTConfig, params, optim=OptimConfig), launch, sampling, val_fraction, gold_prompts)
 
 
 def prepare_base_model(sft_train: pd.DataFrame, rm_train: pd.DataFrame, model: dict[str, Any]) -> ModelBundle:
@@ -82,11 +107,9 @@ def train_sft_model(base_model: ModelBundle, sft_train: pd.DataFrame, sft: dict[
         fit the context, and the mean gold score of sampled responses before and after training (``null``
         without a gold reward).
     """
-    params = dict(sft)
-    val_fraction, gold_prompts = params.pop("val_fraction"), params.pop("gold_eval_prompts")
-    launch = config_from(LaunchConfig, params.pop("launcher", {}))
-    sampling = config_from(SamplingConfig, params.pop("sampling"))
-    cfg = config_from(SFTConfig, params, optim=OptimConfig)
+    settings = SFTSettings.from_params(sft)
+    cfg, launch, sampling = settings.train, settings.launch, settings.sampling
+    val_fraction, gold_prompts = settings.val_fraction, settings.gold_eval_prompts
     held_out = held_out_mask(sft_train["prompt"], val_fraction, cfg.seed)
     train, val = sft_train[~held_out], sft_train[held_out]
     encoder = base_model.encoder()

@@ -121,7 +121,6 @@ def run(args) -> dict:
     history = []
     for _ in range(cfg.iterations):
         metrics, exp = trainer.step()
-        trainer.iteration += 1
         history.append((metrics, tuple(exp.sequences.shape)))
         logger.info("iteration %d: %.2f s", trainer.iteration, metrics["timing/total"])
     timed = history[args.warmup:]

@@ -106,7 +106,6 @@ def time_rlhf_pipeline(shape: Shape, iterations: int, packing: bool = True, bf16
     for _ in range(iterations):
         started = time.perf_counter()
         step_metrics, exp = trainer.step()
-        trainer.iteration += 1
         seconds.append(time.perf_counter() - started)
         step_metrics["real_tokens"] = float(exp.attention_mask.sum())
         step_metrics["padded_tokens"] = float(exp.sequences.numel())  # what a full-width pass computes

@@ -35,6 +35,7 @@ class LaunchConfig:
     hostfile: str | None = None
     """DeepSpeed hostfile (``host slots=N`` per line) for multi-node runs."""
     master_port: int = 29500
+    """Port of the rank-0 rendezvous; runs launched at the same time on one node need different ones."""
     job_dir: str = "data/06_models/ppo/job"
     """Folder for the launcher's inputs and outputs."""
     timeout_s: float | None = None
@@ -60,10 +61,12 @@ class JobSpec:
     options: dict = field(default_factory=dict)
 
     def write(self, job: Path) -> None:
+        """``<job>/job.json``."""
         (job / "job.json").write_text(json.dumps(asdict(self), indent=2, default=str))
 
     @classmethod
     def read(cls, job: Path) -> JobSpec:
+        """From ``<job>/job.json`` (written by ``write``; JSON, nothing executable)."""
         return cls(**json.loads((job / "job.json").read_text()))
 
 
@@ -84,6 +87,7 @@ class MetricsTail:
         self.path, self.log, self.offset = path, log, 0
 
     def poll(self) -> None:
+        """Log every complete line written since the last poll (a partly written last line waits)."""
         if not self.path.exists():
             return
         with self.path.open() as lines:

@@ -47,12 +47,16 @@ class StageInputs:
 
 @dataclass
 class StageOutput:
+    """A stage's trained models and its JSON results (metrics, history, counts)."""
+
     models: dict[str, ModelBundle]
     results: dict
 
 
 @dataclass(frozen=True)
 class Stage:
+    """A registered stage: the function every process runs, and the kinds of the models it returns."""
+
     run: Callable[[StageInputs, JobSpec, LogFn], StageOutput]
     outputs: dict[str, str]
     """Output model name -> kind (a key of ``LOADERS``)."""
@@ -127,6 +131,7 @@ def run_stage(spec: JobSpec, models: dict[str, ModelBundle], frames: dict[str, p
 
 
 def read_results(output: Path) -> dict:
+    """The results rank 0 wrote (``write_output``)."""
     return json.loads((output / "results.json").read_text())
 
 

@@ -42,8 +42,11 @@ class OptimConfig:
     """Optimiser, schedule and DeepSpeed settings of one trained model."""
 
     lr: float = 1e-3
+    """Peak learning rate of AdamW."""
     betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW's β1, β2."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay."""
     warmup_ratio: float = 0.1
     """Share of the T optimiser steps spent in linear warm-up, in [0, 1]: W = floor(warmup_ratio · T) steps.
     Step k (1-based) runs at ``lr · k/W`` for k ≤ W, then decays linearly from the peak, step P = max(W, 1),
@@ -55,7 +58,9 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Global gradient-norm clipping."""
     zero_stage: int = 0
+    """DeepSpeed ZeRO stage: 0 (none), 1 (optimiser state), 2 (+ gradients), 3 (+ parameters) sharded."""
     micro_batch_size: int = 16
+    """Rows per forward/backward on each rank (PPO sets its own, see ``rl.config.engine_optims``)."""
     grad_accum: int = 1
     """Micro-batches whose gradients add up to one optimiser step (the training loops accumulate them)."""
     bf16: str = "auto"

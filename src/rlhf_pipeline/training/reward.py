@@ -25,8 +25,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RewardConfig:
+    """Reward-model training settings (the judge uses them too)."""
+
     epochs: int = 1
+    """Passes over the preference pairs."""
     max_length: int = 128
+    """Tokens per prompt + response (capped by the model's positions); longer prompts lose their oldest turns."""
     lm_loss_coef: float = 0.0
     """β of the LM loss on the chosen response (paper 1.0, release 0)."""
     margin: float = 0.0
@@ -34,10 +38,13 @@ class RewardConfig:
     score_l2_coef: float = 0.0
     """Penalty on squared scores, keeps them centred (0 = off)."""
     eval_batch_size: int = 64
+    """Pairs per scoring batch (validation accuracy, score statistics)."""
     seed: int = 0
+    """Seeds the value head, the shuffle of each epoch and dropout."""
     packing: bool = True
     """Pack each micro-batch's pairs into rows without padding (see ``training.forward``)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimiser, schedule and DeepSpeed settings."""
 
 
 def pairwise_ranking_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, margin: float = 0.0) -> torch.Tensor:

@@ -20,15 +20,19 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SFTConfig:
     epochs: int = 3
+    """Passes over the demonstrations."""
     max_length: int = 128
     """Tokens per prompt + response (capped by the model's positions); longer prompts lose their oldest turns."""
     eval_every: int = 50
     """Optimiser steps between held-out evaluations (0: only at the end)."""
     eval_batch_size: int = 64
+    """Rows per held-out evaluation batch."""
     seed: int = 0
+    """Seeds the shuffle of each epoch and dropout."""
     packing: bool = True
     """Pack each micro-batch's demonstrations into rows without padding (see ``training.forward``)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimiser, schedule and DeepSpeed settings."""
 
 
 @torch.no_grad()

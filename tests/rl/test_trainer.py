@@ -269,3 +269,14 @@ def test_the_update_reads_the_distribution_the_rollouts_were_sampled_from(tokeni
     assert metrics["policy/ratio"] == pytest.approx(1.0, abs=1e-5)
     assert metrics["policy/approx_kl"] == pytest.approx(0.0, abs=1e-6)
     assert metrics["policy/clipfrac"] == 0.0
+
+
+def test_a_fresh_run_clears_only_what_a_run_wrote(tokenizer, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "iteration_notes.txt").write_text("mine")
+    (tmp_path / "policy" / "20261130T000000").mkdir(parents=True)  # e.g. a catalog's saved versions
+    make_trainer(tokenizer, iterations=2, checkpoint_dir=tmp_path, ppo_epochs=1).train()
+    make_trainer(tokenizer, iterations=2, checkpoint_dir=tmp_path, ppo_epochs=1).train()  # afresh over a finished run
+    assert (tmp_path / "notes.txt").exists() and (tmp_path / "iteration_notes.txt").exists()
+    assert (tmp_path / "policy" / "20261130T000000").is_dir()
+    assert sorted(p.name for p in tmp_path.glob("iteration_*.json")) == ["iteration_2.json"]

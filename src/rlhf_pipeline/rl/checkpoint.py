@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -23,6 +24,11 @@ from rlhf_pipeline.rl.config import PPOConfig, json_config
 from rlhf_pipeline.training.engine import world
 
 logger = logging.getLogger(__name__)
+
+TAG = re.compile(r"iteration_\d+")
+OWN_FILE = re.compile(r"iteration_\d+(\.json|_rng_rank\d+\.safetensors)")
+ENGINE_FILES = ("latest", "zero_to_fp32.py")
+"""What DeepSpeed's ``save_checkpoint`` writes beside its tag folders."""
 
 RESUMABLE_CHANGES = frozenset({
     "iterations", "checkpoint_every", "keep_checkpoints", "micro_batch_size", "micro_batch_tokens", "packing",
@@ -58,14 +64,20 @@ class CheckpointStore:
         return (self.folder / "latest").read_text().strip()
 
     def clear(self) -> None:
-        """Rank 0 deletes what a previous run in this folder left (its checkpoints and markers, nothing else);
-        every rank waits for it. Called by a run that starts afresh, before its first save."""
+        """Rank 0 deletes what a previous run left here - the markers, ``iteration_<n>`` states and RNG files, and
+        the engines' ``iteration_<n>`` folders and DeepSpeed's own files beside them - and nothing else; every rank
+        waits for it. Called by a run that starts afresh, before its first save."""
         if world()[0] == 0 and self.folder.exists():
-            logger.info("%s: starting afresh over a finished run", self.folder)
-            for path in [self.folder / "latest", self.folder / "complete", *self.folder.glob("iteration_*")]:
-                path.unlink(missing_ok=True)
+            if (self.folder / "complete").exists():
+                logger.info("%s: starting afresh over a finished run", self.folder)
+            own = [self.folder / "latest", self.folder / "complete",
+                   *(p for p in self.folder.glob("iteration_*") if OWN_FILE.fullmatch(p.name))]
             for engine in ("policy", "critic"):
-                shutil.rmtree(self.folder / engine, ignore_errors=True)
+                own += [self.folder / engine / name for name in ENGINE_FILES]
+                for tag in (p for p in (self.folder / engine).glob("iteration_*") if TAG.fullmatch(p.name)):
+                    shutil.rmtree(tag)
+            for path in own:
+                path.unlink(missing_ok=True)
         barrier()
 
     def save(self, iteration: int, engines: dict, state: dict, rng: dict) -> None:

@@ -1,4 +1,4 @@
-"""The four PPO models - policy, reference, critic, reward model - built in one place.
+"""The four PPO models - policy, reference, critic, reward model - built and placed in one place.
 
 ``build_models`` turns a policy and a reward model held in memory (plus, optionally, a reference and critic
 loaded by ``load_models``) into the models the trainer runs: with LoRA the reference is the policy with its
@@ -16,21 +16,34 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from rlhf_pipeline.adapters import AdaptersOff, add_lora
 from rlhf_pipeline.modeling import ModelBundle, ValueHeadModel, disable_dropout, load_policy, use_fused_gelu
-from rlhf_pipeline.rl.config import PPOConfig, engine_optims
+from rlhf_pipeline.rl.config import PPOConfig, critic_steps, engine_optims, policy_steps
 from rlhf_pipeline.training.devices import to_rank_device
 from rlhf_pipeline.training.engine import (
     bf16_enabled,
     deepspeed_config,
     frozen_ds_config,
     load_whole_weights,
+    make_engine,
+    make_frozen_engine,
     partitioned_loading,
     world,
 )
+
+
+class PPOEngines(NamedTuple):
+    """The run's models as it trains them: DeepSpeed engines for the policy and the critic, the frozen reference
+    and reward model placed on this rank (``make_frozen_engine``) or, with LoRA, views of the trained models."""
+
+    policy: object
+    critic: object
+    reference: object
+    reward_model: object
 
 
 @dataclass
@@ -78,6 +91,24 @@ def build_models(policy, reward_model: ValueHeadModel, cfg: PPOConfig, reference
         critic = ValueHeadModel(disable_dropout(add_lora(copy.deepcopy(policy), cfg.lora)), seed=cfg.seed)
     policy = disable_dropout(add_lora(policy, cfg.lora))
     return PPOModels(policy, AdaptersOff(policy), critic.freeze_unused_lm_head(), reward_model)
+
+
+def make_engines(models: PPOModels, cfg: PPOConfig) -> PPOEngines:
+    """Wrap the policy and the critic in DeepSpeed engines (their schedules over the steps each takes) and place
+    the frozen models on this rank's device in the policy's precision: whole, partitioned or offloaded by
+    ZeRO-3 (``frozen_models``). With LoRA the reference and a reward model sharing the critic's base weights
+    are views whose weights the engines placed (only the reward model's own head is moved here)."""
+    policy_optim, critic_optim = engine_optims(cfg)
+    policy = make_engine(models.policy, policy_optim, policy_steps(cfg))
+    critic = make_engine(models.critic, critic_optim, critic_steps(cfg))
+    bf16 = policy.bfloat16_enabled()
+    reference = models.reference if cfg.lora.enabled else make_frozen_engine(models.reference, cfg.frozen_models, bf16)
+    if isinstance(models.reward_model, AdaptersOff):
+        models.reward_model.model.value_head.to(critic.device)
+        reward_model = models.reward_model
+    else:
+        reward_model = make_frozen_engine(models.reward_model, cfg.frozen_models, bf16)
+    return PPOEngines(policy, critic, reference, reward_model)
 
 
 def load_configs(cfg: PPOConfig) -> dict[str, dict | None]:

@@ -16,15 +16,15 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from rlhf_pipeline.adapters import AdaptersOff, merge_adapters
+from rlhf_pipeline.adapters import merge_adapters
 from rlhf_pipeline.formatting import DialogueEncoder
 from rlhf_pipeline.generation import fit_prompts
 from rlhf_pipeline.modeling import ValueHeadModel
 from rlhf_pipeline.rl import ppo_max as F
 from rlhf_pipeline.rl.checkpoint import CheckpointStore, resume_conflicts
-from rlhf_pipeline.rl.config import PPOConfig, critic_steps, engine_optims, json_config, policy_steps
+from rlhf_pipeline.rl.config import PPOConfig, json_config
 from rlhf_pipeline.rl.experience import Experience, compute_advantages, make_experience, timer
-from rlhf_pipeline.rl.models import GenerationCopy, build_models, fingerprint
+from rlhf_pipeline.rl.models import GenerationCopy, build_models, fingerprint, make_engines
 from rlhf_pipeline.rl.monitors import (
     CollapseMonitor,
     all_ranks_sum,
@@ -39,8 +39,6 @@ from rlhf_pipeline.training.engine import (
     LogFn,
     grad_norm,
     init_distributed,
-    make_engine,
-    make_frozen_engine,
     no_logging,
     release_engine,
     world,
@@ -97,19 +95,8 @@ class PPOTrainer:
         self.prompts_dropped = len(prompts) - len(kept)
         # what a checkpoint of this run must have been made with (before the models are wrapped or cast)
         self.inputs = fingerprint(policy, reward_model, self.tokenizer, self.prompt_ids) if checkpoint_dir else {}
-        models = build_models(policy, reward_model, cfg, reference, critic)
-        policy_optim, critic_optim = engine_optims(cfg)
-        self.policy = make_engine(models.policy, policy_optim, policy_steps(cfg))
-        self.critic = make_engine(models.critic, critic_optim, critic_steps(cfg))
-        # the frozen models join the engines on this rank's device, in the policy's precision
-        bf16 = self.policy.bfloat16_enabled()
-        self.reference = models.reference if cfg.lora.enabled else make_frozen_engine(models.reference,
-                                                                                      cfg.frozen_models, bf16)
-        if isinstance(models.reward_model, AdaptersOff):  # the critic's engine placed the shared weights, not its head
-            models.reward_model.model.value_head.to(self.critic.device)
-            self.reward_model = models.reward_model
-        else:
-            self.reward_model = make_frozen_engine(models.reward_model, cfg.frozen_models, bf16)
+        engines = make_engines(build_models(policy, reward_model, cfg, reference, critic), cfg)
+        self.policy, self.critic, self.reference, self.reward_model = engines
         self.generation_copy = GenerationCopy()  # ZeRO-3 only: a whole copy that generates
         self.ptx_rows = []
         if ptx_data and cfg.ptx_coef:

@@ -280,3 +280,22 @@ def test_a_fresh_run_clears_only_what_a_run_wrote(tokenizer, tmp_path):
     assert (tmp_path / "notes.txt").exists() and (tmp_path / "iteration_notes.txt").exists()
     assert (tmp_path / "policy" / "20261130T000000").is_dir()
     assert sorted(p.name for p in tmp_path.glob("iteration_*.json")) == ["iteration_2.json"]
+
+
+def test_every_rank_runs_as_many_micro_batches(tokenizer, monkeypatch):
+    """By tokens this rank's 8 rows make 2 micro-batches while the other rank's make 4: ZeRO communicates in every
+    backward, so this rank must run 4 too (splitting its largest), or the ranks would wait for each other."""
+    from types import SimpleNamespace
+
+    trainer = make_trainer(tokenizer, iterations=1, micro_batch_tokens=40)
+    batch = SimpleNamespace(attention_mask=torch.ones(8, 10), sequences=torch.zeros(8, 10, dtype=torch.long))
+    assert [len(p) for p in trainer.micro_batches(batch)] == [4, 4]  # one rank: 40 tokens each
+    trainer.world_size = 2
+
+    def the_other_rank_has_four(tensor, op=None, **kwargs):
+        assert op == torch.distributed.ReduceOp.MAX
+        return tensor.fill_(max(float(tensor), 4.0))
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", the_other_rank_has_four)
+    parts = trainer.micro_batches(batch)
+    assert [p.tolist() for p in parts] == [[0, 1], [2, 3], [4, 5], [6, 7]]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import resource
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -28,6 +29,8 @@ from rlhf_pipeline.training.devices import release_device_memory
 from rlhf_pipeline.training.engine import LogFn, OptimConfig, no_logging, resident_parameters, world
 from rlhf_pipeline.training.reward import RewardConfig, train_reward_model
 from rlhf_pipeline.training.sft import SFTConfig, train_sft
+
+logger = logging.getLogger(__name__)
 
 LOADERS: dict[str, Callable[[str], ModelBundle]] = {"policy": load_policy, "value": load_value_model}
 """How a model kind is read back from a ``save_pretrained`` directory."""
@@ -89,6 +92,9 @@ def ppo_stage(inputs: StageInputs, spec: JobSpec, log: LogFn) -> StageOutput:
         policy, models = load_models(inputs.job, cfg)
     at_load = {name: resident_parameters(model) for name, model in {"policy": policy.model, **models}.items()}
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    logger.info("Rank %d holds %s; peak host memory so far %.2f GiB", world()[0],
+                ", ".join(f"{name} {held:,} of {total:,} parameters" for name, (held, total) in at_load.items()),
+                peak_gib)
     ptx = inputs.frames["ptx"]
     prior = spec.options["score_prior"]
     trainer = PPOTrainer(policy.model, encoder=policy.encoder(), prompts=inputs.frames["prompts"]["prompt"].tolist(),

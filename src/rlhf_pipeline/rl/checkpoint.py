@@ -35,15 +35,20 @@ RESUMABLE_CHANGES = frozenset({
     "forward_batch_size", "sample_every", "sample_count", "alarm_kl", "alarm_perplexity_drop", "alarm_length_growth",
     "stop_on_alarm",
 })
-"""Settings proven not to change an update (tests/rl: micro-batching and packing give the same update)."""
+"""Settings that do not change an update (tests/rl: micro-batching and packing give the same update), except
+the micro-batch split under an entropy term, and ``iterations``, which extends the schedules."""
 
 
 def resume_conflicts(saved: dict, cfg: PPOConfig, inputs: dict) -> list[str]:
     """The names of the settings and inputs that differ between a checkpoint's state and this run, beyond
-    ``RESUMABLE_CHANGES``; ``iterations`` may only grow past the checkpoint's iteration."""
+    ``RESUMABLE_CHANGES`` (less the micro-batch split when ``entropy_coef`` > 0: its ``|H - target|`` is
+    taken per micro-batch); ``iterations`` may only grow past the checkpoint's iteration."""
     current = json_config(cfg)
     saved_config = saved.get("config", {})
-    changed = sorted(k for k, v in current.items() if k not in RESUMABLE_CHANGES and saved_config.get(k) != v)
+    resumable = RESUMABLE_CHANGES
+    if cfg.entropy_coef:  # |H - target| is taken per micro-batch: another split changes the update
+        resumable = resumable - {"micro_batch_size", "micro_batch_tokens", "packing"}
+    changed = sorted(k for k, v in current.items() if k not in resumable and saved_config.get(k) != v)
     if cfg.iterations < saved["iteration"]:
         changed.append(f"iterations ({cfg.iterations} < the checkpoint's {saved['iteration']})")
     changed += sorted(f"input {k}" for k, v in inputs.items() if saved.get("inputs", {}).get(k) != v)

@@ -67,7 +67,8 @@ class PPOConfig:
     ptx_batch_size: int = 8
     """SFT demonstrations in each mini-batch's PPO-ptx loss."""
     policy_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
-    """The policy's optimiser, schedule and ZeRO stage (its micro-batching is PPO's own, below)."""
+    """The policy's optimiser, schedule and ZeRO stage (its micro-batching is PPO's own, below: its
+    ``micro_batch_size`` and ``grad_accum`` are refused)."""
     critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5))
     """The critic's optimiser, schedule and ZeRO stage."""
     seed: int = 0
@@ -157,6 +158,12 @@ class PPOConfig:
             raise ValueError("ppo: micro_batch_size and micro_batch_tokens are alternatives; set one to null")
         if self.frozen_models not in FROZEN_PLACEMENTS:
             raise ValueError(f"ppo.frozen_models: unknown {self.frozen_models!r}; valid: {', '.join(FROZEN_PLACEMENTS)}")
+        defaults = OptimConfig()
+        for name, optim in (("policy_optim", self.policy_optim), ("critic_optim", self.critic_optim)):
+            if (optim.micro_batch_size, optim.grad_accum) != (defaults.micro_batch_size, defaults.grad_accum):
+                raise ValueError(f"ppo.{name}: micro_batch_size and grad_accum cannot take effect in PPO, which steps "
+                                 "once per mini_batch_size rollouts split by its own micro_batch_size or "
+                                 "micro_batch_tokens: remove them")
         if self.lora.enabled and 3 in (self.policy_optim.zero_stage, self.critic_optim.zero_stage):
             raise ValueError("ppo.lora: LoRA trains with ZeRO stage 0-2 (its trainable state is small); "
                              "use frozen_models: zero3 to partition the frozen weights instead")

@@ -160,8 +160,11 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     another digest."""
     stats = []
     for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-        held = getattr(param, "ds_tensor", param).detach().double()
-        stats.append(torch.stack([held.sum(), (held**2).sum()]))
+        total, squares = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        for chunk in getattr(param, "ds_tensor", param).detach().flatten().split(1 << 24):  # float64 in slices
+            chunk = chunk.double()
+            total, squares = total + chunk.sum().cpu(), squares + chunk.square().sum().cpu()
+        stats.append(torch.stack([total, squares]))
     total = torch.stack(stats) if stats else torch.zeros(0, 2, dtype=torch.float64)
     partitioned = [hasattr(param, "ds_tensor") for _, param in sorted(model.named_parameters(), key=lambda i: i[0])]
     if world()[1] > 1 and any(partitioned):  # whole parameters are the same on every rank: only partitions add up

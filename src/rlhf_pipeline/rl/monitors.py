@@ -86,7 +86,9 @@ def all_ranks_sum(value: torch.Tensor, device: torch.device | str) -> torch.Tens
 
 
 def mean_over_ranks(metrics: dict[str, float], device: torch.device | str) -> dict[str, float]:
-    """Each metric averaged over the ranks (each rank's is over its own share of the buffer, of equal size)."""
+    """Each metric's plain mean over the ranks, so that every rank logs, alarms and checkpoints the same values.
+    Each rank's value is over its own rollouts (equal counts on every rank): token-masked means are weighted by
+    tokens within a rank only, and ``reward/raw_score_std`` is the mean of the ranks' standard deviations."""
     if world()[1] == 1:
         return metrics
     keys = sorted(metrics)

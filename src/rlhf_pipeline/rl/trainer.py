@@ -229,7 +229,8 @@ class PPOTrainer:
     def micro_batches(self, batch: Experience) -> list[torch.Tensor]:
         """Row indices of a mini-batch's micro-batches: ``micro_batch_size`` rows each, or, with
         ``micro_batch_tokens``, consecutive rows while their tokens (their padded width when not packing)
-        stay within the budget, so that short rollouts go in larger groups than long ones."""
+        stay within the budget, so that short rollouts go in larger groups than long ones. Every rank runs as
+        many micro-batches (ZeRO communicates in each backward): a rank with fewer splits its largest ones."""
         cfg = self.cfg
         if not cfg.micro_batch_tokens:
             return list(torch.arange(len(batch.sequences)).split(cfg.micro_batch_size or cfg.mini_batch_size))
@@ -242,6 +243,15 @@ class PPOTrainer:
             current.append(row)
             used += length
         parts.append(current)
+        count = len(parts)
+        if self.world_size > 1:
+            most = torch.tensor(float(count), device=self.policy.device)
+            torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+            count = int(most.item())
+        while len(parts) < count:  # every rank holds mini_batch_size >= count rows: some part has two or more
+            largest = max(range(len(parts)), key=lambda i: len(parts[i]))
+            part = parts.pop(largest)
+            parts[largest:largest] = [part[: len(part) // 2], part[len(part) // 2 :]]
         return [torch.tensor(part) for part in parts]
 
     def critic_update(self, batch: Experience, forward: ResponseForward, weight: torch.Tensor | float = 1.0

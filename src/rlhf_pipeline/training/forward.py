@@ -8,9 +8,10 @@ model through ``ResponseForward``:
   a DeepSpeed engine or an ``AdaptersOff`` view), never from applying its LM head to hidden states by hand:
   architectures post-process the head's output inside ``forward`` (Gemma-2's ``final_logit_softcapping``,
   Granite's ``logits_scaling``, Cohere's ``logit_scale``), and a bare head would silently give other numbers.
-  Only the positions that predict a response token go through the head, through transformers'
-  ``logits_to_keep`` (an int keeps the last positions; a 1-D tensor keeps those sequence positions); a model
-  that ignores it is refused rather than read at the wrong positions.
+  The head runs only where transformers' ``logits_to_keep`` asks: padded rollouts, the positions from the
+  last prompt token on; packed rows, the columns that predict a response token in any bin; right-padded rows
+  without a prompt block (SFT, RM, PPO-ptx unpacked), every position. A model that ignores ``logits_to_keep``
+  is refused rather than read at the wrong positions.
 - **Packed or padded.** Packed, a pass lays its rows' real tokens into bins (``PackedLayout``) with position ids
   restarting at each row, so that transformers confines attention to each row and every token gets the padded
   pass's output while padding is not computed. ``logits_to_keep`` selects the same columns in every bin, so a
@@ -175,8 +176,8 @@ def token_chunks(attention_mask: torch.Tensor, max_tokens: int) -> list[torch.Te
 def response_logprob_sums(model, batch: TokenBatch, packed: bool = True, temperature: float = 1.0,
                           chunk_tokens: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probability of each row's response tokens and their count, ``(B,)`` each (fp32), in passes of
-    at most ``chunk_tokens`` real tokens: a pass holds logits for its response tokens' positions, ``(K, V)``
-    fp32 (at a 49k vocabulary, 4,096 positions take 0.8 GB), never ``(B, T, V)`` for the whole batch.
+    at most ``chunk_tokens`` real tokens, so that a pass's logits stay bounded (packed, at most one row of
+    positions per bin; at a 49k vocabulary 4,096 positions of fp32 logits take 0.8 GB) whatever the batch.
 
     Raises:
         ValueError: a row starts with a response token (see ``ResponseForward``).

@@ -107,7 +107,6 @@ def run(args) -> dict:
     params = count_parameters(policy)
     optim = OptimConfig(lr=1e-6, warmup_ratio=0.0, zero_stage=args.zero_stage, bf16=str(bf16),
                         gradient_checkpointing=args.gradient_checkpointing,
-                        micro_batch_size=args.micro_batch_size or args.mini_batch_size,
                         extra_ds_config={"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}
                         if args.offload_optimizer else {})
     sampling = SamplingConfig(max_new_tokens=args.new_tokens, temperature=1.0, top_p=1.0,

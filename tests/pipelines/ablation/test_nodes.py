@@ -13,14 +13,8 @@ from rlhf_pipeline.formatting import DialogueEncoder
 from rlhf_pipeline.modeling import TinyModelConfig, ValueHeadModel, build_tiny_model, train_tokenizer
 from rlhf_pipeline.pipeline_registry import register_pipelines
 from rlhf_pipeline.pipelines.ablation import pipeline as ablation_pipeline
-from rlhf_pipeline.pipelines.ablation.nodes import (
-    TRLScoreModel,
-    gold_curve,
-    markdown,
-    summary_table,
-    train_seeds,
-    variant_settings,
-)
+from rlhf_pipeline.pipelines.ablation.nodes import TRLScoreModel, gold_curve, train_seeds, variant_settings
+from rlhf_pipeline.pipelines.ablation.report import markdown, summary_table
 from rlhf_pipeline.training.reward import score_responses
 
 PPO = {

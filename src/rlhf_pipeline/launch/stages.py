@@ -121,7 +121,8 @@ def run_stage(spec: JobSpec, models: dict[str, ModelBundle], frames: dict[str, p
     docstring); launched, the caller's models leave the GPUs first, because the ranks load their own copies."""
     stage = STAGES[spec.stage]
     if launch.in_process:
-        return stage.run(StageInputs(models, frames), spec, log)
+        output = stage.run(StageInputs(models, frames), spec, log)
+        return StageOutput(output.models, {**output.results, "world_size": 1})
 
     def write_inputs(job: Path) -> None:
         for name, bundle in models.items():
@@ -133,12 +134,7 @@ def run_stage(spec: JobSpec, models: dict[str, ModelBundle], frames: dict[str, p
 
     output = launch_job(launch, spec, write_inputs, log)
     return StageOutput({name: LOADERS[kind](str(output / name)) for name, kind in stage.outputs.items()},
-                       read_results(output))
-
-
-def read_results(output: Path) -> dict:
-    """The results rank 0 wrote (``write_output``)."""
-    return json.loads((output / "results.json").read_text())
+                       json.loads((output / "results.json").read_text()))  # written by write_output
 
 
 def run_sft(model: ModelBundle, train: tuple[list[str], list[str]], val: tuple[list[str], list[str]], cfg: SFTConfig,
@@ -147,7 +143,7 @@ def run_sft(model: ModelBundle, train: tuple[list[str], list[str]], val: tuple[l
     frames = {"train": pd.DataFrame({"prompt": train[0], "response": train[1]}),
               "val": pd.DataFrame({"prompt": val[0], "response": val[1]})}
     out = run_stage(JobSpec("sft", asdict(cfg)), {"model": model}, frames, launch, log)
-    return out.models["model"].model, {**out.results, "world_size": out.results.get("world_size", 1)}
+    return out.models["model"].model, out.results
 
 
 def run_reward_training(model: ModelBundle, pairs: pd.DataFrame, cfg: RewardConfig, launch: LaunchConfig,
@@ -156,7 +152,7 @@ def run_reward_training(model: ModelBundle, pairs: pd.DataFrame, cfg: RewardConf
     and its fitting counts (with ``world_size``)."""
     out = run_stage(JobSpec("reward", asdict(cfg), {"description": description}), {"model": model},
                     {"pairs": pairs[["prompt", "chosen", "rejected"]]}, launch, log)
-    return out.models["model"].model, {**out.results, "world_size": out.results.get("world_size", 1)}
+    return out.models["model"].model, out.results
 
 
 def run_ppo(policy: ModelBundle, reward_model: ModelBundle, prompts: list[str], ptx_data: tuple[list[str], list[str]],

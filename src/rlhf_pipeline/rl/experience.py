@@ -123,18 +123,19 @@ def score_rollouts(policy, reference, critic, reward_model, prompt: torch.Tensor
     scored, scored_mask, truncated = as_scored(response, response_mask, stop_ids, eos_token_id)
     scored_sequences = torch.cat([prompt, scored], dim=1)
     scored_attention = torch.cat([prompt_mask, scored_mask], dim=1)
+    position_ids, scored_positions = positions(attention_mask), positions(scored_attention)
     parts = []
     for rows in torch.arange(len(response), device=response.device).split(forward_batch_size or len(response)):
-        forward = ResponseForward(sequences[rows], attention_mask[rows], positions(attention_mask[rows]),
+        forward = ResponseForward(sequences[rows], attention_mask[rows], position_ids[rows],
                                   response_mask[rows], packing)
-        rm_forward = ResponseForward(scored_sequences[rows], scored_attention[rows], positions(scored_attention[rows]),
+        rm_forward = ResponseForward(scored_sequences[rows], scored_attention[rows], scored_positions[rows],
                                      scored_mask[rows], packing)
         parts.append((forward.scatter(forward.token_logprobs(policy, temperature)),
                       forward.scatter(forward.token_logprobs(reference, temperature)),
                       forward.scatter(forward.token_values(critic)),
                       rm_forward.last_values(reward_model)))
     old_logprobs, ref_logprobs, old_values, raw_scores = (torch.cat(part) for part in zip(*parts, strict=True))
-    return Experience(sequences, attention_mask, positions(attention_mask), response_mask.float(), old_logprobs,
+    return Experience(sequences, attention_mask, position_ids, response_mask.float(), old_logprobs,
                       ref_logprobs, old_values, raw_scores, truncated)
 
 

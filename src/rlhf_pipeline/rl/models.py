@@ -16,7 +16,6 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
@@ -36,19 +35,10 @@ from rlhf_pipeline.training.engine import (
 )
 
 
-class PPOEngines(NamedTuple):
-    """The run's models as it trains them: DeepSpeed engines for the policy and the critic, the frozen reference
-    and reward model placed on this rank (``make_frozen_engine``) or, with LoRA, views of the trained models."""
-
-    policy: object
-    critic: object
-    reference: object
-    reward_model: object
-
-
 @dataclass
 class PPOModels:
-    """The models of one run, before the engines wrap the trained ones."""
+    """The models of one run: as ``build_models`` makes them, or as the run trains them (``make_engines``:
+    DeepSpeed engines for the policy and the critic, the frozen models placed on this rank)."""
 
     policy: torch.nn.Module
     reference: torch.nn.Module | AdaptersOff
@@ -93,7 +83,7 @@ def build_models(policy, reward_model: ValueHeadModel, cfg: PPOConfig, reference
     return PPOModels(policy, AdaptersOff(policy), critic.freeze_unused_lm_head(), reward_model)
 
 
-def make_engines(models: PPOModels, cfg: PPOConfig) -> PPOEngines:
+def make_engines(models: PPOModels, cfg: PPOConfig) -> PPOModels:
     """Wrap the policy and the critic in DeepSpeed engines (their schedules over the steps each takes) and place
     the frozen models on this rank's device in the policy's precision: whole, partitioned or offloaded by
     ZeRO-3 (``frozen_models``). With LoRA the reference and a reward model sharing the critic's base weights
@@ -108,7 +98,7 @@ def make_engines(models: PPOModels, cfg: PPOConfig) -> PPOEngines:
         reward_model = models.reward_model
     else:
         reward_model = make_frozen_engine(models.reward_model, cfg.frozen_models, bf16)
-    return PPOEngines(policy, critic, reference, reward_model)
+    return PPOModels(policy, reference, critic, reward_model)
 
 
 def load_configs(cfg: PPOConfig) -> dict[str, dict | None]:

@@ -43,7 +43,7 @@ from rlhf_pipeline.training.engine import (
     release_engine,
     world,
 )
-from rlhf_pipeline.training.forward import ResponseForward
+from rlhf_pipeline.training.forward import ResponseForward, gather_tokens, token_groups
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,8 @@ class PPOTrainer:
         # what a checkpoint of this run must have been made with (before the models are wrapped or cast)
         self.inputs = fingerprint(policy, reward_model, self.tokenizer, self.prompt_ids) if checkpoint_dir else {}
         engines = make_engines(build_models(policy, reward_model, cfg, reference, critic), cfg)
-        self.policy, self.critic, self.reference, self.reward_model = engines
+        self.policy, self.critic = engines.policy, engines.critic
+        self.reference, self.reward_model = engines.reference, engines.reward_model
         self.generation_copy = GenerationCopy()  # ZeRO-3 only: a whole copy that generates
         self.ptx_rows = []
         if ptx_data and cfg.ptx_coef:
@@ -235,14 +236,7 @@ class PPOTrainer:
         if not cfg.micro_batch_tokens:
             return list(torch.arange(len(batch.sequences)).split(cfg.micro_batch_size or cfg.mini_batch_size))
         lengths = batch.attention_mask.sum(dim=1).tolist() if cfg.packing else [batch.sequences.shape[1]] * len(batch.sequences)
-        parts, current, used = [], [], 0
-        for row, length in enumerate(lengths):
-            if current and used + length > cfg.micro_batch_tokens:
-                parts.append(current)
-                current, used = [], 0
-            current.append(row)
-            used += length
-        parts.append(current)
+        parts = token_groups(lengths, cfg.micro_batch_tokens)
         count = len(parts)
         if self.world_size > 1:
             most = torch.tensor(float(count), device=self.policy.device)
@@ -268,7 +262,7 @@ class PPOTrainer:
         cfg = self.cfg
         # one log-softmax over the tempered vocabulary serves both the ratio and the entropy
         log_probs = torch.log_softmax(forward.token_logits(self.policy, cfg.sampling.temperature), dim=-1)  # (K, V)
-        logprobs = forward.scatter(log_probs.gather(-1, forward.tokens.unsqueeze(-1)).squeeze(-1))
+        logprobs = forward.scatter(gather_tokens(log_probs, forward.tokens))
         loss, metrics = F.policy_loss(logprobs, batch.old_logprobs, batch.advantages, batch.response_mask, cfg.clip_eps)
         # without an entropy bonus the entropy is only monitored: no autograd graph over the vocabulary
         with torch.set_grad_enabled(bool(cfg.entropy_coef)):

@@ -58,14 +58,14 @@ class ResponseForward:
     def __init__(self, sequences: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                  response_mask: torch.Tensor, packed: bool):
         self.shape = response_mask.shape
-        self.prompt_width = sequences.shape[1] - response_mask.shape[1]
+        prompt_width = sequences.shape[1] - response_mask.shape[1]
         mask = response_mask.bool()
         self.rows, self.cols = mask.nonzero(as_tuple=True)
-        self.tokens = sequences[:, self.prompt_width:][mask]
-        self.mask, self.packed = mask, packed
+        self.tokens = sequences[:, prompt_width:][mask]
+        self.packed = packed
         real = attention_mask.bool()
         first_real = real.long().argmax(dim=1)  # column of each row's first real token
-        offsets = self.prompt_width + self.cols - first_real[self.rows]  # each response token's place in its row
+        offsets = prompt_width + self.cols - first_real[self.rows]  # each response token's place in its row
         if (offsets == 0).any():
             raise ValueError("ResponseForward: a row starts with a response token, which nothing predicts; "
                              "every row needs at least one prompt token (e.g. BOS)")
@@ -73,7 +73,7 @@ class ResponseForward:
         if not packed:
             self.inputs = {"input_ids": sequences, "attention_mask": attention_mask, "position_ids": position_ids}
             width = sequences.shape[1]
-            self.predictors = self.rows * width + self.prompt_width + self.cols - 1  # flat (B * (P + R),)
+            self.predictors = self.rows * width + prompt_width + self.cols - 1  # flat (B * (P + R),)
             self.last = torch.arange(len(lengths), device=lengths.device) * width + first_real + lengths - 1
             self.row_width = width
             return
@@ -159,18 +159,18 @@ class ResponseForward:
         return out
 
 
-def token_chunks(attention_mask: torch.Tensor, max_tokens: int) -> list[torch.Tensor]:
-    """Row indices in consecutive groups of at most ``max_tokens`` real tokens (a longer row goes alone)."""
-    chunks, current, used = [], [], 0
-    for row, length in enumerate(attention_mask.sum(dim=1).tolist()):
+def token_groups(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Row indices in consecutive groups of at most ``max_tokens`` tokens (a longer row goes alone)."""
+    groups, current, used = [], [], 0
+    for row, length in enumerate(lengths):
         if current and used + length > max_tokens:
-            chunks.append(current)
+            groups.append(current)
             current, used = [], 0
         current.append(row)
         used += length
     if current:
-        chunks.append(current)
-    return [torch.tensor(chunk, device=attention_mask.device) for chunk in chunks]
+        groups.append(current)
+    return groups
 
 
 def response_logprob_sums(model, batch: TokenBatch, packed: bool = True, temperature: float = 1.0,
@@ -183,7 +183,8 @@ def response_logprob_sums(model, batch: TokenBatch, packed: bool = True, tempera
         ValueError: a row starts with a response token (see ``ResponseForward``).
     """
     sums = torch.zeros(len(batch.input_ids), device=batch.input_ids.device)
-    for rows in token_chunks(batch.attention_mask, chunk_tokens):
+    for group in token_groups(batch.attention_mask.sum(dim=1).tolist(), chunk_tokens):
+        rows = torch.tensor(group, device=batch.input_ids.device)
         part = TokenBatch(batch.input_ids[rows], batch.attention_mask[rows], batch.response_mask[rows])
         forward = ResponseForward.of_tokens(part, packed)
         sums[rows] = forward.scatter(forward.token_logprobs(model, temperature)).sum(dim=1)

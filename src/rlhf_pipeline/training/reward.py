@@ -13,7 +13,6 @@ from rlhf_pipeline.modeling import ValueHeadModel
 from rlhf_pipeline.training.batching import (
     TokenBatch,
     collate,
-    collate_encoded,
     score_encoded,
 )
 from rlhf_pipeline.training.engine import LogFn, OptimConfig, no_logging
@@ -99,7 +98,7 @@ def train_reward_model(
     def count_fn(indices):
         counts = {"pairs": float(len(indices))}
         if cfg.lm_loss_coef > 0:  # the chosen responses' tokens, which the LM term reads
-            counts["chosen_tokens"] = float(collate_encoded([pairs[i] for i in indices], pad).response_mask.sum())
+            counts["chosen_tokens"] = float(sum(len(pairs[i].response_ids[0]) for i in indices))
         return counts
 
     def loss_fn(engine, indices):

@@ -68,7 +68,7 @@ def train_sft(
         raise ValueError(f"sft: no demonstration fits in {encoder.limit(cfg.max_length)} tokens; raise sft.max_length")
 
     def count_fn(indices):
-        return {"tokens": float(collate_encoded([train_rows[i] for i in indices], pad).response_mask.sum())}
+        return {"tokens": float(sum(len(train_rows[i].response_ids[0]) for i in indices))}
 
     def loss_fn(engine, indices):
         batch = collate_encoded([train_rows[i] for i in indices], pad).to(engine.device)

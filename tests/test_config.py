@@ -40,11 +40,13 @@ def load_parameters(conf_source, env: str, runtime_params: dict | None = None) -
 def test_runtime_params_compose_with_an_environment():
     from tests.conftest import PROJECT_ROOT
 
-    params = load_parameters(PROJECT_ROOT / "conf", "test", {"data_processing": {"strict": True}})
+    params = load_parameters(PROJECT_ROOT / "conf", "test", {"data_processing": {"strict": True},
+                                                             "launcher": {"num_processes": 8}})
     assert params["data_processing"]["strict"] is True
-    assert params["data_processing"]["source"]["kind"] == "synthetic"  # siblings of the overridden key survive
+    assert params["data_processing"]["split"]["seed"] == 0  # siblings of the overridden key survive
     assert params["data_processing"]["split"]["fractions"]["judge_train"] == 0.10
-    assert params["task"] == {**params["task"], "num_pairs": 400, "seed": 0, "harmful_rate": 0.25}  # env + base
+    assert params["launcher"] == {**params["launcher"], "num_processes": 8, "work_dir": "data/06_models"}
+    assert params["ppo"]["ppo_max"]["iterations"] == 3 and params["ppo"]["ppo_max"]["kl_coef"] == 0.05  # env + base
 
 
 def test_an_environment_states_only_what_differs(tmp_path):
@@ -54,11 +56,13 @@ def test_an_environment_states_only_what_differs(tmp_path):
 
     shutil.copytree(PROJECT_ROOT / "conf/base", tmp_path / "base")
     (tmp_path / "local").mkdir()
-    (tmp_path / "local/parameters.yml").write_text("data_processing:\n  source: {kind: jsonl, paths: [a.jsonl]}\n")
+    (tmp_path / "local/parameters.yml").write_text("data_processing:\n  split: {max_pairs: 50}\n"
+                                                   "launcher: {num_processes: 2}\n")
     params = load_parameters(tmp_path, "local")
-    assert params["data_processing"]["source"] == {"kind": "jsonl", "paths": ["a.jsonl"], "hub_id": "Anthropic/hh-rlhf",
-                                                   "hub_split": "train", "data_dir": None}
+    assert params["data_processing"]["split"] == {**params["data_processing"]["split"], "max_pairs": 50, "seed": 0}
     assert params["data_processing"]["strict"] is False and "fractions" in params["data_processing"]["split"]
+    assert params["launcher"] == {"num_processes": 2, "hostfile": None, "master_port": None, "timeout_s": None,
+                                  "work_dir": "data/06_models"}
 
 
 def test_test_environment_shrinks_sizes_and_keeps_each_presets_tricks():
@@ -68,7 +72,7 @@ def test_test_environment_shrinks_sizes_and_keeps_each_presets_tricks():
     for preset in ppo.values():
         assert preset["iterations"] == 3 and preset["sampling"] == {**preset["sampling"], "max_new_tokens": 12,
                                                                       "temperature": 0.8}
-        cfg = PPOConfig.from_params({k: v for k, v in preset.items() if k not in ("name", "checkpoint_dir", "launcher")})
+        cfg = PPOConfig.from_params({k: v for k, v in preset.items() if k not in ("name", "launcher")})
         assert cfg.sampling.max_new_tokens == 12 and not cfg.lora.enabled  # every merged preset is a valid config
     assert ppo["ppo_max"]["score_clip"] == 0.8 and ppo["ppo_max"]["ptx_coef"] == 0.1
     assert ppo["vanilla"]["kl_coef"] == 0.0 and ppo["vanilla"]["score_clip"] is None and ppo["vanilla"]["name"] == "vanilla"
@@ -78,12 +82,12 @@ def test_gpu_environment_is_real_lengths_with_lora_and_checkpointing():
     from tests.conftest import PROJECT_ROOT
 
     params = load_parameters(PROJECT_ROOT / "conf", "gpu")
-    assert params["model"]["dtype"] == "bfloat16" and params["data_processing"]["source"]["kind"] == "hub"
+    assert params["model"]["dtype"] == "bfloat16"
     for stage in (params["sft"], params["reward_model"], params["evaluation"]["judge"]):
         optim = config_from(OptimConfig, stage["optim"])
         assert optim.gradient_checkpointing and optim.bf16 == "auto" and optim.zero_stage == 2
     for name, preset in params["ppo"].items():
-        cfg = PPOConfig.from_params({k: v for k, v in preset.items() if k not in ("name", "checkpoint_dir", "launcher")})
+        cfg = PPOConfig.from_params({k: v for k, v in preset.items() if k not in ("name", "launcher")})
         assert cfg.lora.r == 16 and cfg.policy_optim.gradient_checkpointing and cfg.critic_optim.gradient_checkpointing
         assert (cfg.max_prompt_length, cfg.sampling.max_new_tokens, cfg.sampling.temperature) == (512, 256, 0.8)
         assert cfg.rollout_batch_size == 128 and preset["name"] == name

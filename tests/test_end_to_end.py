@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
 import socket
@@ -15,6 +14,7 @@ import mlflow
 import pandas as pd
 import pytest
 
+from rlhf_pipeline import settings
 from rlhf_pipeline.training.engine import child_environment
 from tests.conftest import kedro
 from tests.test_smollm2 import strict_json
@@ -45,7 +45,7 @@ def test_data_processing(project_copy):
     # --params composes with the environment (it once replaced the whole data_processing key)
     kedro(project_copy, "run", "--pipeline", "data_processing", "--env", "test", "--params", "data_processing.strict=true")
     raw_lines = (project_copy / "data/01_raw/synthetic_hh.jsonl").read_text().splitlines()
-    assert len(raw_lines) == 400  # conf/test: task.num_pairs
+    assert len(raw_lines) == 400  # conf/test/catalog.yml: raw_preferences' task.num_pairs
     splits = {name: pd.read_parquet(project_copy / f"data/05_model_input/{name}.parquet")
               for name in ("sft_train", "rm_train", "rm_val", "ppo_prompts", "eval_prompts", "judge_train")}
     assert all(len(frame) for frame in splits.values())
@@ -53,7 +53,9 @@ def test_data_processing(project_copy):
     run = runs_of(project_copy).iloc[-1]
     assert run["metrics.data.rows_valid"] == 400 and run["metrics.data.rows_quarantined"] == 0
     assert run["metrics.data.eval_prompts_size"] == len(splits["eval_prompts"])
-    assert run["params.task.num_pairs"] == "400"  # parameters are logged, flattened
+    # the embedded task's file records the catalog settings it was generated from
+    task = json.loads((project_copy / "data/01_raw/synthetic_hh.jsonl.task.json").read_text())
+    assert (task["num_pairs"], task["seed"]) == (400, 0)
     assert run["params.data_processing.strict"] == "True"
     assert dataset_inputs(run["run_id"]) == {"preferences": "source"}  # the split node read every validated pair
 
@@ -76,8 +78,7 @@ def test_sft(project_copy):
 def test_reward_model(project_copy):
     kedro(project_copy, "run", "--pipeline", "reward_model", "--env", "test")
     metrics = json.loads((project_copy / "data/08_reporting/reward_model_metrics.json").read_text())
-    assert {"val_accuracy", "gold_agreement", "reward_mean", "reward_std"} <= set(metrics)
-    assert 0.0 <= metrics["val_accuracy"] <= 1.0 and metrics["reward_std"] > 0
+    assert {"val_accuracy", "gold_agreement", "reward_mean", "reward_std"} <= set(metrics) and metrics["reward_std"] > 0
     run = runs_of(project_copy).iloc[-1]
     assert run["metrics.reward_model/val_accuracy"] == pytest.approx(metrics["val_accuracy"])
     assert "reporting/reward_model_metrics.json" in artifacts_of(run["run_id"], "reporting")
@@ -85,19 +86,22 @@ def test_reward_model(project_copy):
     # a later stage-by-stage run finds the SFT version it started from, and the RM names it as its parent
     assert run["tags.input_model.sft_model"] == "rlhf-sft/1"
     assert model_version("rlhf-reward").tags["parent.sft_model"] == "rlhf-sft/1"
-    scorer = mlflow.pyfunc.load_model("models:/rlhf-reward/1")  # the value-head flavour loads and scores
-    scores = scorer.predict(pd.DataFrame({"prompt": ["\n\nHuman: What is 2 plus 3?\n\nAssistant:"] * 2,
-                                          "response": ["2 plus 3 is 5.", "I do not know."]}))
-    assert len(scores) == 2 and all(isinstance(x, float) for x in scores)
+    # the registered value-head model scores rm_val as the stage measured it
+    scorer = mlflow.pyfunc.load_model("models:/rlhf-reward/1")
+    pairs = pd.read_parquet(project_copy / "data/05_model_input/rm_val.parquet")
+    chosen, rejected = (scorer.predict(pairs.rename(columns={column: "response"})[["prompt", "response"]])
+                        for column in ("chosen", "rejected"))
+    wins = [c > r for c, r in zip(chosen, rejected, strict=True)]
+    assert metrics["val_accuracy"] == pytest.approx(sum(wins) / len(wins), abs=1e-6)
 
 
 def test_kedro_viz_build_lists_nodes_and_datasets(project_copy):
     kedro(project_copy, "viz", "build")
     graph = json.loads((project_copy / "build/api/main").read_text())
     names = {node["name"] for node in graph["nodes"]}
-    assert {"generate_task_data_node", "split_preferences_node", "train_sft_model_node", "train_reward_model_node",
-            "train_ppo_node", "train_judge_model_node"} <= names
-    assert {"synthetic_hh", "eval_prompts", "sft_model", "reward_model_metrics"} <= names
+    assert {"parse_preferences_node", "split_preferences_node", "train_sft_model_node", "train_reward_model_node",
+            "train_ppo_node", "train_judge_model_node", "select_champion_node"} <= names
+    assert {"raw_preferences", "eval_prompts", "sft_model", "reward_model_metrics", "champion"} <= names
     assert "data_processing" in {p["id"] for p in graph["pipelines"]}
 
 
@@ -133,11 +137,15 @@ def test_evaluation(project_copy):
             "judge_gold_correlation", "kl_to_sft", "perplexity", "response_length"}
     for policy in summary.values():
         assert keys <= set(policy) and isinstance(policy["gold_score"], float) and isinstance(policy["judge_score"], float)
-    judge = strict_json(reporting / "judge_metrics.json")  # the judge trained on judge_train: measured against gold
-    assert 0.0 <= judge["gold_agreement"] <= 1.0 and judge["train_pairs"] > 0
+    judge = strict_json(reporting / "judge_metrics.json")  # the judge trained on judge_train, measured on rm_val
+    assert judge["train_pairs"] == len(pd.read_parquet(project_copy / "data/05_model_input/judge_train.parquet"))
+    assert judge["val_pairs"] == len(pd.read_parquet(project_copy / "data/05_model_input/rm_val.parquet"))
     for name in ("sft_metrics.json", "reward_model_metrics.json"):
         strict_json(reporting / name)
-    assert summary["sft"]["win_rate_vs_sft_gold"] == 0.5 and summary["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-5)
+    assert summary["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-5)
+    samples = pd.read_json(reporting / "evaluation_samples.jsonl", lines=True)
+    for policy, row in summary.items():  # the summary's means are those of the sampled responses' scores
+        assert row["judge_score"] == pytest.approx(samples.loc[samples["policy"] == policy, "judge_score"].mean())
     for name in ("evaluation_summary.md", "evaluation_summary.csv", "training_curves.png", "comparison.png"):
         assert (project_copy / "data/08_reporting" / name).stat().st_size > 0
     run = runs_of(project_copy).iloc[-1]
@@ -146,7 +154,9 @@ def test_evaluation(project_copy):
         artifacts_of(run["run_id"], "reporting")
     assert dataset_inputs(run["run_id"]) == {"eval_prompts": "evaluation", "judge_train": "training", "rm_val": "validation"}
     # the policy with the best gold score is the registry's champion, and it loads back from MLflow and generates
+    chosen = strict_json(reporting / "champion.json")  # select_champion_node's choice, which sets the alias
     best = max(("ppo_max", "vanilla"), key=lambda name: summary[name]["gold_score"])
+    assert chosen == {"policy": best, "by": "gold_score", "value": summary[best]["gold_score"]}
     champion = mlflow.MlflowClient().get_model_version_by_alias("rlhf-policy", "champion")
     assert champion.tags["variant"] == best and run["tags.champion"].startswith(f"rlhf-policy/{champion.version} ({best}")
     generator = mlflow.transformers.load_model("models:/rlhf-policy@champion")
@@ -229,7 +239,7 @@ def test_mlflow_and_kedro_viz_show_the_lineage_in_a_browser(project_copy):
                              project_copy / "build", f"http://127.0.0.1:{viz_port}/"))
         viz = rendered(f"http://127.0.0.1:{viz_port}/")
         for name in ("prepare_base_model_node", "train_sft_model_node", "train_reward_model_node", "ppo.ppo_max.policy",
-                     "evaluate_policies_node", "eval_prompts", "sft_model", "reward_model"):
+                     "summarise_evaluation_node", "eval_prompts", "sft_model", "reward_model"):
             assert name in viz, name
     finally:
         for server in servers:
@@ -238,43 +248,39 @@ def test_mlflow_and_kedro_viz_show_the_lineage_in_a_browser(project_copy):
 
 
 def test_ablation_study(project_copy):
-    """`kedro run --pipeline ablation --env test`: 3 rows (two of this project's, TRL's) x 2 seeds from the SFT model
-    and RM the earlier stages saved; a second run reuses every finished (row, seed)."""
+    """`kedro run --pipeline ablation --env test`: every declared row x seed from the SFT model, RM and judge the
+    earlier stages saved; a rerun with --only-missing-outputs reads every stored (row, seed) back."""
     kedro(project_copy, "run", "--pipeline", "ablation", "--env", "test")
     reporting = project_copy / "data/08_reporting/ablation"
     summary = pd.read_csv(reporting / "summary.csv").set_index("variant")
-    assert summary.index.tolist() == ["ppo_max", "no_kl", "trl_ppo"] and summary["seeds"].tolist() == [2, 2, 2]
-    for variant in summary.index:
-        runs = pd.read_csv(reporting / f"{variant}_runs.csv")
-        assert runs["seed"].tolist() == [0, 1]
-        assert ((runs["win_rate_vs_sft_gold_low"] <= runs["win_rate_vs_sft_gold"])
-                & (runs["win_rate_vs_sft_gold"] <= runs["win_rate_vs_sft_gold_high"])).all()
-        assert summary.loc[variant, "gold_score"] == pytest.approx(runs["gold_score"].mean())
-        curves = pd.read_csv(reporting / f"{variant}_curves.csv")
-        assert curves.groupby("seed")["step"].apply(list).tolist() == [[1, 2, 3, 4]] * 2
-        assert curves["kl/sequence"].notna().all() and curves["reward/raw_score"].notna().all()
-    assert pd.read_csv(reporting / "ppo_max_curves.csv")["gold_score"].notna().all()  # every rollout scored
-    # the policies moved away from SFT, and the seeds differ
-    assert (pd.read_csv(reporting / "no_kl_runs.csv")["kl_to_sft"].abs() > 0).all()
-    assert pd.read_csv(reporting / "ppo_max_runs.csv")["kl_to_sft"].nunique() == 2
+    rows, seeds = settings.DYNAMIC_PIPELINES_MAPPING["ablation"], settings.ABLATION_SEEDS
+    assert summary.index.tolist() == rows and (summary["seeds"] == len(seeds)).all()
+    runs, curves = pd.read_csv(reporting / "runs.csv"), pd.read_csv(reporting / "curves.csv")
+    for variant in rows:
+        own = runs[runs["variant"] == variant]
+        assert own["seed"].tolist() == seeds
+        assert ((own["win_rate_vs_sft_gold_low"] <= own["win_rate_vs_sft_gold"])
+                & (own["win_rate_vs_sft_gold"] <= own["win_rate_vs_sft_gold_high"])).all()
+        assert summary.loc[variant, "gold_score"] == pytest.approx(own["gold_score"].mean())
+        steps = curves[curves["variant"] == variant].groupby("seed")["step"].apply(list).tolist()
+        assert steps == [[1, 2]] * len(seeds)  # conf/test: ablation.iterations 2
+    assert curves["kl/sequence"].notna().all() and curves["reward/raw_score"].notna().all()
+    assert curves.loc[curves["variant"] != "trl_ppo", "gold_score"].notna().all()  # every rollout scored
+    assert (runs.loc[runs["variant"] == "no_kl", "kl_to_sft"].abs() > 0).all()  # the policies moved away from SFT
+    assert runs.loc[runs["variant"] == "ppo_max", "kl_to_sft"].nunique() == len(seeds)  # and the seeds differ
     table = (reporting / "summary.md").read_text()
-    assert all(f"| {variant} | 2 | " in table for variant in summary.index) and "Welch interval" in table
+    assert all(f"| {variant} | {len(seeds)} | " in table for variant in rows) and "Welch interval" in table
     for name in ("training_curves.png", "gold_score.png"):
         assert (reporting / name).stat().st_size > 10_000
-    # one MLflow run per row and seed, nested under the study's run, with its curves and evaluation
-    runs = runs_of(project_copy)
-    study = runs[runs["tags.mlflow.parentRunId"].isna()].iloc[-1]
-    children = runs[runs["tags.mlflow.parentRunId"] == study["run_id"]]
-    assert sorted(children["tags.mlflow.runName"]) == sorted(f"{v} seed {s}" for v in summary.index for s in (0, 1))
+    # one MLflow run for the study: each (row, seed)'s curves under its name, each row's means, the tables
+    study = runs_of(project_copy).iloc[-1]
     client = mlflow.MlflowClient()
-    for _, child in children.iterrows():
-        assert [m.step for m in client.get_metric_history(child["run_id"], "ppo/kl/sequence")] == [1, 2, 3, 4]
-        assert math.isfinite(child["metrics.eval/win_rate_vs_sft_gold"])
-    assert children.loc[children["tags.ablation.variant"] == "no_kl", "params.kl_coef"].tolist() == ["0.0", "0.0"]
+    assert [m.step for m in client.get_metric_history(study["run_id"], "ppo/ablation/no_kl/seed_1/kl/sequence")] == [1, 2]
+    assert study["metrics.ablation/no_kl/kl_to_sft"] == pytest.approx(summary.loc["no_kl", "kl_to_sft"])
     assert {"ablation/summary.csv", "ablation/training_curves.png", "ablation/gold_score.png"} <= \
         artifacts_of(study["run_id"], "ablation")
     stored = {path: path.stat().st_mtime_ns for path in (project_copy / "data/07_model_output/ablation").glob("*/*/result.json")}
-    assert len(stored) == 6
-    kedro(project_copy, "run", "--pipeline", "ablation", "--env", "test")
+    assert len(stored) == len(rows) * len(seeds)
+    kedro(project_copy, "run", "--pipeline", "ablation", "--env", "test", "--only-missing-outputs")
     assert {path: path.stat().st_mtime_ns for path in stored} == stored  # read back, not trained again
     assert pd.read_csv(reporting / "summary.csv").equals(summary.reset_index())

@@ -8,28 +8,31 @@ import sys
 
 import pandas as pd
 import pytest
+from kedro.framework.project import configure_project
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.pipeline import Pipeline
 
 from rlhf_pipeline.generation import SamplingConfig
 from rlhf_pipeline.hooks import SettingsCheckHook, check_settings
-from rlhf_pipeline.pipelines.data_processing.pipeline import create_pipeline as data_processing
-from rlhf_pipeline.pipelines.evaluation.pipeline import create_pipeline as evaluation
-from rlhf_pipeline.pipelines.ppo.pipeline import create_pipeline as ppo
-from rlhf_pipeline.pipelines.reward_model.nodes import RewardModelSettings, train_reward_model_node
-from rlhf_pipeline.pipelines.reward_model.pipeline import create_pipeline as reward_model
-from rlhf_pipeline.pipelines.sft.pipeline import create_pipeline as sft
+from rlhf_pipeline.launch.reward import RewardModelSettings
+from rlhf_pipeline.pipeline_registry import register_pipelines
+from rlhf_pipeline.pipelines.reward_model.nodes import train_reward_model_node
 from rlhf_pipeline.rl.config import PPOConfig
 from rlhf_pipeline.training.engine import child_environment
 from tests.conftest import PROJECT_ROOT, make_project_copy
 from tests.test_config import load_parameters
 
-ENVIRONMENTS = ("local", "test", "gpu", "smollm2", "hh_rlhf")
+ENVIRONMENTS = ("local", "test", "gpu", "smollm2", "hh_rlhf", "files")
+
+
+def registered(name: str) -> Pipeline:
+    """The registry's pipeline ``name`` (``__default__``: what ``kedro run`` runs)."""
+    configure_project("rlhf_pipeline")
+    return register_pipelines()[name]
 
 
 def default_pipeline() -> Pipeline:
-    """What ``kedro run`` runs (the registry's ``__default__``, built without a Kedro project)."""
-    return sum((create() for create in (data_processing, sft, reward_model, ppo, evaluation)), Pipeline([]))
+    return registered("__default__")
 
 
 # --- sampling -------------------------------------------------------------------------------------------
@@ -57,19 +60,20 @@ def test_greedy_and_full_nucleus_sampling_are_valid():
 # --- reward model -------------------------------------------------------------------------------------
 def test_stats_sample_below_one_fails_naming_the_key():
     with pytest.raises(ValueError, match=r"^reward_model.stats_sample must be an integer >= 1 .*got 0"):
-        RewardModelSettings.from_params({"stats_sample": 0}, "reward_model")
-    settings = RewardModelSettings.from_params({"stats_sample": 5, "epochs": 2, "launcher": {"num_processes": 1}},
-                                               "reward_model")
-    assert settings.stats_sample == 5 and settings.train.epochs == 2 and settings.launch.num_processes == 1
+        RewardModelSettings.from_params({"stats_sample": 0}, "reward_model", {})
+    settings = RewardModelSettings.from_params({"stats_sample": 5, "epochs": 2, "launcher": {"num_processes": 2}},
+                                               "evaluation.judge", {"num_processes": 8, "work_dir": "w"})
+    assert settings.stats_sample == 5 and settings.train.epochs == 2
+    assert settings.launch.num_processes == 2 and settings.launch.job_dir == "w/evaluation/judge/job"
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['epoch'\]"):
-        RewardModelSettings.from_params({"stats_sample": 5, "epoch": 2}, "reward_model")
+        RewardModelSettings.from_params({"stats_sample": 5, "epoch": 2}, "reward_model", {})
 
 
 def test_reward_model_node_rejects_stats_sample_before_training():
     pairs = pd.DataFrame({"prompt": ["p"], "chosen": ["a"], "rejected": ["b"]})
     # no model is needed: the settings fail before any is touched
     with pytest.raises(ValueError, match=r"reward_model.stats_sample must be an integer >= 1"):
-        train_reward_model_node(None, pairs, pairs, {"stats_sample": 0})
+        train_reward_model_node(None, pairs, pairs, {"stats_sample": 0}, {})
 
 
 # --- the run's settings, built before its first node --------------------------------------------------
@@ -90,6 +94,7 @@ def test_every_environments_settings_build(env):
     ({"sft": {"sampling": {"temperature": -1}}}, r"parameters 'sft' .*: sampling.temperature must be > 0"),
     ({"sft": {"epoch": 2}}, r"parameters 'sft' .*: SFTConfig: unknown parameter\(s\) \['epoch'\]"),
     ({"ppo": {"vanilla": {"launcher": {"processes": 2}}}}, r"'ppo.vanilla' .*LaunchConfig: unknown parameter"),
+    ({"launcher": {"num_processes": 0}}, r"parameters 'sft' .*launcher.num_processes must be >= 1, got 0"),
 ])
 def test_a_bad_setting_of_any_stage_fails_the_run_before_its_first_node(runtime_params, message):
     catalog = DataCatalog(datasets={"parameters": MemoryDataset(
@@ -100,17 +105,22 @@ def test_a_bad_setting_of_any_stage_fails_the_run_before_its_first_node(runtime_
 
 def test_only_the_stages_a_run_includes_are_checked():
     parameters = load_parameters(PROJECT_ROOT / "conf", "test", {"ppo": {"vanilla": {"sampling": {"temperature": 0}}}})
-    check_settings(parameters, sft() + reward_model())
+    check_settings(parameters, registered("sft") + registered("reward_model"))
     with pytest.raises(ValueError, match="'ppo.vanilla'"):
-        check_settings(parameters, ppo())
+        check_settings(parameters, registered("ppo"))
     with pytest.raises(ValueError, match="'ppo.vanilla'"):  # the split reads params:ppo for the buffer sizes
-        check_settings(parameters, data_processing())
+        check_settings(parameters, registered("data_processing"))
 
 
-def test_a_judge_loaded_from_a_path_is_not_built():
-    parameters = load_parameters(PROJECT_ROOT / "conf", "test", {"evaluation": {"judge": {"path": "judge_dir",
-                                                                                          "stats_sample": 0}}})
-    check_settings(parameters, evaluation())
+@pytest.mark.parametrize(("runtime_params", "message"), [
+    ({"ablation": {"variants": {"no_kl": {"kl_coef": -1.0}}}}, r"parameters 'ablation' .*kl_coef"),
+    ({"ablation": {"variants": {"no_kl": {"preset": "ppo_maxx"}}}}, r"ablation.variants.no_kl.preset: 'ppo_maxx'"),
+    ({"ppo": {"ppo_max": {"rollout_batch_size": 0}}}, r"parameters 'ppo.ppo_max' .*rollout_batch_size"),
+])
+def test_every_ablation_row_is_built_before_the_study_trains(runtime_params, message):
+    parameters = load_parameters(PROJECT_ROOT / "conf", "test", runtime_params)
+    with pytest.raises(ValueError, match=message):
+        check_settings(parameters, registered("ablation"))
 
 
 def test_the_settings_check_is_registered():

@@ -1,43 +1,58 @@
-"""Dataset preparation shared by the stages: raw sources, de-duplication and prompt-level splits."""
+"""Dataset preparation shared by the stages: raw rows of any loaded source, and prompt-level splits."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import pandas as pd
 
-from rlhf_pipeline.hh import RawRow, read_jsonl_rows, records_to_rows
+from rlhf_pipeline.hh import RawRow, records_to_rows
 
 SPLITS = ("sft_train", "rm_train", "rm_val", "ppo_prompts", "eval_prompts", "judge_train")
 
 
-def load_hub_rows(hub_id: str, split: str, data_dir: str | None = None) -> Iterator[RawRow]:
-    """Rows of a Hugging Face dataset (e.g. ``Anthropic/hh-rlhf``) through ``datasets.load_dataset``."""
-    import datasets  # imported here: only users of the hub source need it at run time
+def raw_rows(raw: Any, name: str) -> list[RawRow] | Iterator[RawRow]:
+    """The raw rows of what a raw-data catalog entry loaded, for ``hh.parse_rows``.
 
-    dataset = datasets.load_dataset(hub_id, data_dir=data_dir, split=split)
-    return records_to_rows(dataset, source=f"hf://{hub_id}/{data_dir or ''}[{split}]")
+    Args:
+        raw: A list of ``RawRow`` (JSON-lines files: each row names its file and line), a ``datasets.Dataset``,
+            a ``datasets.DatasetDict`` holding one split, or a ``pandas.DataFrame`` with one record per row.
+        name: Source name of records that carry none (a DataFrame, an in-memory ``Dataset``). A hub dataset is
+            named by its ``info.dataset_name`` (or builder) and split, e.g. ``hh-rlhf[train]``; records are
+            numbered from 1, so an error names ``source:number``.
 
-
-def raw_rows_from_source(source: Mapping, synthetic_rows: list[RawRow]) -> Iterator[RawRow]:
-    """The raw rows that the ``source`` parameters select.
-
-    ``kind: synthetic`` uses the embedded task's file; ``kind: jsonl`` reads ``paths`` (``.jsonl`` or
-    ``.jsonl.gz``); ``kind: hub`` loads ``hub_id``/``data_dir`` split ``hub_split`` with ``datasets``.
+    Raises:
+        ValueError: A ``DatasetDict`` with several splits (the message names them and how to pick one).
+        TypeError: Anything else.
     """
-    kind = source.get("kind", "synthetic")
-    if kind == "synthetic":
-        yield from synthetic_rows
-    elif kind == "jsonl":
-        if not source.get("paths"):
-            raise ValueError("data_processing.source.paths: list at least one .jsonl/.jsonl.gz file for kind 'jsonl'")
-        for path in source["paths"]:
-            yield from read_jsonl_rows(path)
-    elif kind == "hub":
-        yield from load_hub_rows(source["hub_id"], source.get("hub_split", "train"), source.get("data_dir"))
-    else:
-        raise ValueError(f"data_processing.source.kind: unknown {kind!r}; valid: synthetic, jsonl, hub")
+    if isinstance(raw, list):
+        stray = next((row for row in raw if not isinstance(row, RawRow)), None)
+        if stray is not None:
+            raise TypeError(f"{name}: a list of raw rows holds a {type(stray).__name__}, not an hh.RawRow")
+        return raw
+    if isinstance(raw, pd.DataFrame):
+        return records_to_rows(raw.to_dict("records"), source=name)
+    import datasets  # imported here: JSON-lines sources never need it
+
+    if isinstance(raw, datasets.DatasetDict):
+        if len(raw) != 1:
+            raise ValueError(f"{name}: a DatasetDict with splits {sorted(raw)}; load one split (the catalog "
+                             f"entry's dataset_kwargs.split, e.g. --params data_processing.source.hub_split=train)")
+        [(split, dataset)] = raw.items()
+        return dataset_rows(dataset, split, name)
+    if isinstance(raw, datasets.Dataset):
+        return dataset_rows(raw, raw.split, name)
+    raise TypeError(f"{name}: cannot parse a {type(raw).__name__}; expected a list of hh.RawRow, a datasets.Dataset "
+                    f"or DatasetDict, or a pandas.DataFrame")
+
+
+def dataset_rows(dataset: Any, split: str | None, default: str) -> Iterator[RawRow]:
+    """Rows of a ``datasets.Dataset``, named ``<info.dataset_name or builder name>[<split>]`` (``default`` for a
+    dataset built in memory, which has neither)."""
+    source = dataset.info.dataset_name or dataset.info.builder_name or default
+    return records_to_rows(dataset, source=f"{source}[{split}]" if split else source)
 
 
 def prompt_bucket(prompt: str, seed: int) -> float:

@@ -17,9 +17,9 @@ Lineage in MLflow is declared in the catalog and recorded by ``MlflowLineageHook
   node read (``parent.<dataset>``). A later run that loads a model dataset finds its registered version
   by that catalog version and records it as a run tag (``input_model.<dataset>``), so stage-by-stage runs
   stay linked.
-* When the dataset with ``metadata: {mlflow: {champion_from: [gold_score, judge_score]}}`` (the evaluation
-  summary) is saved, the policy version with the best score (the first of those that exists) gets the
-  alias ``champion``: ``mlflow.transformers.load_model("models:/rlhf-policy@champion")`` loads it.
+* When the dataset with ``metadata: {mlflow: {champion: true}}`` is saved (the output of the evaluation's
+  ``select_champion`` node, which makes the choice), the chosen policy's registered version gets the alias
+  ``champion``: ``mlflow.transformers.load_model("models:/rlhf-policy@champion")`` loads it.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import mlflow
 import mlflow.pyfunc
 import pandas as pd
 from kedro.framework.hooks import hook_impl
+from kedro.framework.project import settings
 from kedro.pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
@@ -44,29 +44,29 @@ CHAMPION = "champion"
 EXAMPLE_PROMPT = "\n\nHuman: What is 2 plus 3?\n\nAssistant:"  # the input example of every logged model
 
 
-def without(params: dict[str, Any], *keys: str) -> dict[str, Any]:
-    return {key: value for key, value in params.items() if key not in keys}
-
-
 def settings_builders(parameters: dict[str, Any]) -> dict[str, Callable[[dict[str, Any]], Any]]:
-    """Parameter key -> the function its node builds its typed settings with."""
+    """Parameter key -> the function its node builds its typed settings with (each given the run's ``launcher``)."""
     # imported here, not at the top: the Kedro wiring imports no torch (the core does)
     from rlhf_pipeline.config import config_from
     from rlhf_pipeline.generation import SamplingConfig
-    from rlhf_pipeline.pipelines.ppo.nodes import PPOSettings
-    from rlhf_pipeline.pipelines.reward_model.nodes import RewardModelSettings
+    from rlhf_pipeline.launch import PPOSettings
+    from rlhf_pipeline.launch.reward import RewardModelSettings
+    from rlhf_pipeline.pipelines.ablation.nodes import row_settings
     from rlhf_pipeline.pipelines.sft.nodes import SFTSettings
 
-    def judge(params: dict[str, Any]) -> None:
-        if not params.get("path"):  # a saved judge is loaded, not trained
-            RewardModelSettings.from_params(without(params, "path"), "evaluation.judge")
+    launcher = parameters.get("launcher") or {}
+
+    def ablation(params: dict[str, Any]) -> None:
+        for row in settings.DYNAMIC_PIPELINES_MAPPING["ablation"]:
+            row_settings(parameters["ppo"], params, launcher, row=row, seed=settings.ABLATION_SEEDS[0])
 
     return {
-        "sft": SFTSettings.from_params,
-        "reward_model": lambda params: RewardModelSettings.from_params(params, "reward_model"),
-        **{f"ppo.{variant}": PPOSettings.from_params for variant in parameters.get("ppo", {})},
+        "sft": lambda params: SFTSettings.from_params(params, launcher),
+        "reward_model": lambda params: RewardModelSettings.from_params(params, "reward_model", launcher),
+        **{f"ppo.{variant}": lambda params: PPOSettings.from_params(params, launcher) for variant in parameters.get("ppo", {})},
         "evaluation": lambda params: config_from(SamplingConfig, params["sampling"]),
-        "evaluation.judge": judge,
+        "evaluation.judge": lambda params: RewardModelSettings.from_params(params, "evaluation.judge", launcher),
+        "ablation": ablation,
     }
 
 
@@ -79,7 +79,7 @@ def parameter(parameters: dict[str, Any], key: str) -> Any:
 
 def check_settings(parameters: dict[str, Any], pipeline: Pipeline) -> None:
     """Build the typed configs of every stage whose parameters ``pipeline`` reads (``params:ppo`` covers each
-    ``ppo.<variant>``).
+    ``ppo.<variant>``; the ablation's rows are built from ``params:ablation``).
 
     Raises:
         ValueError: A setting a stage would reject, prefixed with its parameter key and file.
@@ -207,8 +207,8 @@ class MlflowLineageHook:
         lineage = lineage_of(self.catalog, dataset_name)
         if lineage.get("registered_model"):
             self.register(dataset_name, data, node, lineage)
-        if lineage.get("champion_from"):
-            self.crown(data, lineage["champion_from"])
+        if lineage.get("champion") and data:
+            self.crown(data)
 
     def register(self, dataset_name: str, bundle, node, lineage: dict[str, Any]) -> None:
         name = lineage["registered_model"]
@@ -225,23 +225,14 @@ class MlflowLineageHook:
             self.policies[dataset_name] = version
         logger.info("Registered %s as %s version %s", dataset_name, name, version.version)
 
-    def crown(self, summary: dict[str, dict[str, Any]], scores: list[str]) -> None:
-        """Alias the best policy version of this run ``champion``, by the first score the summary has
-        (``summary``: policy name -> metrics, as the evaluation writes it; ``null`` where a score does not exist)."""
-        for score in scores:
-            ranked = {dataset: summary[policy_name(dataset)][score] for dataset in self.policies
-                      if isinstance(summary.get(policy_name(dataset), {}).get(score), (int, float))}
-            if ranked:
-                dataset = max(ranked, key=ranked.get)
-                version = self.policies[dataset]
-                mlflow.MlflowClient().set_registered_model_alias(version.name, CHAMPION, version.version)
-                mlflow.set_tag("champion", f"{version.name}/{version.version} ({policy_name(dataset)}, {score} "
-                                           f"{ranked[dataset]:.3f})")
-                logger.info("Champion: %s version %s (%s) by %s", version.name, version.version,
-                            policy_name(dataset), score)
-                return
-
-
-def policy_name(dataset_name: str) -> str:
-    """``ppo.ppo_max.policy`` -> ``ppo_max``: the name the evaluation summary uses."""
-    return Path(dataset_name.replace(".", "/")).parent.name
+    def crown(self, champion: dict[str, Any]) -> None:
+        """Alias the registered version of the policy that ``select_champion`` chose (``{"policy", "by",
+        "value"}``) ``champion``; a policy this run neither trained nor read is logged and left alone."""
+        version = self.policies.get(f"ppo.{champion['policy']}.policy")
+        if version is None:
+            logger.warning("Champion %s has no registered version in this run; no alias set", champion["policy"])
+            return
+        mlflow.MlflowClient().set_registered_model_alias(version.name, CHAMPION, version.version)
+        mlflow.set_tag("champion", f"{version.name}/{version.version} ({champion['policy']}, {champion['by']} "
+                                   f"{champion['value']:.3f})")
+        logger.info("Champion: %s version %s (%s)", version.name, version.version, champion["policy"])

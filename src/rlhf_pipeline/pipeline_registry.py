@@ -1,11 +1,19 @@
-"""Project pipelines: one per stage, found by `find_pipelines`; `__default__` runs the five stages in order.
-The ablation study (`kedro run --pipeline ablation`) trains a grid of variants × seeds: it runs on request only."""
+"""Project pipelines: one per stage; ``__default__`` runs the five stages in order. The ablation study (``kedro run
+--pipeline ablation``) is composed here from the ppo pipeline's training node and the evaluation pipeline's
+policy evaluation over the rows and seeds ``settings.py`` declares; it runs on request only."""
 
-from kedro.framework.project import find_pipelines
+from kedro.framework.project import settings
 from kedro.pipeline import Pipeline
+
+from rlhf_pipeline.pipelines import ablation, data_processing, evaluation, ppo, reward_model, sft
+from rlhf_pipeline.pipelines.evaluation.pipeline import policy_evaluation, prompt_set
+from rlhf_pipeline.pipelines.ppo.pipeline import training
 
 
 def register_pipelines() -> dict[str, Pipeline]:
-    pipelines = find_pipelines(raise_errors=True)
-    pipelines["__default__"] = sum((p for name, p in pipelines.items() if name != "ablation"), Pipeline([]))
-    return pipelines
+    stages = {"data_processing": data_processing.create_pipeline(), "sft": sft.create_pipeline(),
+              "reward_model": reward_model.create_pipeline(), "ppo": ppo.create_pipeline(),
+              "evaluation": evaluation.create_pipeline()}
+    study = ablation.create_pipeline(training(), policy_evaluation(), prompt_set("params:ablation.evaluation"),
+                                     settings.DYNAMIC_PIPELINES_MAPPING["ablation"], settings.ABLATION_SEEDS)
+    return {**stages, "__default__": sum(stages.values(), Pipeline([])), "ablation": study}

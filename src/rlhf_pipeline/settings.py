@@ -1,18 +1,25 @@
-"""Kedro project settings: OmegaConf loader with `conf/base` + an environment (`conf/local` by default).
+"""Kedro project settings: OmegaConf loader with `conf/base` + an environment (`conf/local` by default), the hooks,
+and the namespaces the ppo, evaluation and ablation pipelines instantiate.
 
 Parameters and the MLflow config merge *softly*: an environment (and `--params`) states only the keys
 it changes, and every sibling key keeps its `conf/base` value. (Kedro's default, destructive merge would
 replace a whole top-level key such as `data_processing`, dropping its other entries.)
 """
 
+import logging
+
 from kedro.config import OmegaConfigLoader
 
 from rlhf_pipeline.hooks import MlflowLineageHook, SettingsCheckHook
-from rlhf_pipeline.pipelines.ablation.pipeline import AblationGridHook
+
+# Kedro resolves every node's type hints to validate typed parameters; the nodes name the core's types (models,
+# configs) only for type checkers, so that building the pipelines imports no torch, and none of them types a
+# parameter. Without this, each such node logs a warning on every run.
+logging.getLogger("kedro.validation.type_extractor").setLevel(logging.ERROR)
 
 # every stage's settings checked before the first node; dataset inputs, registered models and the champion
-# alias in MLflow; the ablation grid from the run's parameters
-HOOKS = (SettingsCheckHook(), MlflowLineageHook(), AblationGridHook())
+# alias in MLflow
+HOOKS = (SettingsCheckHook(), MlflowLineageHook())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
@@ -21,3 +28,13 @@ CONFIG_LOADER_ARGS = {
     "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**"]},
     "merge_strategy": {"parameters": "soft", "mlflow": "soft"},
 }
+
+# Kedro's dynamic pipelines: a namespace per name. `ppo`: the presets the ppo pipeline trains and the evaluation
+# compares (each a block of parameters_ppo.yml); `ablation`: the study's rows (each a block of
+# ablation.variants in parameters_ablation.yml), every one trained once per seed of ABLATION_SEEDS.
+DYNAMIC_PIPELINES_MAPPING = {
+    "ppo": ["ppo_max", "vanilla"],
+    "ablation": ["ppo_max", "no_score_norm", "reward_scaling", "no_kl", "entropy_bonus", "no_advantage_whitening",
+                 "no_value_clip", "critic_from_sft", "no_critic_warmup", "no_ptx", "vanilla", "trl_ppo"],
+}
+ABLATION_SEEDS = [0, 1, 2]

@@ -1,6 +1,8 @@
-"""Kedro datasets that kedro-datasets lacks: raw JSONL lines and versioned `save_pretrained` directories."""
+"""Kedro datasets that kedro-datasets lacks: the embedded task's generated pairs, raw JSONL lines and
+versioned `save_pretrained` directories."""
 
+from rlhf_pipeline.datasets.embedded_task import EmbeddedTaskDataset
 from rlhf_pipeline.datasets.jsonl_lines import JSONLinesDataset
 from rlhf_pipeline.datasets.pretrained import PretrainedDirDataset
 
-__all__ = ["JSONLinesDataset", "PretrainedDirDataset"]
+__all__ = ["EmbeddedTaskDataset", "JSONLinesDataset", "PretrainedDirDataset"]

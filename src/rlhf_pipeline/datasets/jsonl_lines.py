@@ -1,4 +1,4 @@
-"""A JSON-lines file loaded as raw, line-numbered rows so that validation can name the bad line.
+"""JSON-lines files loaded as raw, line-numbered rows so that validation can name the bad file and line.
 
 kedro-datasets' JSON readers decode the whole file at once: one broken line or undecodable byte fails
 the load without saying where. This dataset leaves each line as bytes (``hh.RawRow``) for ``hh`` to
@@ -12,30 +12,35 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kedro.io import AbstractDataset
+from kedro.io import AbstractDataset, DatasetError
 
 from rlhf_pipeline.hh import RawRow, read_jsonl_rows
 
 
 class JSONLinesDataset(AbstractDataset[list[dict], list[RawRow]]):
-    """``filepath``: a local ``.jsonl`` or ``.jsonl.gz`` file."""
+    """``filepath``: a local ``.jsonl`` or ``.jsonl.gz`` file, or a list of them (loaded in order, each row
+    naming its own file and line; saving to a list is a ``DatasetError``)."""
 
-    def __init__(self, filepath: str, metadata: dict[str, Any] | None = None):
-        self._filepath = Path(filepath)
+    def __init__(self, filepath: str | list[str], metadata: dict[str, Any] | None = None):
+        self._filepath = filepath
+        self._paths = [Path(filepath)] if isinstance(filepath, str) else [Path(path) for path in filepath]
         self.metadata = metadata
 
     def load(self) -> list[RawRow]:
-        return list(read_jsonl_rows(self._filepath))
+        return [row for path in self._paths for row in read_jsonl_rows(path)]
 
     def save(self, data: list[dict]) -> None:
-        self._filepath.parent.mkdir(parents=True, exist_ok=True)
-        opener = gzip.open if self._filepath.suffix == ".gz" else open
-        with opener(self._filepath, "wt", encoding="utf-8") as handle:
+        if not isinstance(self._filepath, str):
+            raise DatasetError(f"cannot save to a list of files {self._filepath}; give one filepath")
+        path = self._paths[0]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "wt", encoding="utf-8") as handle:
             for record in data:
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def _exists(self) -> bool:
-        return self._filepath.exists()
+        return all(path.exists() for path in self._paths)
 
     def _describe(self) -> dict[str, Any]:
-        return {"filepath": str(self._filepath)}
+        return {"filepath": self._filepath}

@@ -14,11 +14,14 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+from rlhf_pipeline.config import config_from
 from rlhf_pipeline.training.engine import LogFn, child_environment, no_logging
 
 logger = logging.getLogger(__name__)
@@ -34,9 +37,9 @@ class LaunchConfig:
     """Processes per node (GPUs, or CPU ranks without GPUs); 1 trains in this process."""
     hostfile: str | None = None
     """DeepSpeed hostfile (``host slots=N`` per line) for multi-node runs."""
-    master_port: int = 29500
-    """Port of the rank-0 rendezvous; runs launched at the same time on one node need different ones."""
-    job_dir: str = "data/06_models/ppo/job"
+    master_port: int | None = None
+    """Port of the rank-0 rendezvous; None: a free port of this host, found at launch."""
+    job_dir: str = "data/06_models/job"
     """Folder for the launcher's inputs and outputs."""
     timeout_s: float | None = None
     """Wall-clock limit of the launched job (None: none); a job past it is killed and the node fails."""
@@ -44,6 +47,18 @@ class LaunchConfig:
     def __post_init__(self) -> None:
         if self.num_processes < 1:
             raise ValueError(f"launcher.num_processes must be >= 1, got {self.num_processes}")
+
+    @classmethod
+    def from_params(cls, launcher: dict[str, Any], override: dict[str, Any] | None, folder: str) -> LaunchConfig:
+        """The run's ``launcher`` parameters with one stage's own ``launcher`` keys over them (so that "8 GPUs" is
+        one key for every stage), its job folder derived as ``<work_dir>/<folder>/job``.
+
+        Raises:
+            ValueError: An unknown key (named), or an invalid value.
+        """
+        merged = {**launcher, **(override or {})}
+        work_dir = merged.pop("work_dir", "data/06_models")
+        return config_from(cls, {**merged, "job_dir": str(Path(work_dir) / folder / "job")})
 
     @property
     def in_process(self) -> bool:
@@ -107,13 +122,22 @@ def launch_job(launch: LaunchConfig, spec: JobSpec, write_inputs, log: LogFn = n
     (job / "output").mkdir(parents=True, exist_ok=True)
     write_inputs(job)
     spec.write(job)
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(launch.master_port)]
+    port = launch.master_port or free_port()
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(port)]
     if launch.hostfile:
         command += ["--hostfile", launch.hostfile]
     command += ["--num_gpus", str(launch.num_processes), "--module", "rlhf_pipeline.launch", str(job.resolve())]
     logger.info("Launching %s on %d process(es) per node: %s", spec.stage, launch.num_processes, " ".join(command))
     run_job(command, launch.timeout_s, MetricsTail(job / "output" / METRICS_FILE, log))
     return job / "output"
+
+
+def free_port() -> int:
+    """A TCP port that is free on this host now (the OS picks it); two stages launched at once get different
+    ones, which hand-numbered ``master_port`` settings had to arrange."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
 
 
 def run_job(command: list[str], timeout_s: float | None, tail: MetricsTail | None = None) -> None:

@@ -15,6 +15,7 @@ import resource
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -153,6 +154,45 @@ def run_reward_training(model: ModelBundle, pairs: pd.DataFrame, cfg: RewardConf
     out = run_stage(JobSpec("reward", asdict(cfg), {"description": description}), {"model": model},
                     {"pairs": pairs[["prompt", "chosen", "rejected"]]}, launch, log)
     return out.models["model"].model, out.results
+
+
+@dataclass(frozen=True)
+class PPOSettings:
+    """One PPO run's parameters (``params:ppo.<variant>``, or an ablation row), typed."""
+
+    name: str
+    """The run, in metric names (``ppo/<name>/...``) and work folders."""
+    trainer: str
+    """``rlhf_pipeline`` (``run_ppo``) or ``trl`` (TRL's ``PPOTrainer``, ``baselines.trl_ppo``)."""
+    checkpoint_dir: str
+    """Where a run killed mid-way resumes from (the same command): ``<work_dir>/<folder>/checkpoints``."""
+    launch: LaunchConfig
+    train: PPOConfig
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], launcher: dict[str, Any], folder: str | None = None) -> PPOSettings:
+        """``params``: ``PPOConfig`` fields plus ``name``, optional ``trainer`` and ``launcher`` (this run's keys over
+        the run-wide ``launcher``); work folders under ``<work_dir>/<folder>`` (default ``ppo/<name>``).
+
+        Raises:
+            ValueError: An unknown trainer, or an unknown, missing or invalid key (named).
+            KeyError: ``name`` is missing.
+        """
+        params = dict(params)
+        name, trainer = params.pop("name"), params.pop("trainer", "rlhf_pipeline")
+        if trainer not in ("rlhf_pipeline", "trl"):
+            raise ValueError(f"trainer: {trainer!r} is not one of 'rlhf_pipeline', 'trl'")
+        folder = folder or f"ppo/{name}"
+        launch = LaunchConfig.from_params(launcher, params.pop("launcher", None), folder)
+        checkpoint_dir = str(Path(launch.job_dir).parent / "checkpoints")
+        return cls(name, trainer, checkpoint_dir, launch, PPOConfig.from_params(params))
+
+
+def score_prior(reward_model_metrics: dict[str, float]) -> tuple[float, float, float]:
+    """(count, mean, std) of the RM's scores on training pairs (``fit_reward_model``'s metrics): where PPO's score
+    normaliser starts."""
+    return (float(reward_model_metrics.get("stats_count", 100)), reward_model_metrics["reward_mean"],
+            reward_model_metrics["reward_std"])
 
 
 def run_ppo(policy: ModelBundle, reward_model: ModelBundle, prompts: list[str], ptx_data: tuple[list[str], list[str]],

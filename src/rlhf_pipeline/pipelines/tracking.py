@@ -1,35 +1,22 @@
-"""The pipelines' reporting helpers: the core's ``LogFn`` to MLflow, and metrics as strict JSON."""
+"""The pipelines' link to MLflow: the core's ``LogFn`` for live curves, and final metrics in the shape of
+kedro-mlflow's ``MlflowMetricsHistoryDataset``."""
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 
-from rlhf_pipeline.training.engine import LogFn, world
+from rlhf_pipeline.reporting import is_number
 
-
-def is_number(value: Any) -> bool:
-    """A finite int/float (not a bool, None or NaN): what a metric store can hold."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def strict_json(value: Any) -> Any:
-    """``value`` with every NaN/inf float replaced by ``None``, so that the JSON written is strict
-    (``null``, never the bare ``NaN`` that jq, JavaScript and strict parsers reject)."""
-    if isinstance(value, dict):
-        return {key: strict_json(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [strict_json(item) for item in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+if TYPE_CHECKING:
+    from rlhf_pipeline.training.engine import LogFn
 
 
 def mlflow_logger(prefix: str) -> LogFn:
     """A ``LogFn`` logging ``<prefix>/<name>`` metrics to the active MLflow run (rank 0 only); missing
     values (None, NaN) are left out."""
+    from rlhf_pipeline.training.engine import world
 
     def log(metrics: dict[str, float], step: int) -> None:
         if mlflow.active_run() is not None and world()[0] == 0:
@@ -37,3 +24,15 @@ def mlflow_logger(prefix: str) -> LogFn:
                                step=step)
 
     return log
+
+
+def as_metrics(metrics: dict[str, Any], prefix: str) -> dict[str, dict[str, float]]:
+    """``metrics`` (a stage's JSON summary, nested dicts allowed) as ``{"<prefix>/<key>[/<key>…]": {"value", "step":
+    0}}`` for an ``MlflowMetricsHistoryDataset``; values that are not finite numbers are left out."""
+    flat: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update(as_metrics(value, f"{prefix}/{key}"))
+        elif is_number(value):
+            flat[f"{prefix}/{key}"] = {"value": float(value), "step": 0}
+    return flat

@@ -1,44 +1,116 @@
-"""Ablation nodes: rows composed from presets, the summary's intervals and marks, resuming a killed study, the
-gold curve, and TRL scoring with our reward model."""
+"""The ablation study: rows composed from presets, a small study run over an in-memory catalog (the ppo
+pipeline's training node and the evaluation's nodes per row and seed), resuming from stored results, refusing
+stale ones, the summary's intervals and marks, the gold curve, and TRL scoring with our reward model."""
 
-import json
 import math
 
 import pandas as pd
 import pytest
 import torch
-from kedro.framework.project import configure_project
+from kedro.framework.project import settings
+from kedro_datasets.json import JSONDataset
 
+from rlhf_pipeline.baselines.trl_ppo import TRLScoreModel
 from rlhf_pipeline.formatting import DialogueEncoder
 from rlhf_pipeline.modeling import TinyModelConfig, ValueHeadModel, build_tiny_model, train_tokenizer
 from rlhf_pipeline.pipeline_registry import register_pipelines
-from rlhf_pipeline.pipelines.ablation import pipeline as ablation_pipeline
-from rlhf_pipeline.pipelines.ablation.nodes import TRLScoreModel, gold_curve, train_seeds, variant_settings
-from rlhf_pipeline.pipelines.ablation.report import markdown, summary_table
+from rlhf_pipeline.pipelines.ablation.nodes import gold_curve, row_parameters, summarise_ablation
+from rlhf_pipeline.pipelines.ablation.pipeline import create_pipeline
+from rlhf_pipeline.pipelines.evaluation.pipeline import policy_evaluation, prompt_set
+from rlhf_pipeline.pipelines.ppo.pipeline import training
+from rlhf_pipeline.reporting import summary_markdown, summary_table
 from rlhf_pipeline.training.reward import score_responses
+from tests.pipelines.conftest import parameters, prompts_of, run, tiny
 
 PPO = {
-    "ppo_max": {"name": "ppo_max", "checkpoint_dir": "x", "launcher": {"num_processes": 1}, "iterations": 80,
-                "rollout_batch_size": 8, "kl_coef": 0.2, "sampling": {"max_new_tokens": 48, "temperature": 0.8}},
+    "ppo_max": {"name": "ppo_max", "launcher": {"num_processes": 1}, "iterations": 80, "rollout_batch_size": 8,
+                "kl_coef": 0.2, "sampling": {"max_new_tokens": 48, "temperature": 0.8}},
     "vanilla": {"name": "vanilla", "iterations": 80, "rollout_batch_size": 8, "kl_coef": 0.0,
                 "sampling": {"max_new_tokens": 48, "temperature": 0.8}},
 }
-ABLATION = {"base": "ppo_max", "iterations": 40, "seeds": [0, 1], "level": 0.95, "bootstrap_resamples": 100,
+ABLATION = {"base": "ppo_max", "iterations": 40, "level": 0.95, "bootstrap_resamples": 100,
             "variants": {"ppo_max": {}, "hot": {"sampling": {"temperature": 1.0}}, "vanilla": {"preset": "vanilla"},
                          "typo": {"preset": "ppo_maxx"}}}
 
 
 def test_a_row_is_its_preset_with_the_rows_overrides_and_the_studys_budget():
-    settings, launcher, overrides = variant_settings("hot", PPO, ABLATION)
-    assert settings["sampling"] == {"max_new_tokens": 48, "temperature": 1.0}  # nested keys merge, not replace
-    assert settings["kl_coef"] == 0.2 and settings["iterations"] == 40 and launcher == {"num_processes": 1}
-    assert "name" not in settings and "checkpoint_dir" not in settings  # the study places its own runs
-    assert settings["sample_every"] == 1 and settings["sample_count"] == 8  # every rollout, for the gold curve
-    assert overrides == {"preset": "ppo_max", "sampling": {"temperature": 1.0}}
-    vanilla, _, _ = variant_settings("vanilla", PPO, {**ABLATION, "iterations": None})
+    params = row_parameters(PPO, ABLATION, "hot", 2)
+    assert params["sampling"] == {"max_new_tokens": 48, "temperature": 1.0}  # nested keys merge, not replace
+    assert params["kl_coef"] == 0.2 and params["iterations"] == 40 and params["seed"] == 2
+    assert params["name"] == "ablation/hot/seed_2" and params["launcher"] == {"num_processes": 1}
+    assert params["sample_every"] == 1 and params["sample_count"] == 8  # every rollout, for the gold curve
+    vanilla = row_parameters(PPO, {**ABLATION, "iterations": None}, "vanilla", 0)
     assert vanilla["kl_coef"] == 0.0 and vanilla["iterations"] == 80
     with pytest.raises(ValueError, match=r"ablation.variants.typo.preset: 'ppo_maxx'"):
-        variant_settings("typo", PPO, ABLATION)
+        row_parameters(PPO, ABLATION, "typo", 0)
+    with pytest.raises(ValueError, match=r"ablation.variants: no row 'cold'"):
+        row_parameters(PPO, ABLATION, "cold", 0)
+
+
+def test_the_study_instantiates_the_ppo_and_evaluation_nodes_per_row_and_seed():
+    pipelines = register_pipelines()
+    study = {node.name for node in pipelines["ablation"].nodes}
+    rows, seeds = settings.DYNAMIC_PIPELINES_MAPPING["ablation"], settings.ABLATION_SEEDS
+    for row in rows:
+        for seed in seeds:
+            assert {f"ablation.{row}.seed_{seed}.{name}" for name in (
+                "row_settings_node", "train_ppo_node", "sample_and_score_node", "compare_with_sft_node",
+                "row_result_node")} <= study
+    assert pipelines["ablation"].only_nodes("ablation.no_kl.seed_1.train_ppo_node").nodes[0].func is \
+        pipelines["ppo"].only_nodes("ppo.ppo_max.train_ppo_node").nodes[0].func  # the same node, not a copy
+    assert not any(n.name.startswith("ablation") for n in pipelines["__default__"].nodes)
+    assert set(pipelines["__default__"].nodes) == set().union(*(set(p.nodes) for name, p in pipelines.items()
+                                                                 if name not in ("__default__", "ablation")))
+
+
+@pytest.fixture(scope="module")
+def study(tokenizer, pairs, tmp_path_factory):
+    """Two rows x one seed at two iterations, results stored as JSON files (the catalog's result cache)."""
+    folder = tmp_path_factory.mktemp("ablation")
+    pipeline = create_pipeline(training(), policy_evaluation(), prompt_set("params:ablation.evaluation"),
+                               ["ppo_max", "no_kl"], [0])
+    params = parameters({"launcher": {"work_dir": str(folder / "work")}})
+    data = {"sft_model": tiny(tokenizer, 0), "reward_model": tiny(tokenizer, 1, True), "judge_model": tiny(tokenizer, 2, True),
+            "ppo_prompts": prompts_of(pairs.iloc[:150]), "sft_train": pairs.iloc[150:].rename(columns={"chosen": "response"}),
+            "reward_model_metrics": {"reward_mean": 0.0, "reward_std": 1.0, "stats_count": 100.0},
+            "eval_prompts": prompts_of(pairs.iloc[200:])}
+
+    def files():
+        return {f"ablation.{row}.seed_0.result": JSONDataset(filepath=str(folder / row / "result.json"))
+                for row in ("ppo_max", "no_kl")}
+
+    return pipeline, data, params, files, folder, run(pipeline, data, params, files())
+
+
+def test_each_row_and_seed_is_trained_evaluated_and_stored(study):
+    _, _, params, _, folder, catalog = study
+    runs, curves, summary = (catalog.load(name) for name in ("ablation_runs", "ablation_curves", "ablation_summary"))
+    assert runs["variant"].tolist() == ["ppo_max", "no_kl"] and runs["seed"].tolist() == [0, 0]
+    assert curves.groupby("variant", sort=False)["step"].apply(list).tolist() == [[1, 2], [1, 2]]
+    assert curves["gold_score"].notna().all()  # every iteration's rollouts scored by gold
+    assert ((runs["win_rate_vs_sft_gold_low"] <= runs["win_rate_vs_sft_gold"])
+            & (runs["win_rate_vs_sft_gold"] <= runs["win_rate_vs_sft_gold_high"])).all()
+    assert summary.set_index("variant").loc["no_kl", "gold_score"] == pytest.approx(runs.iloc[1]["gold_score"])
+    assert (folder / "no_kl" / "result.json").exists()
+    no_kl = catalog.load("ablation.no_kl.seed_0.settings")
+    assert no_kl.train.kl_coef == 0.0 and no_kl.train.iterations == params["ablation"]["iterations"] == 2
+    assert no_kl.checkpoint_dir.startswith(str(folder / "work" / "ablation" / "no_kl" / "seed_0"))
+    assert "| no_kl | 1 | " in catalog.load("ablation_markdown")
+
+
+def test_a_rerun_with_only_missing_outputs_reads_the_stored_results(study):
+    pipeline, data, params, files, folder, first = study
+    stored = {row: (folder / row / "result.json").stat().st_mtime_ns for row in ("ppo_max", "no_kl")}
+    # in a `kedro run` the summary's MLflow metrics are missing from the new run: the summary always reruns
+    summary = {"ablation_mlflow_metrics": JSONDataset(filepath=str(folder / "again.json"))}
+    again = run(pipeline, data, params, {**files(), **summary}, only_missing_outputs=True)
+    assert {row: (folder / row / "result.json").stat().st_mtime_ns for row in stored} == stored
+    assert again.load("ablation_summary").equals(first.load("ablation_summary"))
+    changed = parameters({"launcher": {"work_dir": str(folder / "work")},
+                          "ablation": {"variants": {"no_kl": {"kl_coef": 0.0, "clip_eps": 0.3}}}})
+    summary = {"ablation_mlflow_metrics": JSONDataset(filepath=str(folder / "changed.json"))}
+    with pytest.raises(Exception, match=r"stored ablation results from other settings: ablation.no_kl.seed_0.result"):
+        run(pipeline, data, changed, {**files(), **summary}, only_missing_outputs=True)
 
 
 def runs():
@@ -67,31 +139,23 @@ def test_summary_gives_intervals_across_seeds_and_marks_differences_beyond_them(
     with_intervals = runs().assign(win_rate_vs_sft_gold_low=[0.52, 0.49, 0.6, 0.1, 0.2, 0.3])
     counted = summary_table(with_intervals, "ppo_max", 0.95).set_index("variant")["seeds_beating_sft_gold"]
     assert counted.to_dict() == {"ppo_max": 2, "no_kl": 0}
-    text = markdown(summary_table(with_intervals, "ppo_max", 0.95), "ppo_max", 0.95)
+    text = summary_markdown(summary_table(with_intervals, "ppo_max", 0.95), "ppo_max", 0.95)
     assert next(line for line in text.splitlines() if line.startswith("| ppo_max |")).endswith("| 2/3 |")
-    text = markdown(summary.reset_index(), "ppo_max", 0.95)
+    text = summary_markdown(summary.reset_index(), "ppo_max", 0.95)
     assert "| no_kl | 3 | -2.000 [-2.497, -1.503] ▼ |" in text  # -2 ± 4.302653·0.2/√3
     assert "| ppo_max | 3 | -0.500 [-0.748, -0.252] |" in text
 
 
-def test_a_killed_study_resumes_with_the_run_it_was_in(tmp_path):
-    calls = []
-
-    def train(seed, run_dir, log):
-        calls.append(seed)
-        return {"variant": "ppo_max", "seed": seed, "gold_score": -0.1 * seed, "curves": [{"step": 1, "gold_score": 0.0}]}
-
-    study = {**ABLATION, "run_dir": str(tmp_path)}
-    sft = {"responses": ["a", "b"]}
-    first, curves = train_seeds("ppo_max", study, {"lr": 1}, {}, {"seed": 0}, sft, train)
-    assert calls == [0, 1] and first["gold_score"].tolist() == [0.0, -0.1] and len(curves) == 2
-    (tmp_path / "ppo_max" / "seed_1" / "result.json").unlink()  # killed while training seed 1
-    again, _ = train_seeds("ppo_max", study, {"lr": 1}, {}, {"seed": 0}, sft, train)
-    assert calls == [0, 1, 1] and again.equals(first)
-    train_seeds("ppo_max", study, {"lr": 2}, {}, {"seed": 0}, sft, train)  # other settings: trained again
-    assert calls == [0, 1, 1, 0, 1]
-    stored = json.loads((tmp_path / "ppo_max" / "seed_0" / "result.json").read_text())
-    assert stored["gold_score"] == 0.0 and "key" in stored
+def test_summary_refuses_a_result_stored_from_other_settings(study):
+    *_, catalog = study
+    result = catalog.load("ablation.no_kl.seed_0.result")
+    settings_ = catalog.load("ablation.no_kl.seed_0.settings")
+    evaluation, ablation = parameters()["evaluation"], parameters()["ablation"]
+    summarise_ablation(ablation, evaluation, {"gold_score": -1.0}, result__no_kl__seed_0=result,
+                       settings__no_kl__seed_0=settings_)
+    with pytest.raises(ValueError, match=r"other settings: ablation.no_kl.seed_0.result"):
+        summarise_ablation(ablation, {**evaluation, "max_prompts": 3}, {"gold_score": -1.0},
+                           result__no_kl__seed_0=result, settings__no_kl__seed_0=settings_)
 
 
 def test_gold_curve_averages_each_iterations_rollouts():
@@ -122,19 +186,3 @@ def test_trl_scores_with_our_reward_model():
     _, theirs, _ = get_reward(TRLScoreModel(reward_model), torch.cat([query, padded], 1), tokenizer.pad_token_id,
                               query.shape[1])
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
-
-
-def test_grid_rows_must_be_defined_and_the_study_is_not_part_of_the_default_run(monkeypatch):
-    configure_project("rlhf_pipeline")
-    monkeypatch.setattr(ablation_pipeline, "_run_parameters", {"grid": ["ppo_max", "no_klx"], "variants": {"ppo_max": {}}})
-    with pytest.raises(ValueError, match=r"parameters_ablation.yml: ablation.grid names \['no_klx'\]"):
-        ablation_pipeline.create_pipeline()
-    monkeypatch.setattr(ablation_pipeline, "_run_parameters", {"grid": ["ppo_max", "no_kl"],
-                                                               "variants": {"ppo_max": {}, "no_kl": {"kl_coef": 0}}})
-    study = ablation_pipeline.create_pipeline()
-    assert {n.name for n in study.nodes} >= {"ablation.ppo_max.train_and_evaluate_node",
-                                             "ablation.no_kl.train_and_evaluate_node", "summarise_ablation_node"}
-    pipelines = register_pipelines()
-    assert not any(n.name.startswith("ablation") for n in pipelines["__default__"].nodes)
-    assert set(pipelines["__default__"].nodes) == set().union(*(set(p.nodes) for name, p in pipelines.items()
-                                                                 if name not in ("__default__", "ablation")))

@@ -3,17 +3,15 @@ import json
 import pandas as pd
 import pytest
 
-from rlhf_pipeline.data import assign_splits
+from rlhf_pipeline.data import SPLITS, assign_splits
 from rlhf_pipeline.hh import RawRow, RowError
-from rlhf_pipeline.pipelines.data_processing.nodes import (
-    generate_task_data,
-    parse_preferences,
-    split_preferences,
-)
+from rlhf_pipeline.pipelines.data_processing.nodes import parse_preferences, split_preferences
+from rlhf_pipeline.task import TaskConfig, generate_preference_rows
 
 SPLIT = {"seed": 0, "fractions": {"sft_train": 0.3, "rm_train": 0.3, "rm_val": 0.05, "ppo_prompts": 0.15, "eval_prompts": 0.1,
                                   "judge_train": 0.1}}
 
+LAUNCHER = {"num_processes": 1, "work_dir": "data/06_models"}
 PPO = {"ppo_max": {"rollout_batch_size": 8, "launcher": {"num_processes": 1}}, "vanilla": {"rollout_batch_size": 8}}
 
 
@@ -23,14 +21,15 @@ def rows_of(records) -> list[RawRow]:
 
 @pytest.fixture(scope="module")
 def preferences() -> pd.DataFrame:
-    records = generate_task_data({"num_pairs": 1500, "seed": 1})
-    valid, quarantine, counts = parse_preferences(rows_of(records), {"kind": "synthetic"}, strict=False)
+    records = generate_preference_rows(TaskConfig(num_pairs=1500, seed=1))
+    valid, quarantine, counts = parse_preferences(rows_of(records), strict=False)
     assert quarantine.empty and counts["rows_valid"]["value"] == 1500
     return valid
 
 
 def test_no_prompt_crosses_splits_and_eval_is_unseen(preferences):
-    sft, rm_train, rm_val, ppo, evaluation, judge, sizes = split_preferences(preferences, SPLIT, PPO)
+    out = split_preferences(preferences, SPLIT, PPO, LAUNCHER)
+    sft, rm_train, rm_val, ppo, evaluation, judge, sizes = (out[name] for name in (*SPLITS, "split_sizes"))
     training = set(sft["prompt"]) | set(rm_train["prompt"]) | set(rm_val["prompt"]) | set(ppo["prompt"])
     assert evaluation["prompt"].nunique() == len(evaluation) > 20
     assert not set(evaluation["prompt"]) & (training | set(judge["prompt"]))
@@ -43,19 +42,19 @@ def test_no_prompt_crosses_splits_and_eval_is_unseen(preferences):
 
 def test_duplicates_are_dropped(preferences):
     doubled = pd.concat([preferences, preferences.head(100)], ignore_index=True)
-    outputs = split_preferences(doubled, SPLIT, PPO)
-    pairs_out = len(outputs[0]) + len(outputs[1]) + len(outputs[2])
-    pairs_in = split_preferences(preferences.drop_duplicates(), SPLIT, PPO)
-    assert pairs_out == len(pairs_in[0]) + len(pairs_in[1]) + len(pairs_in[2])
+    outputs = split_preferences(doubled, SPLIT, PPO, LAUNCHER)
+    pairs_in = split_preferences(preferences.drop_duplicates(), SPLIT, PPO, LAUNCHER)
+    for name in ("sft_train", "rm_train", "rm_val"):
+        assert len(outputs[name]) == len(pairs_in[name])
 
 
 def test_max_pairs_splits_a_seeded_sample(preferences):
-    outputs = split_preferences(preferences, {**SPLIT, "max_pairs": 600}, PPO)
-    pairs = len(outputs[0]) + len(outputs[1]) + len(outputs[2]) + len(outputs[5])
+    outputs = split_preferences(preferences, {**SPLIT, "max_pairs": 600}, PPO, LAUNCHER)
+    pairs = sum(len(outputs[name]) for name in ("sft_train", "rm_train", "rm_val", "judge_train"))
     assert 400 < pairs < 600  # ppo and eval splits hold unique prompts, not pairs
-    assert outputs[6]["sft_train_size"]["value"] == len(outputs[0]) < 0.4 * 600
-    again = split_preferences(preferences, {**SPLIT, "max_pairs": 600}, PPO)
-    assert outputs[0].equals(again[0])
+    assert outputs["split_sizes"]["sft_train_size"]["value"] == len(outputs["sft_train"]) < 0.4 * 600
+    again = split_preferences(preferences, {**SPLIT, "max_pairs": 600}, PPO, LAUNCHER)
+    assert outputs["sft_train"].equals(again["sft_train"])
 
 
 def test_ppo_prompts_smaller_than_a_rollout_buffer_fail_naming_split_variant_and_fix(preferences):
@@ -63,16 +62,19 @@ def test_ppo_prompts_smaller_than_a_rollout_buffer_fail_naming_split_variant_and
     ppo = {"ppo_max": {"rollout_batch_size": 8, "launcher": {"num_processes": 1}},
            "vanilla": {"rollout_batch_size": 2, "launcher": {"num_processes": 1}}}
     with pytest.raises(ValueError) as error:
-        split_preferences(preferences, tiny_ppo_split, ppo)
+        split_preferences(preferences, tiny_ppo_split, ppo, LAUNCHER)
     message = str(error.value)
     assert "split 'ppo_prompts' holds" in message and "ppo.ppo_max.rollout_batch_size 8 x 1 process(es)" in message
     assert "data_processing.split.fractions.ppo_prompts (now 0.004)" in message
     assert "vanilla" not in message  # its buffer of 2 fits
     # ranks per node multiply the buffer: 100 prompts fit 8 x 1 but not 8 x 16
-    prompts = len(split_preferences(preferences, SPLIT, PPO)[3])
+    prompts = len(split_preferences(preferences, SPLIT, PPO, LAUNCHER)["ppo_prompts"])
     assert 8 < prompts < 8 * 16
     with pytest.raises(ValueError, match=r"ppo.vanilla.rollout_batch_size 8 x 16 process\(es\)"):
-        split_preferences(preferences, SPLIT, {"vanilla": {"rollout_batch_size": 8, "launcher": {"num_processes": 16}}})
+        split_preferences(preferences, SPLIT, {"vanilla": {"rollout_batch_size": 8, "launcher": {"num_processes": 16}}},
+                          LAUNCHER)
+    with pytest.raises(ValueError, match=r"ppo.vanilla.rollout_batch_size 8 x 16 process\(es\)"):  # the run's launcher
+        split_preferences(preferences, SPLIT, {"vanilla": {"rollout_batch_size": 8}}, {"num_processes": 16})
 
 
 def test_split_is_stable_per_prompt_and_close_to_fractions():
@@ -88,16 +90,8 @@ def test_strict_mode_names_file_and_line_default_mode_quarantines():
     good = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}
     rows = rows_of([good, {"chosen": "x"}, good])
     with pytest.raises(RowError, match=r"synthetic_hh.jsonl:2: missing field 'rejected'"):
-        parse_preferences(rows, {"kind": "synthetic"}, strict=True)
-    valid, quarantine, counts = parse_preferences(rows, {"kind": "synthetic"}, strict=False)
+        parse_preferences(rows, strict=True)
+    valid, quarantine, counts = parse_preferences(rows, strict=False)
     assert len(valid) == 2 and quarantine.loc[0, "line"] == 2
     assert counts["rows_quarantined"]["value"] == 1
 
-
-def test_jsonl_source_reads_files_and_unknown_kind_fails(tmp_path):
-    path = tmp_path / "train.jsonl"
-    path.write_text(json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}) + "\n{oops\n")
-    valid, quarantine, _ = parse_preferences([], {"kind": "jsonl", "paths": [str(path)]}, strict=False)
-    assert len(valid) == 1 and quarantine.loc[0, "source"] == str(path) and quarantine.loc[0, "line"] == 2
-    with pytest.raises(ValueError, match="unknown 'csv'"):
-        parse_preferences([], {"kind": "csv"}, strict=False)

@@ -1,79 +1,55 @@
-"""Wiring of the ablation pipeline: one namespace per grid row (``ablation.<variant>``), all from the same SFT
-model and RM, and a summary node that reads them all.
+"""Wiring of the ablation study: every grid row × seed (declared in ``settings.py``) is a namespace
+``ablation.<row>.seed_<seed>`` holding the ppo pipeline's training node and the evaluation pipeline's policy
+evaluation, between the row's settings and its stored result; then one summary reads them all. The pipeline
+registry hands the two pipelines' pieces in, so this package imports neither."""
 
-The rows come from the run's parameters (``ablation.grid``), so that adding a variant takes a row in YAML and
-no code: the hook below records them when Kedro creates the context, which it does before it builds the
-pipelines (``kedro run --env test`` thus gets the test grid, and kedro-viz the run's).
-"""
-
-from __future__ import annotations
-
-import os
 from functools import partial, update_wrapper
-from typing import Any
 
-from kedro.config import OmegaConfigLoader
-from kedro.framework.hooks import hook_impl
-from kedro.pipeline import Pipeline, node, pipeline
+from kedro.pipeline import Node, Pipeline, node
 
-from rlhf_pipeline.pipelines.ablation.nodes import (
-    run_trl_variant,
-    run_variant,
-    sample_sft,
-    summarise_ablation,
-)
+from rlhf_pipeline.pipelines.ablation.nodes import row_result, row_settings, summarise_ablation
 
-SHARED_INPUTS = {"sft_model", "reward_model", "ppo_prompts", "sft_train", "reward_model_metrics", "eval_prompts",
-                 "ablation_sft_scores"}
-_run_parameters: dict[str, Any] = {}  # the ablation parameters of this process's Kedro context
+SHARED_INPUTS = {"sft_model", "reward_model", "ppo_prompts", "sft_train", "reward_model_metrics", "judge_model"}
+PARAMETERS = {"params:ppo", "params:ablation", "params:launcher", "params:evaluation"}
 
 
-class AblationGridHook:
-    """Hands the run's ``ablation`` parameters to ``create_pipeline`` before Kedro builds the pipelines."""
-
-    @hook_impl
-    def after_context_created(self, context) -> None:
-        # the raw parameters: ``context.params`` would validate against the pipelines, i.e. build them now
-        _run_parameters.clear()
-        _run_parameters.update(context.config_loader["parameters"].get("ablation", {}))
+def bound(function, **keywords):
+    """``function`` with ``keywords`` fixed, keeping its name and docstring (what kedro-viz shows)."""
+    return update_wrapper(partial(function, **keywords), function)
 
 
-def ablation_parameters() -> dict[str, Any]:
-    """The run's ``ablation`` parameters; outside a Kedro session, those of ``conf`` (and ``$KEDRO_ENV``)."""
-    if _run_parameters:
-        return _run_parameters
-    from rlhf_pipeline import settings
-
-    loader = OmegaConfigLoader(conf_source="conf", env=os.getenv("KEDRO_ENV"), **settings.CONFIG_LOADER_ARGS)
-    return loader["parameters"].get("ablation", {})
-
-
-def variant_node(name: str, definition: dict[str, Any]):
-    """The node of one grid row: this project's PPO trainer, or TRL's for ``trainer: trl``."""
-    function = run_trl_variant if definition.get("trainer") == "trl" else run_variant
-    bound = update_wrapper(partial(function, variant=name), function)
-    return node(bound, ["sft_model", "reward_model", "ppo_prompts", "sft_train", "reward_model_metrics",
-                        "eval_prompts", "ablation_sft_scores", "params:ppo", "params:evaluation", "params:ablation"],
-                ["runs", "curves"], name="train_and_evaluate_node")
+def row_pipeline(row: str, seed: int, training: Node, policy_evaluation: Pipeline) -> Pipeline:
+    """One (row, seed): settings -> PPO training -> evaluation against SFT -> the stored result."""
+    return Pipeline([
+        node(bound(row_settings, row=row, seed=seed), ["params:ppo", "params:ablation", "params:launcher"], "settings",
+             name="row_settings_node"),
+        training,
+        Pipeline(policy_evaluation, inputs={"eval_set": "ablation_eval_set", "sft_scores": "ablation.sft.scores",
+                                            "reward_model": "reward_model", "judge_model": "judge_model",
+                                            "sft_model": "sft_model"}),
+        node(bound(row_result, row=row, seed=seed),
+             ["settings", "history", "samples", "scores", "metrics", "ablation.sft.scores", "params:evaluation",
+              "params:ablation"], "result", name="row_result_node"),
+    ], namespace=f"ablation.{row}.seed_{seed}", inputs=SHARED_INPUTS | {"ablation_eval_set", "ablation.sft.scores"},
+        parameters=PARAMETERS)
 
 
-def create_pipeline(**kwargs) -> Pipeline:
-    parameters = ablation_parameters()
-    grid = parameters.get("grid", [])
-    unknown = [name for name in grid if name not in parameters.get("variants", {})]
-    if unknown:
-        raise ValueError(f"parameters_ablation.yml: ablation.grid names {unknown}, which ablation.variants does not "
-                         f"define; defined: {sorted(parameters.get('variants', {}))}")
-    rows = [pipeline([variant_node(name, parameters["variants"][name])], namespace=f"ablation.{name}",
-                     inputs=SHARED_INPUTS, parameters={"params:ppo", "params:evaluation", "params:ablation"})
-            for name in grid]
-    return pipeline([
-        node(sample_sft, ["eval_prompts", "sft_model", "reward_model", "params:evaluation", "params:ablation"],
-             "ablation_sft_scores", name="ablation_sample_sft_node"),
-        *rows,
+def create_pipeline(training: Node, policy_evaluation: Pipeline, prompt_set: Node, rows: list[str],
+                    seeds: list[int]) -> Pipeline:
+    """The study over ``rows`` × ``seeds``, from the ppo pipeline's ``training`` node and the evaluation pipeline's
+    ``policy_evaluation`` template and ``prompt_set`` node (``eval_set`` with the study's own overrides)."""
+    keys = [f"{row}__seed_{seed}" for row in rows for seed in seeds]
+    return Pipeline([
+        Pipeline([prompt_set], namespace="ablation", inputs={"eval_prompts", "sft_model"},
+                 outputs={"eval_set": "ablation_eval_set"}, parameters={"params:evaluation", "params:ablation.evaluation"}),
+        Pipeline(policy_evaluation, namespace="ablation.sft",
+                 inputs={"policy": "sft_model", "eval_set": "ablation_eval_set", "sft_scores": "ablation.sft.scores",
+                         "reward_model": "reward_model", "judge_model": "judge_model", "sft_model": "sft_model"}),
+        *(row_pipeline(row, seed, training, policy_evaluation) for row in rows for seed in seeds),
         node(summarise_ablation,
-             {"ablation": "params:ablation", "ablation_sft_scores": "ablation_sft_scores", **{f"{name}_runs": f"ablation.{name}.runs" for name in grid},
-              **{f"{name}_curves": f"ablation.{name}.curves" for name in grid}},
-             ["ablation_summary", "ablation_markdown", "ablation_curves_plot", "ablation_gold_plot"],
-             name="summarise_ablation_node"),
+             {"ablation": "params:ablation", "evaluation": "params:evaluation", "sft_metrics": "ablation.sft.metrics",
+              **{f"result__{key}": f"ablation.{key.replace('__', '.')}.result" for key in keys},
+              **{f"settings__{key}": f"ablation.{key.replace('__', '.')}.settings" for key in keys}},
+             ["ablation_runs", "ablation_curves", "ablation_summary", "ablation_markdown", "ablation_curves_plot",
+              "ablation_gold_plot", "ablation_mlflow_metrics"], name="summarise_ablation_node"),
     ])

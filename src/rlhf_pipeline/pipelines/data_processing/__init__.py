@@ -1,4 +1,4 @@
-"""data_processing: the embedded task's raw file (or real HH-RLHF data) -> validated, prompt-level splits."""
+"""data_processing: the environment's ``raw_preferences`` -> validated, prompt-level splits."""
 
 from rlhf_pipeline.pipelines.data_processing.pipeline import create_pipeline
 

@@ -1,29 +1,26 @@
-"""Wiring of the data_processing pipeline. The split reads the PPO presets too: a ``ppo_prompts`` split smaller
-than a rollout buffer fails here, before any stage trains."""
+"""Wiring of the data_processing pipeline. ``raw_preferences`` is whatever the environment's catalog names (the
+embedded task, local JSON-lines files, a hub dataset). The split reads the PPO presets too: a ``ppo_prompts``
+split smaller than a rollout buffer fails here, before any stage trains."""
 
 from kedro.pipeline import Pipeline, node, pipeline
 
-from rlhf_pipeline.pipelines.data_processing.nodes import (
-    generate_task_data,
-    parse_preferences,
-    split_preferences,
-)
+from rlhf_pipeline.data import SPLITS
+from rlhf_pipeline.pipelines.data_processing.nodes import parse_preferences, split_preferences
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     return pipeline(
         [
-            node(generate_task_data, "params:task", "synthetic_hh", name="generate_task_data_node"),
             node(
                 parse_preferences,
-                ["synthetic_hh", "params:data_processing.source", "params:data_processing.strict"],
+                ["raw_preferences", "params:data_processing.strict"],
                 ["preferences", "quarantine", "parse_counts"],
                 name="parse_preferences_node",
             ),
             node(
                 split_preferences,
-                ["preferences", "params:data_processing.split", "params:ppo"],
-                ["sft_train", "rm_train", "rm_val", "ppo_prompts", "eval_prompts", "judge_train", "split_sizes"],
+                ["preferences", "params:data_processing.split", "params:ppo", "params:launcher"],
+                {name: name for name in (*SPLITS, "split_sizes")},
                 name="split_preferences_node",
             ),
         ]

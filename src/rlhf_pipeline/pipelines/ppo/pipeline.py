@@ -1,20 +1,23 @@
-"""Wiring of the ppo pipeline: one namespaced copy per variant, sharing the SFT model, RM and data."""
+"""Wiring of the ppo pipeline: one namespace per preset (``ppo.<variant>``, declared in ``settings.py``), sharing
+the SFT model, RM and data. ``training`` is the node the ablation study instantiates too."""
 
-from kedro.pipeline import Pipeline, node, pipeline
+from kedro.framework.project import settings
+from kedro.pipeline import Node, Pipeline, node
 
-from rlhf_pipeline.pipelines.ppo.nodes import train_ppo
+from rlhf_pipeline.pipelines.ppo.nodes import ppo_settings, train_ppo
 
-VARIANTS = ("ppo_max", "vanilla")  # presets in conf/base/parameters_ppo.yml
 SHARED_INPUTS = {"sft_model", "reward_model", "ppo_prompts", "sft_train", "reward_model_metrics"}
 
 
+def training() -> Node:
+    """The PPO training node: ``settings`` (a ``PPOSettings``) and the shared inputs -> policy, history, samples."""
+    return node(train_ppo, ["sft_model", "reward_model", "ppo_prompts", "sft_train", "reward_model_metrics", "settings"],
+                ["policy", "history", "samples"], name="train_ppo_node")
+
+
 def create_pipeline(**kwargs) -> Pipeline:
-    template = pipeline([
-        node(train_ppo, ["sft_model", "reward_model", "ppo_prompts", "sft_train", "reward_model_metrics", "params:ppo"],
-             ["policy", "history", "samples"], name="train_ppo_node"),
-    ])
-    return sum(
-        (pipeline(template, namespace=f"ppo.{variant}", inputs=SHARED_INPUTS,
-                  parameters={"params:ppo": f"params:ppo.{variant}"}) for variant in VARIANTS),
-        Pipeline([]),
-    )
+    template = Pipeline([node(ppo_settings, ["params:ppo", "params:launcher"], "settings", name="ppo_settings_node"),
+                         training()])
+    return sum((Pipeline(template, namespace=f"ppo.{variant}", inputs=SHARED_INPUTS,
+                         parameters={"params:ppo": f"params:ppo.{variant}", "params:launcher": "params:launcher"})
+                for variant in settings.DYNAMIC_PIPELINES_MAPPING["ppo"]), Pipeline([]))

@@ -1,121 +1,20 @@
-"""Nodes of the reward_model pipeline."""
+"""Nodes of the reward_model pipeline (the core is imported inside them: building the pipelines imports no torch)."""
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pandas as pd
-import torch
 
-from rlhf_pipeline.config import config_from
-from rlhf_pipeline.launch import LaunchConfig, run_reward_training
-from rlhf_pipeline.modeling import ModelBundle, ValueHeadModel
-from rlhf_pipeline.pipelines.tracking import mlflow_logger, strict_json
-from rlhf_pipeline.task import gold_score
-from rlhf_pipeline.training.engine import OptimConfig
-from rlhf_pipeline.training.reward import RewardConfig, ranking_accuracy, score_responses
+from rlhf_pipeline.pipelines.tracking import mlflow_logger
 
-logger = logging.getLogger(__name__)
-
-
-def gold_ordered(pairs: pd.DataFrame) -> pd.DataFrame:
-    """Pairs re-labelled by the gold reward (noiseless labels); ties and non-task prompts are dropped."""
-    gold_chosen = np.array([gold_score(p, r) for p, r in zip(pairs["prompt"], pairs["chosen"], strict=True)])
-    gold_rejected = np.array([gold_score(p, r) for p, r in zip(pairs["prompt"], pairs["rejected"], strict=True)])
-    keep = ~(np.isnan(gold_chosen) | np.isnan(gold_rejected)) & (gold_chosen != gold_rejected)
-    swap = gold_chosen < gold_rejected
-    return pd.DataFrame({
-        "prompt": pairs["prompt"][keep],
-        "chosen": np.where(swap, pairs["rejected"], pairs["chosen"])[keep],
-        "rejected": np.where(swap, pairs["chosen"], pairs["rejected"])[keep],
-        "label_agrees_with_gold": ~swap[keep],
-    })
-
-
-@dataclass(frozen=True)
-class RewardModelSettings:
-    """A reward model's parameters (``reward_model``, or the judge's ``evaluation.judge``), typed."""
-
-    train: RewardConfig
-    launch: LaunchConfig
-    stats_sample: int
-    """Training pairs whose two responses are scored for ``reward_mean``/``reward_std`` (where PPO's score
-    normaliser starts); all of them when there are fewer."""
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any], key: str) -> RewardModelSettings:
-        """The settings from the parameters under ``key`` (named in errors): ``RewardConfig`` fields plus
-        ``stats_sample`` and ``launcher`` (``LaunchConfig``).
-
-        Raises:
-            ValueError: ``stats_sample`` below 1 (no score statistics: PPO would fail to normalise scores), or
-                an unknown or invalid ``RewardConfig``/``LaunchConfig`` field.
-        """
-        params = dict(params)
-        stats_sample = params.pop("stats_sample")
-        if not isinstance(stats_sample, int) or stats_sample < 1:
-            raise ValueError(f"{key}.stats_sample must be an integer >= 1 (training pairs scored for reward_mean/"
-                             f"reward_std, which PPO normalises scores with), got {stats_sample!r}; e.g. 1000")
-        launch = config_from(LaunchConfig, params.pop("launcher", {}))
-        return cls(config_from(RewardConfig, params, optim=OptimConfig), launch, stats_sample)
-
-
-def fit_reward_model(sft_model: ModelBundle, train_pairs: pd.DataFrame, val_pairs: pd.DataFrame, params: dict[str, Any],
-                     log_prefix: str) -> tuple[ModelBundle, dict[str, float | None]]:
-    """Train a scalar-head RM from the SFT model on ``train_pairs`` and measure it on ``val_pairs``: the reward
-    model PPO optimises, and the judge it never sees, are made by this one function. ``params``: see
-    ``RewardModelSettings.from_params`` (errors name ``log_prefix`` as the key)."""
-    settings = RewardModelSettings.from_params(params, log_prefix)
-    cfg, launch, stats_sample = settings.train, settings.launch, settings.stats_sample
-    log = mlflow_logger(log_prefix)
-    encoder = sft_model.encoder()
-    model, fit_counts = run_reward_training(sft_model.with_model(ValueHeadModel(sft_model.model, seed=cfg.seed)),
-                                            train_pairs, cfg, launch, log, log_prefix)
-
-    def scores(frame: pd.DataFrame, column: str) -> torch.Tensor:
-        return score_responses(model, encoder, frame["prompt"].tolist(), frame[column].tolist(), cfg.max_length,
-                               cfg.eval_batch_size)
-
-    def fitting_pair_scores(frame: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chosen and rejected scores of the pairs that fit the context."""
-        chosen, rejected = scores(frame, "chosen"), scores(frame, "rejected")
-        fits = ~(chosen.isnan() | rejected.isnan())
-        return chosen[fits], rejected[fits]
-
-    val_chosen, val_rejected = fitting_pair_scores(val_pairs)
-    gold_pairs = gold_ordered(val_pairs)
-    gold_chosen, gold_rejected = fitting_pair_scores(gold_pairs) if len(gold_pairs) else (torch.zeros(0), torch.zeros(0))
-    sample = train_pairs.sample(n=min(stats_sample, len(train_pairs)), random_state=cfg.seed)
-    train_scores = torch.cat([scores(sample, "chosen"), scores(sample, "rejected")])
-    lengths = torch.tensor([len(r.split()) for r in pd.concat([sample["chosen"], sample["rejected"]])], dtype=torch.float)
-    fits = ~train_scores.isnan()
-    train_scores, lengths = train_scores[fits], lengths[fits]
-    metrics = {
-        "val_accuracy": ranking_accuracy(val_chosen, val_rejected) if len(val_chosen) else None,
-        "val_margin": (val_chosen - val_rejected).mean().item() if len(val_chosen) else None,
-        "gold_agreement": ranking_accuracy(gold_chosen, gold_rejected) if len(gold_chosen) else None,
-        "label_gold_agreement": float(gold_pairs["label_agrees_with_gold"].mean()) if len(gold_pairs) else None,
-        "reward_mean": train_scores.mean().item(),
-        "reward_std": train_scores.std().item(),
-        "length_correlation": torch.corrcoef(torch.stack([train_scores, lengths]))[0, 1].item(),
-        "stats_count": float(train_scores.numel()),
-        "train_pairs": len(train_pairs),
-        "val_pairs": len(val_pairs),
-        "val_pairs_dropped": len(val_pairs) - len(val_chosen),
-        "gold_pairs": len(gold_pairs),
-        **fit_counts,
-    }
-    logger.info("%s: val accuracy %s, gold agreement %s, score mean %.3f std %.3f", log_prefix, metrics["val_accuracy"],
-                metrics["gold_agreement"], metrics["reward_mean"], metrics["reward_std"])
-    log(metrics, 0)
-    return sft_model.with_model(model), strict_json(metrics)
+if TYPE_CHECKING:
+    from rlhf_pipeline.modeling import ModelBundle
 
 
 def train_reward_model_node(
-    sft_model: ModelBundle, rm_train: pd.DataFrame, rm_val: pd.DataFrame, reward_model: dict[str, Any]
+    sft_model: ModelBundle, rm_train: pd.DataFrame, rm_val: pd.DataFrame, reward_model: dict[str, Any],
+    launcher: dict[str, Any],
 ) -> tuple[ModelBundle, dict[str, float | None]]:
     """Train the reward model that PPO optimises, from the SFT model, and measure it.
 
@@ -124,13 +23,14 @@ def train_reward_model_node(
         rm_train: Training pairs (``prompt``, ``chosen``, ``rejected``).
         rm_val: Held-out pairs.
         reward_model: ``RewardConfig`` fields plus ``stats_sample`` (training pairs scored for the score
-            statistics, >= 1) and ``launcher`` (see ``RewardModelSettings``).
+            statistics, >= 1) and ``launcher`` (keys over ``launcher``; see ``RewardModelSettings``).
+        launcher: The run's ``LaunchConfig`` keys and ``work_dir``.
 
     Returns:
-        The reward model and its metrics: ``val_accuracy``, ``val_margin``, ``gold_agreement`` (accuracy on
-        gold-labelled rm_val pairs), ``label_gold_agreement`` (how often the noisy labels agree with gold),
-        ``reward_mean``/``reward_std`` over training responses (PPO normalises scores with them),
-        ``length_correlation`` (of score with response length: the annotators' bias the RM picked up) and
-        the pairs dropped or truncated to fit the context. Gold metrics are ``null`` without a gold reward.
+        The reward model and its metrics (``launch.reward.fit_reward_model``); gold metrics are ``null`` without a
+        gold reward.
     """
-    return fit_reward_model(sft_model, rm_train, rm_val, reward_model, "reward_model")
+    from rlhf_pipeline.launch.reward import RewardModelSettings, fit_reward_model
+
+    settings = RewardModelSettings.from_params(reward_model, "reward_model", launcher)
+    return fit_reward_model(sft_model, rm_train, rm_val, settings, mlflow_logger("reward_model"), "reward_model")

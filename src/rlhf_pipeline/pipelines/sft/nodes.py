@@ -1,31 +1,24 @@
-"""Nodes of the sft pipeline."""
+"""Nodes of the sft pipeline (the core is imported inside them: building the pipelines imports no torch)."""
 
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from rlhf_pipeline.config import config_from
 from rlhf_pipeline.data import prompt_bucket
-from rlhf_pipeline.generation import SamplingConfig, fit_prompts, generate_texts
-from rlhf_pipeline.launch import LaunchConfig, run_sft
-from rlhf_pipeline.modeling import (
-    ModelBundle,
-    TinyModelConfig,
-    build_tiny_model,
-    load_gguf,
-    load_policy,
-    train_tokenizer,
-)
-from rlhf_pipeline.pipelines.tracking import mlflow_logger, strict_json
+from rlhf_pipeline.pipelines.tracking import mlflow_logger
+from rlhf_pipeline.reporting import strict_json
 from rlhf_pipeline.task import gold_score
-from rlhf_pipeline.training.devices import to_rank_device
-from rlhf_pipeline.training.engine import OptimConfig
-from rlhf_pipeline.training.sft import SFTConfig
+
+if TYPE_CHECKING:
+    from rlhf_pipeline.generation import SamplingConfig
+    from rlhf_pipeline.launch import LaunchConfig
+    from rlhf_pipeline.modeling import ModelBundle
+    from rlhf_pipeline.training.sft import SFTConfig
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +38,18 @@ class SFTSettings:
     """Held-out prompts sampled for the gold score."""
 
     @classmethod
-    def from_params(cls, params: dict[str, Any]) -> SFTSettings:
-        """Raises ``ValueError``/``KeyError`` naming an unknown, missing or invalid key."""
+    def from_params(cls, params: dict[str, Any], launcher: dict[str, Any]) -> SFTSettings:
+        """``params:sft`` with the run's ``params:launcher`` (``sft.launcher`` keys over it; job folder
+        ``<work_dir>/sft/job``). Raises ``ValueError``/``KeyError`` naming an unknown, missing or invalid key."""
+        from rlhf_pipeline.config import config_from
+        from rlhf_pipeline.generation import SamplingConfig
+        from rlhf_pipeline.launch import LaunchConfig
+        from rlhf_pipeline.training.engine import OptimConfig
+        from rlhf_pipeline.training.sft import SFTConfig
+
         params = dict(params)
         val_fraction, gold_prompts = params.pop("val_fraction"), params.pop("gold_eval_prompts")
-        launch = config_from(LaunchConfig, params.pop("launcher", {}))
+        launch = LaunchConfig.from_params(launcher, params.pop("launcher", None), "sft")
         sampling = config_from(SamplingConfig, params.pop("sampling"))
         return cls(config_from(SFTConfig, params, optim=OptimConfig), launch, sampling, val_fraction, gold_prompts)
 
@@ -68,6 +68,15 @@ def prepare_base_model(sft_train: pd.DataFrame, rm_train: pd.DataFrame, model: d
         The tiny model with a BPE tokenizer trained on the corpus, or the loaded (de-quantised) causal LM,
         with the prompt format every later stage uses.
     """
+    from rlhf_pipeline.modeling import (
+        ModelBundle,
+        TinyModelConfig,
+        build_tiny_model,
+        load_gguf,
+        load_policy,
+        train_tokenizer,
+    )
+
     prompt_format = model.get("prompt_format", "hh")
     if model.get("gguf"):
         return load_gguf(model["gguf"]["package"], model["gguf"]["file"], prompt_format, model.get("dtype"))
@@ -93,21 +102,28 @@ def mean_gold_score(prompts: list[str], responses: list[str]) -> float | None:
     return sum(scores) / len(scores) if scores else None
 
 
-def train_sft_model(base_model: ModelBundle, sft_train: pd.DataFrame, sft: dict[str, Any]) -> tuple[ModelBundle, dict]:
+def train_sft_model(base_model: ModelBundle, sft_train: pd.DataFrame, sft: dict[str, Any],
+                    launcher: dict[str, Any]) -> tuple[ModelBundle, dict]:
     """Fine-tune the base model on the demonstrations and measure it on held-out prompts.
 
     Args:
         base_model: Model and tokenizer from ``prepare_base_model``.
         sft_train: ``prompt``, ``response`` demonstrations.
         sft: ``SFTConfig`` fields plus ``val_fraction``, ``sampling``, ``gold_eval_prompts`` and ``launcher``
-            (``LaunchConfig``: more than one process trains through the ``deepspeed`` launcher).
+            (keys over ``launcher``).
+        launcher: The run's ``LaunchConfig`` keys and ``work_dir``: more than one process trains through the
+            ``deepspeed`` launcher.
 
     Returns:
         The SFT model and its metrics: held-out loss/perplexity, the demonstrations dropped or truncated to
         fit the context, and the mean gold score of sampled responses before and after training (``null``
         without a gold reward).
     """
-    settings = SFTSettings.from_params(sft)
+    from rlhf_pipeline.generation import fit_prompts, generate_texts
+    from rlhf_pipeline.launch import run_sft
+    from rlhf_pipeline.training.devices import to_rank_device
+
+    settings = SFTSettings.from_params(sft, launcher)
     cfg, launch, sampling = settings.train, settings.launch, settings.sampling
     val_fraction, gold_prompts = settings.val_fraction, settings.gold_eval_prompts
     held_out = held_out_mask(sft_train["prompt"], val_fraction, cfg.seed)
@@ -130,5 +146,4 @@ def train_sft_model(base_model: ModelBundle, sft_train: pd.DataFrame, sft: dict[
                "gold_eval_prompts_dropped": len(eval_prompts) - len(kept)}
     logger.info("SFT: val loss %s, gold score of samples %s -> %s", metrics.get("val_loss"), gold_before,
                 metrics["gold_score_after"])
-    log(metrics, 0)
     return base_model.with_model(model), strict_json(metrics)

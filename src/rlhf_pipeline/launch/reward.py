@@ -1,0 +1,129 @@
+"""A reward model trained and measured (no kedro): the one function that makes both the RM that PPO optimises and
+the evaluation's judge, with the settings both read from parameters."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from rlhf_pipeline.config import config_from
+from rlhf_pipeline.launch.job import LaunchConfig
+from rlhf_pipeline.launch.stages import run_reward_training
+from rlhf_pipeline.modeling import ModelBundle, ValueHeadModel
+from rlhf_pipeline.reporting import strict_json
+from rlhf_pipeline.task import gold_score
+from rlhf_pipeline.training.engine import LogFn, OptimConfig, no_logging
+from rlhf_pipeline.training.reward import RewardConfig, ranking_accuracy, score_responses
+
+logger = logging.getLogger(__name__)
+
+
+def gold_ordered(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Pairs re-labelled by the gold reward (noiseless labels); ties and non-task prompts are dropped."""
+    gold_chosen = np.array([gold_score(p, r) for p, r in zip(pairs["prompt"], pairs["chosen"], strict=True)])
+    gold_rejected = np.array([gold_score(p, r) for p, r in zip(pairs["prompt"], pairs["rejected"], strict=True)])
+    keep = ~(np.isnan(gold_chosen) | np.isnan(gold_rejected)) & (gold_chosen != gold_rejected)
+    swap = gold_chosen < gold_rejected
+    return pd.DataFrame({
+        "prompt": pairs["prompt"][keep],
+        "chosen": np.where(swap, pairs["rejected"], pairs["chosen"])[keep],
+        "rejected": np.where(swap, pairs["chosen"], pairs["rejected"])[keep],
+        "label_agrees_with_gold": ~swap[keep],
+    })
+
+
+@dataclass(frozen=True)
+class RewardModelSettings:
+    """A reward model's parameters (``reward_model``, or the judge's ``evaluation.judge``), typed."""
+
+    train: RewardConfig
+    launch: LaunchConfig
+    stats_sample: int
+    """Training pairs whose two responses are scored for ``reward_mean``/``reward_std`` (where PPO's score
+    normaliser starts); all of them when there are fewer."""
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], key: str, launcher: dict[str, Any]) -> RewardModelSettings:
+        """The settings from the parameters under ``key`` (named in errors, and the job folder's name):
+        ``RewardConfig`` fields plus ``stats_sample`` and ``launcher`` (this stage's keys over the run's
+        ``launcher``, see ``LaunchConfig.from_params``).
+
+        Raises:
+            ValueError: ``stats_sample`` below 1 (no score statistics: PPO would fail to normalise scores), or
+                an unknown or invalid ``RewardConfig``/``LaunchConfig`` field.
+            KeyError: ``stats_sample`` is missing.
+        """
+        params = dict(params)
+        stats_sample = params.pop("stats_sample")
+        if not isinstance(stats_sample, int) or stats_sample < 1:
+            raise ValueError(f"{key}.stats_sample must be an integer >= 1 (training pairs scored for reward_mean/"
+                             f"reward_std, which PPO normalises scores with), got {stats_sample!r}; e.g. 1000")
+        launch = LaunchConfig.from_params(launcher, params.pop("launcher", None), key.replace(".", "/"))
+        return cls(config_from(RewardConfig, params, optim=OptimConfig), launch, stats_sample)
+
+
+def fit_reward_model(sft_model: ModelBundle, train_pairs: pd.DataFrame, val_pairs: pd.DataFrame,
+                     settings: RewardModelSettings, log: LogFn = no_logging, log_prefix: str = "reward_model",
+                     ) -> tuple[ModelBundle, dict[str, float | None]]:
+    """Train a scalar-head RM from the SFT model on ``train_pairs`` and measure it on ``val_pairs``: the reward
+    model PPO optimises, and the judge it never sees, are made by this one function.
+
+    Args:
+        sft_model: Its LM becomes the RM's backbone under a fresh scalar head.
+        train_pairs, val_pairs: ``prompt``, ``chosen``, ``rejected``.
+        settings: What and where to train.
+        log: Receives the training curves as ``<log_prefix>/...``.
+
+    Returns:
+        The RM and its metrics: ``val_accuracy``, ``val_margin``, ``gold_agreement`` (accuracy on gold-labelled
+        ``val_pairs``), ``label_gold_agreement`` (how often the labels agree with gold), ``reward_mean`` /
+        ``reward_std`` over ``stats_sample`` training pairs' responses (PPO normalises scores with them),
+        ``length_correlation`` (of score with response length in words) and the pairs dropped to fit the
+        context; gold metrics are ``None`` without a gold reward, as JSON ``null``.
+    """
+    cfg, launch, stats_sample = settings.train, settings.launch, settings.stats_sample
+    encoder = sft_model.encoder()
+    model, fit_counts = run_reward_training(sft_model.with_model(ValueHeadModel(sft_model.model, seed=cfg.seed)),
+                                            train_pairs, cfg, launch, log, log_prefix)
+
+    def scores(frame: pd.DataFrame, column: str) -> torch.Tensor:
+        return score_responses(model, encoder, frame["prompt"].tolist(), frame[column].tolist(), cfg.max_length,
+                               cfg.eval_batch_size)
+
+    def fitting_pair_scores(frame: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chosen and rejected scores of the pairs that fit the context."""
+        chosen, rejected = scores(frame, "chosen"), scores(frame, "rejected")
+        fits = ~(chosen.isnan() | rejected.isnan())
+        return chosen[fits], rejected[fits]
+
+    val_chosen, val_rejected = fitting_pair_scores(val_pairs)
+    gold_pairs = gold_ordered(val_pairs)
+    gold_chosen, gold_rejected = fitting_pair_scores(gold_pairs) if len(gold_pairs) else (torch.zeros(0), torch.zeros(0))
+    sample = train_pairs.sample(n=min(stats_sample, len(train_pairs)), random_state=cfg.seed)
+    train_scores = torch.cat([scores(sample, "chosen"), scores(sample, "rejected")])
+    lengths = torch.tensor([len(r.split()) for r in pd.concat([sample["chosen"], sample["rejected"]])], dtype=torch.float)
+    fits = ~train_scores.isnan()
+    train_scores, lengths = train_scores[fits], lengths[fits]
+    metrics = {
+        "val_accuracy": ranking_accuracy(val_chosen, val_rejected) if len(val_chosen) else None,
+        "val_margin": (val_chosen - val_rejected).mean().item() if len(val_chosen) else None,
+        "gold_agreement": ranking_accuracy(gold_chosen, gold_rejected) if len(gold_chosen) else None,
+        "label_gold_agreement": float(gold_pairs["label_agrees_with_gold"].mean()) if len(gold_pairs) else None,
+        "reward_mean": train_scores.mean().item(),
+        "reward_std": train_scores.std().item(),
+        "length_correlation": torch.corrcoef(torch.stack([train_scores, lengths]))[0, 1].item(),
+        "stats_count": float(train_scores.numel()),
+        "train_pairs": len(train_pairs),
+        "val_pairs": len(val_pairs),
+        "val_pairs_dropped": len(val_pairs) - len(val_chosen),
+        "gold_pairs": len(gold_pairs),
+        **fit_counts,
+    }
+    logger.info("%s: val accuracy %s, gold agreement %s, score mean %.3f std %.3f", log_prefix, metrics["val_accuracy"],
+                metrics["gold_agreement"], metrics["reward_mean"], metrics["reward_std"])
+    return sft_model.with_model(model), strict_json(metrics)

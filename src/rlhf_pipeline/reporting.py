@@ -1,0 +1,185 @@
+"""Tables, Markdown and figures of the results (no kedro): strict JSON, NaN-aware means, the evaluation's
+comparison and the ablation study's summary with intervals across seeds.
+
+matplotlib and scipy are imported by the functions that draw or take intervals, so that the Kedro wiring, which
+imports this module's JSON helpers, starts quickly."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+if TYPE_CHECKING:
+    import matplotlib.pyplot as plt
+
+TRAINING_CURVES = {"reward/raw_score": "RM score", "gold_score": "gold score of the rollouts", "kl/sequence": "KL to SFT",
+                   "response/perplexity": "perplexity", "response/length": "response length (tokens)"}
+SUMMARY_METRICS = ("gold_score", "win_rate_vs_sft_gold", "win_rate_vs_sft_rm", "win_rate_vs_sft_judge", "rm_score",
+                   "judge_score", "kl_to_sft", "perplexity", "response_length", "refusal_rate_harmful",
+                   "refusal_rate_harmless")
+RATES = {"win_rate_vs_sft_gold", "win_rate_vs_sft_rm", "win_rate_vs_sft_judge", "refusal_rate_harmful",
+         "refusal_rate_harmless"}
+COMPARED = ("gold_score", "rm_score", "judge_score", "kl_to_sft", "win_rate_vs_sft_gold", "win_rate_vs_sft_judge")
+
+
+def is_number(value: Any) -> bool:
+    """A finite int/float (not a bool, None or NaN): what a metric store can hold."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN/inf float replaced by ``None``, so that the JSON written is strict
+    (``null``, never the bare ``NaN`` that jq, JavaScript and strict parsers reject)."""
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def nan_mean(values: Iterable[float | None]) -> float | None:
+    """Mean of the values that exist (not None or NaN); ``None`` when none does, e.g. gold scores on real data."""
+    kept = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else None
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """``table`` as a Markdown table; floats to 3 decimals, a value that does not exist (None/NaN) reads ``n/a``."""
+    def cell(value) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "n/a"
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def pyplot():
+    """matplotlib's pyplot on the headless Agg backend (figures go to files and MLflow)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
+    return matplotlib.pyplot
+
+
+def plot_training_curves(curves: pd.DataFrame, label: str = "variant") -> plt.Figure:
+    """Training curves over PPO iterations, one line per ``label`` value: the mean across its seeds (rows that
+    share ``label`` and ``step``) with a band of ± one standard deviation. Columns: ``label``, ``step`` and any
+    of ``TRAINING_CURVES``; a curve with no value at all is left out."""
+    charts = pyplot()
+    metrics = [m for m in TRAINING_CURVES if m in curves and curves[m].notna().any()]
+    names = list(dict.fromkeys(curves[label]))
+    palette = charts.get_cmap("tab20").colors
+    colours = dict(zip(names, palette[0::2] + palette[1::2], strict=False))  # 20 colours, the strong ten first
+    figure, axes = charts.subplots(1, len(metrics), figsize=(4 * len(metrics) + 2, 3.4), squeeze=False)
+    for metric, axis in zip(metrics, axes[0], strict=True):
+        for name, group in curves.groupby(label, sort=False):
+            by_step = group.groupby("step")[metric].agg(["mean", "std"]).dropna(subset=["mean"])
+            if by_step.empty:
+                continue
+            axis.plot(by_step.index, by_step["mean"], label=name, color=colours.get(name),
+                      linewidth=2.2 if name == names[0] else 1.0)
+            axis.fill_between(by_step.index, by_step["mean"] - by_step["std"].fillna(0),
+                              by_step["mean"] + by_step["std"].fillna(0), color=colours.get(name), alpha=0.12)
+        axis.set_title(TRAINING_CURVES[metric])
+        axis.set_xlabel("PPO iteration")
+    handles, labels = axes[0][0].get_legend_handles_labels()  # the RM score exists for every row
+    axes[0][-1].legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    figure.tight_layout()
+    return figure
+
+
+def plot_comparison(table: pd.DataFrame) -> plt.Figure:
+    """Bars of the evaluation per policy (``table``: one row per ``policy``): gold, RM and judge scores, KL to
+    SFT, win rates by gold and by judge; a metric that does not exist is drawn empty and titled ``(n/a)``."""
+    charts = pyplot()
+    metrics = [m for m in COMPARED if m in table]
+    figure, axes = charts.subplots(1, len(metrics), figsize=(3.5 * len(metrics), 3.2), squeeze=False)
+    colours = charts.get_cmap("tab10").colors
+    for metric, axis in zip(metrics, axes[0], strict=True):
+        values = pd.to_numeric(table[metric], errors="coerce")
+        axis.bar(table["policy"], values.fillna(0.0), color=colours[: len(table)])
+        axis.set_title(metric if values.notna().any() else f"{metric} (n/a)")
+    figure.tight_layout()
+    return figure
+
+
+def summary_table(runs: pd.DataFrame, reference: str, level: float) -> pd.DataFrame:
+    """Per variant (``runs``: one row per variant and seed): mean and Student-t interval across seeds of each
+    metric (clipped to [0, 1] for rates), and the difference from ``reference`` with its Welch interval;
+    ``*_differs`` says whether that interval excludes zero (``stats``)."""
+    from rlhf_pipeline.stats import difference_interval, mean_interval
+
+    rows, reference_runs = [], runs[runs["variant"] == reference]
+    for variant, group in runs.groupby("variant", sort=False):
+        row = {"variant": variant, "seeds": len(group)}
+        if "win_rate_vs_sft_gold_low" in group:  # seeds whose own paired-bootstrap interval lies above one half
+            row["seeds_beating_sft_gold"] = int((group["win_rate_vs_sft_gold_low"] > 0.5).sum())
+        for metric in SUMMARY_METRICS:
+            if metric not in group or group[metric].isna().all():
+                continue
+            row[metric], low, high = mean_interval(group[metric].tolist(), level)
+            if metric in RATES:  # a share cannot leave [0, 1], whatever three seeds' t-interval says
+                low, high = max(low, 0.0), min(high, 1.0)
+            row[f"{metric}_low"], row[f"{metric}_high"] = low, high
+            diff, low, high = difference_interval(group[metric].tolist(), reference_runs[metric].tolist(), level)
+            row[f"{metric}_vs_{reference}"] = diff
+            row[f"{metric}_vs_{reference}_differs"] = bool(low > 0 or high < 0) if variant != reference else False
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summary_markdown(summary: pd.DataFrame, reference: str, level: float) -> str:
+    """``summary_table``'s result as the docs show it: mean [interval] per metric; ``▲``/``▼`` where the
+    difference from ``reference`` exceeds its interval."""
+    def cell(row, metric: str) -> str:
+        if metric not in row or pd.isna(row[metric]):
+            return "n/a"
+        mark = ""
+        if row.get(f"{metric}_vs_{reference}_differs"):
+            mark = " ▲" if row[f"{metric}_vs_{reference}"] > 0 else " ▼"
+        if pd.isna(row[f"{metric}_low"]):
+            return f"{row[metric]:.3f}{mark}"
+        return f"{row[metric]:.3f} [{row[f'{metric}_low']:.3f}, {row[f'{metric}_high']:.3f}]{mark}"
+
+    shown = [m for m in ("gold_score", "win_rate_vs_sft_gold", "win_rate_vs_sft_rm", "win_rate_vs_sft_judge",
+                         "kl_to_sft", "perplexity", "response_length", "refusal_rate_harmful", "refusal_rate_harmless")
+             if m in summary]
+    table = pd.DataFrame([{"variant": row["variant"], "seeds": row["seeds"], **{m: cell(row, m) for m in shown},
+                           **({"seeds beating SFT": f"{row['seeds_beating_sft_gold']}/{row['seeds']}"}
+                              if "seeds_beating_sft_gold" in row else {})}
+                          for _, row in summary.iterrows()])
+    note = (f"\nMean across seeds [{level:.0%} Student-t interval]; ▲/▼: the difference from {reference} exceeds its "
+            f"{level:.0%} Welch interval. Seeds beating SFT: seeds whose gold win rate's {level:.0%} paired-bootstrap "
+            "interval (over prompts) lies above 0.5.\n")
+    return markdown_table(table) + note
+
+
+def plot_gold(summary: pd.DataFrame, runs: pd.DataFrame, sft_gold: float | None) -> plt.Figure:
+    """Final gold score per variant: bars of the mean with the interval across seeds, one dot per seed, and
+    SFT's as a dashed line (none without a gold reward)."""
+    figure, axis = pyplot().subplots(figsize=(max(6.0, 0.8 * len(summary)), 3.6))
+    positions = range(len(summary))
+    means = summary["gold_score"].astype(float) if "gold_score" in summary else pd.Series([math.nan] * len(summary))
+    if "gold_score_low" in summary:
+        errors = [(means - summary["gold_score_low"]).fillna(0).clip(lower=0),
+                  (summary["gold_score_high"] - means).fillna(0).clip(lower=0)]
+        axis.bar(positions, means.fillna(0.0), yerr=errors, capsize=3, color="tab:blue", alpha=0.7)
+    for position, variant in zip(positions, summary["variant"], strict=True):
+        seeds = runs.loc[runs["variant"] == variant, "gold_score"].astype(float)
+        axis.scatter([position] * len(seeds), seeds, color="black", s=8, zorder=3)
+    if sft_gold is not None:
+        axis.axhline(sft_gold, color="grey", linestyle="--", label="SFT")
+        axis.legend()
+    axis.set_xticks(list(positions), summary["variant"], rotation=30, ha="right")
+    axis.set_ylabel("gold score (held-out prompts)")
+    figure.tight_layout()
+    return figure

@@ -92,3 +92,25 @@ def test_gpu_environment_is_real_lengths_with_lora_and_checkpointing():
         assert (cfg.max_prompt_length, cfg.sampling.max_new_tokens, cfg.sampling.temperature) == (512, 256, 0.8)
         assert cfg.rollout_batch_size == 128 and preset["name"] == name
     assert params["ppo"]["vanilla"]["kl_coef"] == 0.0 and params["ppo"]["ppo_max"]["kl_coef"] == 0.05
+
+
+def test_one_launcher_setting_with_per_stage_overrides_and_derived_work_folders():
+    import socket
+
+    from rlhf_pipeline.launch import LaunchConfig, PPOSettings
+    from rlhf_pipeline.launch.job import free_port
+
+    launcher = {"num_processes": 8, "hostfile": None, "master_port": None, "timeout_s": None, "work_dir": "runs/a"}
+    sft = LaunchConfig.from_params(launcher, None, "sft")
+    assert (sft.num_processes, sft.job_dir, sft.master_port) == (8, "runs/a/sft/job", None)
+    assert LaunchConfig.from_params(launcher, {"num_processes": 2}, "sft").num_processes == 2  # the stage's key wins
+    ppo = PPOSettings.from_params({"name": "ppo_max", "kl_coef": 0.1}, launcher)
+    assert (ppo.launch.job_dir, ppo.checkpoint_dir, ppo.trainer) == ("runs/a/ppo/ppo_max/job",
+                                                                    "runs/a/ppo/ppo_max/checkpoints", "rlhf_pipeline")
+    with pytest.raises(ValueError, match=r"LaunchConfig: unknown parameter\(s\) \['gpus'\]"):
+        LaunchConfig.from_params(launcher, {"gpus": 2}, "sft")
+    with pytest.raises(ValueError, match=r"trainer: 'trlx' is not one of"):
+        PPOSettings.from_params({"name": "x", "trainer": "trlx"}, launcher)
+    port = free_port()
+    with socket.socket() as probe:  # free when found: a rendezvous can bind it
+        probe.bind(("", port))

@@ -76,8 +76,10 @@ def test_kedro_run_test_environment_on_the_gpu(tmp_path):
 
     project = make_project_copy(tmp_path / "project")
     kedro(project, "run", "--env", "test")
-    summary = json.loads((project / "data" / "08_reporting" / "evaluation_summary.json").read_text())
-    assert summary  # every stage ran on the GPU through to the evaluation
+    reporting = project / "data" / "08_reporting"
+    for stage in ("sft", "reward_model", "judge"):  # the trained weights sat on the GPU
+        assert json.loads((reporting / f"{stage}_metrics.json").read_text())["device"] == "cuda", stage
+    assert set(json.loads((reporting / "evaluation_summary.json").read_text())) == {"sft", "ppo_max", "vanilla"}
 
 
 def test_score_moments_all_reduce_on_an_nccl_group(monkeypatch):

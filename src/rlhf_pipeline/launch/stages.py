@@ -123,7 +123,7 @@ def run_stage(spec: JobSpec, models: dict[str, ModelBundle], frames: dict[str, p
     stage = STAGES[spec.stage]
     if launch.in_process:
         output = stage.run(StageInputs(models, frames), spec, log)
-        return StageOutput(output.models, {**output.results, "world_size": 1})
+        return StageOutput(output.models, {**output.results, "world_size": 1, "device": trained_on(output)})
 
     def write_inputs(job: Path) -> None:
         for name, bundle in models.items():
@@ -140,7 +140,8 @@ def run_stage(spec: JobSpec, models: dict[str, ModelBundle], frames: dict[str, p
 
 def run_sft(model: ModelBundle, train: tuple[list[str], list[str]], val: tuple[list[str], list[str]], cfg: SFTConfig,
             launch: LaunchConfig, log: LogFn = no_logging) -> tuple[torch.nn.Module, dict]:
-    """``train_sft`` on (prompts, responses); the model and its metrics (with ``world_size``)."""
+    """``train_sft`` on (prompts, responses); the model and its metrics (with ``world_size`` and the ``device``
+    it trained on)."""
     frames = {"train": pd.DataFrame({"prompt": train[0], "response": train[1]}),
               "val": pd.DataFrame({"prompt": val[0], "response": val[1]})}
     out = run_stage(JobSpec("sft", asdict(cfg)), {"model": model}, frames, launch, log)
@@ -150,7 +151,7 @@ def run_sft(model: ModelBundle, train: tuple[list[str], list[str]], val: tuple[l
 def run_reward_training(model: ModelBundle, pairs: pd.DataFrame, cfg: RewardConfig, launch: LaunchConfig,
                         log: LogFn = no_logging, description: str = "reward_model") -> tuple[ValueHeadModel, dict]:
     """``train_reward_model`` on ``prompt``/``chosen``/``rejected`` pairs (``model``: a value-head model); the model
-    and its fitting counts (with ``world_size``)."""
+    and its fitting counts (with ``world_size`` and the ``device`` it trained on)."""
     out = run_stage(JobSpec("reward", asdict(cfg), {"description": description}), {"model": model},
                     {"pairs": pairs[["prompt", "chosen", "rejected"]]}, launch, log)
     return out.models["model"].model, out.results
@@ -212,4 +213,10 @@ def write_output(output: StageOutput, folder: Path) -> None:
     """Rank 0 of a launched job: the output models as ``save_pretrained`` directories, the results as JSON."""
     for name, bundle in output.models.items():
         bundle.save_pretrained(str(folder / name))
-    (folder / "results.json").write_text(json.dumps({**output.results, "world_size": world()[1]}))
+    (folder / "results.json").write_text(json.dumps({**output.results, "world_size": world()[1],
+                                                     "device": trained_on(output)}))
+
+
+def trained_on(output: StageOutput) -> str:
+    """The device type (``cuda``, ``cpu``) that the stage's trained models' weights sit on when it ends."""
+    return ",".join(sorted({p.device.type for bundle in output.models.values() for p in bundle.model.parameters()}))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +10,7 @@ import pandas as pd
 
 from rlhf_pipeline.data import prompt_bucket
 from rlhf_pipeline.pipelines.tracking import mlflow_logger
-from rlhf_pipeline.reporting import strict_json
+from rlhf_pipeline.reporting import nan_mean, strict_json
 from rlhf_pipeline.task import gold_score
 
 if TYPE_CHECKING:
@@ -96,12 +95,6 @@ def held_out_mask(prompts: pd.Series, fraction: float, seed: int) -> pd.Series:
     return prompts.map(lambda p: prompt_bucket(p, seed + 1) < fraction)
 
 
-def mean_gold_score(prompts: list[str], responses: list[str]) -> float | None:
-    """Mean gold reward, ``None`` when the prompts are not of the embedded task (no gold reward)."""
-    scores = [s for s in (gold_score(p, r) for p, r in zip(prompts, responses, strict=True)) if not math.isnan(s)]
-    return sum(scores) / len(scores) if scores else None
-
-
 def train_sft_model(base_model: ModelBundle, sft_train: pd.DataFrame, sft: dict[str, Any],
                     launcher: dict[str, Any]) -> tuple[ModelBundle, dict]:
     """Fine-tune the base model on the demonstrations and measure it on held-out prompts.
@@ -136,7 +129,7 @@ def train_sft_model(base_model: ModelBundle, sft_train: pd.DataFrame, sft: dict[
 
     def gold_of_samples(model) -> float | None:
         responses = generate_texts(to_rank_device(model), base_model.tokenizer, eval_prompt_ids, sampling, seed=cfg.seed)
-        return mean_gold_score([eval_prompts[i] for i in kept], responses)
+        return nan_mean(gold_score(eval_prompts[i], r) for i, r in zip(kept, responses, strict=True))
 
     gold_before = gold_of_samples(base_model.model)
     model, train_metrics = run_sft(base_model, (train["prompt"].tolist(), train["response"].tolist()),

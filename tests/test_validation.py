@@ -22,7 +22,7 @@ from rlhf_pipeline.training.engine import child_environment
 from tests.conftest import PROJECT_ROOT, make_project_copy
 from tests.test_config import load_parameters
 
-ENVIRONMENTS = ("local", "test", "gpu", "smollm2", "hh_rlhf", "files")
+ENVIRONMENTS = ("local", "test", "gpu", "smollm2", "hh_rlhf")
 
 
 def registered(name: str) -> Pipeline:

@@ -169,3 +169,41 @@ def samples_table(eval_set: EvalSet, **scores: dict[str, list]) -> pd.DataFrame:
                          "response": by_scorer["responses"][i],
                          **{f"{s}_score": by_scorer[s][i] for s in SCORERS if s in by_scorer}})
     return pd.DataFrame(rows)
+
+
+def gold_curve(samples: list[dict]) -> dict[int, float]:
+    """Mean gold score of each PPO iteration's kept rollouts (``samples``: dicts with ``step``, ``prompt``,
+    ``response``, as the trainer keeps them); iterations with no prompt the task knows are left out."""
+    frame = pd.DataFrame(samples)
+    if frame.empty:
+        return {}
+    frame["gold"] = [gold_score(p, r) for p, r in zip(frame["prompt"], frame["response"], strict=True)]
+    return {int(step): gold for step, gold in frame.groupby("step")["gold"].mean().dropna().items()}
+
+
+def seed_result(history: pd.DataFrame, samples: list[dict], scores: dict[str, list], sft_scores: dict[str, list],
+                metrics: dict[str, Any], resamples: int, seed: int, level: float) -> dict[str, Any]:
+    """One trained policy's result for a study across seeds.
+
+    Args:
+        history, samples: Its training's per-iteration metrics (a ``step`` column) and kept rollouts.
+        scores, sft_scores: Its and SFT's samples and scores on the same prompts (``sample_and_score``).
+        metrics: Its metrics against SFT (``compare_with_sft``).
+        resamples, seed, level: Of the per-prompt paired bootstrap of each win rate (``stats``).
+
+    Returns:
+        The metrics, each scorer's win-rate interval (``win_rate_vs_sft_<scorer>_low``/``_high``) and ``curves``:
+        per iteration, the training metrics of ``reporting.TRAINING_CURVES`` and the gold score of that
+        iteration's rollouts (``None`` where none exists); strict JSON.
+    """
+    from rlhf_pipeline.reporting import TRAINING_CURVES
+    from rlhf_pipeline.stats import paired_bootstrap_win_rate
+
+    result = dict(metrics)
+    for scorer in (s for s in SCORERS if s in scores):
+        _, low, high = paired_bootstrap_win_rate(scores[scorer], sft_scores[scorer], resamples, seed, level)
+        result[f"win_rate_vs_sft_{scorer}_low"], result[f"win_rate_vs_sft_{scorer}_high"] = low, high
+    gold = gold_curve(samples)
+    result["curves"] = [{"step": int(record["step"]), **{k: record.get(k) for k in TRAINING_CURVES if k != "gold_score"},
+                         "gold_score": gold.get(int(record["step"]))} for record in history.to_dict("records")]
+    return strict_json(result)

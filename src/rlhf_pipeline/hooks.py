@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import mlflow
@@ -56,6 +57,9 @@ def settings_builders(parameters: dict[str, Any]) -> dict[str, Callable[[dict[st
 
     launcher = parameters.get("launcher") or {}
 
+    def ppo(params: dict[str, Any], variant: str) -> None:
+        PPOSettings.from_params(params, launcher, variant)
+
     def ablation(params: dict[str, Any]) -> None:
         for row in settings.DYNAMIC_PIPELINES_MAPPING["ablation"]:
             row_settings(parameters["ppo"], params, launcher, row=row, seed=settings.ABLATION_SEEDS[0])
@@ -63,7 +67,7 @@ def settings_builders(parameters: dict[str, Any]) -> dict[str, Callable[[dict[st
     return {
         "sft": lambda params: SFTSettings.from_params(params, launcher),
         "reward_model": lambda params: RewardModelSettings.from_params(params, "reward_model", launcher),
-        **{f"ppo.{variant}": lambda params: PPOSettings.from_params(params, launcher) for variant in parameters.get("ppo", {})},
+        **{f"ppo.{variant}": partial(ppo, variant=variant) for variant in parameters.get("ppo", {})},
         "evaluation": lambda params: config_from(SamplingConfig, params["sampling"]),
         "evaluation.judge": lambda params: RewardModelSettings.from_params(params, "evaluation.judge", launcher),
         "ablation": ablation,

@@ -21,12 +21,22 @@ logging.getLogger("kedro.validation.type_extractor").setLevel(logging.ERROR)
 # alias in MLflow
 HOOKS = (SettingsCheckHook(), MlflowLineageHook())
 
+
+
+def files_or(paths: list[str] | None, source: dict) -> dict:
+    """The catalog entry of ``raw_preferences``: JSON-lines ``paths`` given on the command line (``--params
+    "data_processing.source.paths=[FILE]"``, read by the project's ``JSONLinesDataset``), or else the
+    environment's own ``source`` entry."""
+    return {"type": "rlhf_pipeline.datasets.JSONLinesDataset", "filepath": list(paths)} if paths else source
+
+
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
     "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**"]},
     "merge_strategy": {"parameters": "soft", "mlflow": "soft"},
+    "custom_resolvers": {"files_or": files_or},
 }
 
 # Kedro's dynamic pipelines: a namespace per name. `ppo`: the presets the ppo pipeline trains and the evaluation

@@ -47,6 +47,8 @@ class LaunchConfig:
     def __post_init__(self) -> None:
         if self.num_processes < 1:
             raise ValueError(f"launcher.num_processes must be >= 1, got {self.num_processes}")
+        if self.hostfile and self.master_port is None:  # rank 0 listens on the hostfile's first host, not here
+            raise ValueError("launcher.master_port: with a hostfile, set a port that is free on its first host")
 
     @classmethod
     def from_params(cls, launcher: dict[str, Any], override: dict[str, Any] | None, folder: str) -> LaunchConfig:
@@ -57,6 +59,9 @@ class LaunchConfig:
             ValueError: An unknown key (named), or an invalid value.
         """
         merged = {**launcher, **(override or {})}
+        if "job_dir" in merged:
+            raise ValueError(f"launcher.job_dir: job folders are derived as <work_dir>/{folder}/job; set "
+                             "launcher.work_dir instead")
         work_dir = merged.pop("work_dir", "data/06_models")
         return config_from(cls, {**merged, "job_dir": str(Path(work_dir) / folder / "job")})
 

@@ -171,20 +171,23 @@ class PPOSettings:
     train: PPOConfig
 
     @classmethod
-    def from_params(cls, params: dict[str, Any], launcher: dict[str, Any], folder: str | None = None) -> PPOSettings:
-        """``params``: ``PPOConfig`` fields plus ``name``, optional ``trainer`` and ``launcher`` (this run's keys over
-        the run-wide ``launcher``); work folders under ``<work_dir>/<folder>`` (default ``ppo/<name>``).
+    def from_params(cls, params: dict[str, Any], launcher: dict[str, Any], name: str,
+                    folder: str | None = None) -> PPOSettings:
+        """``params``: ``PPOConfig`` fields plus optional ``trainer`` and ``launcher`` (this run's keys over the
+        run-wide ``launcher``); work folders under ``<work_dir>/<folder>`` (default ``ppo/<name>``).
 
         Raises:
-            ValueError: An unknown trainer, or an unknown, missing or invalid key (named).
-            KeyError: ``name`` is missing.
+            ValueError: An unknown trainer, TRL's trainer on more than one process, or an unknown, missing or
+                invalid key (named).
         """
         params = dict(params)
-        name, trainer = params.pop("name"), params.pop("trainer", "rlhf_pipeline")
+        trainer = params.pop("trainer", "rlhf_pipeline")
         if trainer not in ("rlhf_pipeline", "trl"):
             raise ValueError(f"trainer: {trainer!r} is not one of 'rlhf_pipeline', 'trl'")
-        folder = folder or f"ppo/{name}"
-        launch = LaunchConfig.from_params(launcher, params.pop("launcher", None), folder)
+        launch = LaunchConfig.from_params(launcher, params.pop("launcher", None), folder or f"ppo/{name}")
+        if trainer == "trl" and not launch.in_process:
+            raise ValueError(f"trainer: 'trl' trains in one process; {name} asks for {launch.num_processes} process(es)"
+                             f"{' and a hostfile' if launch.hostfile else ''}: set its launcher to num_processes 1")
         checkpoint_dir = str(Path(launch.job_dir).parent / "checkpoints")
         return cls(name, trainer, checkpoint_dir, launch, PPOConfig.from_params(params))
 

@@ -14,7 +14,8 @@ from rlhf_pipeline.baselines.trl_ppo import TRLScoreModel
 from rlhf_pipeline.formatting import DialogueEncoder
 from rlhf_pipeline.modeling import TinyModelConfig, ValueHeadModel, build_tiny_model, train_tokenizer
 from rlhf_pipeline.pipeline_registry import register_pipelines
-from rlhf_pipeline.pipelines.ablation.nodes import gold_curve, row_parameters, summarise_ablation
+from rlhf_pipeline.evaluation import gold_curve
+from rlhf_pipeline.pipelines.ablation.nodes import row_parameters, summarise_ablation
 from rlhf_pipeline.pipelines.ablation.pipeline import create_pipeline
 from rlhf_pipeline.pipelines.evaluation.pipeline import policy_evaluation, prompt_set
 from rlhf_pipeline.pipelines.ppo.pipeline import training
@@ -23,9 +24,9 @@ from rlhf_pipeline.training.reward import score_responses
 from tests.pipelines.conftest import parameters, prompts_of, run, tiny
 
 PPO = {
-    "ppo_max": {"name": "ppo_max", "launcher": {"num_processes": 1}, "iterations": 80, "rollout_batch_size": 8,
+    "ppo_max": {"launcher": {"num_processes": 1}, "iterations": 80, "rollout_batch_size": 8,
                 "kl_coef": 0.2, "sampling": {"max_new_tokens": 48, "temperature": 0.8}},
-    "vanilla": {"name": "vanilla", "iterations": 80, "rollout_batch_size": 8, "kl_coef": 0.0,
+    "vanilla": {"iterations": 80, "rollout_batch_size": 8, "kl_coef": 0.0,
                 "sampling": {"max_new_tokens": 48, "temperature": 0.8}},
 }
 ABLATION = {"base": "ppo_max", "iterations": 40, "level": 0.95, "bootstrap_resamples": 100,
@@ -37,7 +38,7 @@ def test_a_row_is_its_preset_with_the_rows_overrides_and_the_studys_budget():
     params = row_parameters(PPO, ABLATION, "hot", 2)
     assert params["sampling"] == {"max_new_tokens": 48, "temperature": 1.0}  # nested keys merge, not replace
     assert params["kl_coef"] == 0.2 and params["iterations"] == 40 and params["seed"] == 2
-    assert params["name"] == "ablation/hot/seed_2" and params["launcher"] == {"num_processes": 1}
+    assert params["launcher"] == {"num_processes": 1}
     assert params["sample_every"] == 1 and params["sample_count"] == 8  # every rollout, for the gold curve
     vanilla = row_parameters(PPO, {**ABLATION, "iterations": None}, "vanilla", 0)
     assert vanilla["kl_coef"] == 0.0 and vanilla["iterations"] == 80
@@ -45,6 +46,8 @@ def test_a_row_is_its_preset_with_the_rows_overrides_and_the_studys_budget():
         row_parameters(PPO, ABLATION, "typo", 0)
     with pytest.raises(ValueError, match=r"ablation.variants: no row 'cold'"):
         row_parameters(PPO, ABLATION, "cold", 0)
+    with pytest.raises(ValueError, match=r"ablation: unknown key\(s\) \['grid', 'seeds'\].*declared in settings.py"):
+        row_parameters(PPO, {**ABLATION, "grid": ["hot"], "seeds": [0]}, "hot", 0)
 
 
 def test_the_study_instantiates_the_ppo_and_evaluation_nodes_per_row_and_seed():
@@ -58,6 +61,10 @@ def test_the_study_instantiates_the_ppo_and_evaluation_nodes_per_row_and_seed():
                 "row_result_node")} <= study
     assert pipelines["ablation"].only_nodes("ablation.no_kl.seed_1.train_ppo_node").nodes[0].func is \
         pipelines["ppo"].only_nodes("ppo.ppo_max.train_ppo_node").nodes[0].func  # the same node, not a copy
+    order = [n.name for n in pipelines["ablation"].nodes]  # the order SequentialRunner runs them in
+    runs = [f"ablation.{row}.seed_{seed}" for row in rows for seed in seeds]
+    for earlier, later in zip(runs, runs[1:]):  # one (row, seed) stored before the next trains: one policy in memory
+        assert order.index(f"{earlier}.row_result_node") < order.index(f"{later}.train_ppo_node")
     assert not any(n.name.startswith("ablation") for n in pipelines["__default__"].nodes)
     assert set(pipelines["__default__"].nodes) == set().union(*(set(p.nodes) for name, p in pipelines.items()
                                                                  if name not in ("__default__", "ablation")))
@@ -109,7 +116,7 @@ def test_a_rerun_with_only_missing_outputs_reads_the_stored_results(study):
     changed = parameters({"launcher": {"work_dir": str(folder / "work")},
                           "ablation": {"variants": {"no_kl": {"kl_coef": 0.0, "clip_eps": 0.3}}}})
     summary = {"ablation_mlflow_metrics": JSONDataset(filepath=str(folder / "changed.json"))}
-    with pytest.raises(Exception, match=r"stored ablation results from other settings: ablation.no_kl.seed_0.result"):
+    with pytest.raises(Exception, match=r"results from other settings or models: ablation.no_kl.seed_0.result"):
         run(pipeline, data, changed, {**files(), **summary}, only_missing_outputs=True)
 
 
@@ -151,11 +158,15 @@ def test_summary_refuses_a_result_stored_from_other_settings(study):
     result = catalog.load("ablation.no_kl.seed_0.result")
     settings_ = catalog.load("ablation.no_kl.seed_0.settings")
     evaluation, ablation = parameters()["evaluation"], parameters()["ablation"]
-    summarise_ablation(ablation, evaluation, {"gold_score": -1.0}, result__no_kl__seed_0=result,
+    sft_scores = catalog.load("ablation.sft.scores")
+    summarise_ablation(ablation, evaluation, sft_scores, {"gold_score": -1.0}, result__no_kl__seed_0=result,
                        settings__no_kl__seed_0=settings_)
-    with pytest.raises(ValueError, match=r"other settings: ablation.no_kl.seed_0.result"):
-        summarise_ablation(ablation, {**evaluation, "max_prompts": 3}, {"gold_score": -1.0},
-                           result__no_kl__seed_0=result, settings__no_kl__seed_0=settings_)
+    for changed in ({"evaluation": {**evaluation, "max_prompts": 3}}, {"ablation": {**ablation, "level": 0.9}},
+                    {"sft_scores": {**sft_scores, "responses": ["another SFT model"] * len(sft_scores["responses"])}}):
+        arguments = {"ablation": ablation, "evaluation": evaluation, "sft_scores": sft_scores, **changed}
+        with pytest.raises(ValueError, match=r"other settings or models: ablation.no_kl.seed_0.result"):
+            summarise_ablation(**arguments, sft_metrics={"gold_score": -1.0}, result__no_kl__seed_0=result,
+                               settings__no_kl__seed_0=settings_)
 
 
 def test_gold_curve_averages_each_iterations_rollouts():

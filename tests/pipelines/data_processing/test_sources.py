@@ -130,13 +130,15 @@ def raw_preferences_entry(env: str, runtime_params: dict) -> dict:
 
 
 @pytest.mark.parametrize(("env", "runtime_params", "kind", "where"), [
-    ("base", PATHS, EmbeddedTaskDataset, ("data/01_raw/synthetic_hh.jsonl", 9000, 0)),
-    ("test", PATHS, EmbeddedTaskDataset, ("data/01_raw/synthetic_hh.jsonl", 400, 0)),
+    ("base", {}, EmbeddedTaskDataset, ("data/01_raw/synthetic_hh.jsonl", 9000, 0)),
+    ("base", PATHS, JSONLinesDataset, ["x.jsonl"]),  # files on the command line replace the embedded task
+    ("test", {}, EmbeddedTaskDataset, ("data/01_raw/synthetic_hh.jsonl", 400, 0)),
     ("test", {"task": {"num_pairs": 50, "seed": 1}}, EmbeddedTaskDataset, ("data/01_raw/synthetic_hh.jsonl", 50, 1)),
+    ("test", PATHS, JSONLinesDataset, ["x.jsonl"]),
     ("smollm2", PATHS, JSONLinesDataset, ["x.jsonl"]),
-    ("smollm2", {}, JSONLinesDataset, SHARED),
-    ("files", PATHS, JSONLinesDataset, ["x.jsonl"]),
-    ("hh_rlhf", PATHS, "HFDataset", ("Anthropic/hh-rlhf", {"split": "train", "data_dir": None})),
+    ("smollm2", {}, JSONLinesDataset, SHARED[0]),
+    ("hh_rlhf", {}, "HFDataset", ("Anthropic/hh-rlhf", {"split": "train", "data_dir": None})),
+    ("hh_rlhf", PATHS, JSONLinesDataset, ["x.jsonl"]),
     ("gpu", {"data_processing": {"source": {"hub_split": "test", "data_dir": "harmless-base"}}}, "HFDataset",
      ("Anthropic/hh-rlhf", {"split": "test", "data_dir": "harmless-base"})),
 ])
@@ -151,10 +153,3 @@ def test_each_environment_names_its_raw_preferences(env, runtime_params, kind, w
         assert isinstance(dataset, kind) and entry["filepath"] == where
     else:
         assert type(dataset).__name__ == kind and (entry["dataset_name"], entry["dataset_kwargs"]) == where
-
-
-def test_the_files_environment_requires_its_paths():
-    from omegaconf.errors import InterpolationResolutionError
-
-    with pytest.raises(InterpolationResolutionError, match="'data_processing.source.paths' not found"):
-        raw_preferences_entry("files", {})

@@ -2,8 +2,6 @@
 scored and compared with SFT in its own namespace (``evaluation.<policy>``), then the summary and the champion.
 ``policy_evaluation`` is the template the ablation study instantiates too."""
 
-from functools import partial, update_wrapper
-
 from kedro.framework.project import settings
 from kedro.pipeline import Node, Pipeline, node
 
@@ -15,6 +13,7 @@ from rlhf_pipeline.pipelines.evaluation.nodes import (
     summarise_evaluation,
     train_judge_model,
 )
+from rlhf_pipeline.pipelines import bound
 from rlhf_pipeline.pipelines.tracking import as_metrics
 
 POLICY_INPUTS = {"eval_set", "reward_model", "judge_model", "sft_model"}
@@ -47,7 +46,7 @@ def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline([
         node(train_judge_model, ["sft_model", "judge_train", "rm_val", "params:evaluation.judge", "params:launcher"],
              ["judge_model", "judge_metrics"], name="train_judge_model_node"),
-        node(update_wrapper(partial(as_metrics, prefix="judge"), as_metrics), "judge_metrics", "judge_mlflow_metrics",
+        node(bound(as_metrics, prefix="judge"), "judge_metrics", "judge_mlflow_metrics",
              name="judge_mlflow_metrics_node"),
         prompt_set(),
         *per_policy,
@@ -57,7 +56,7 @@ def create_pipeline(**kwargs) -> Pipeline:
               **{f"history__{variant}": f"ppo.{variant}.history" for variant in variants}},
              ["evaluation_summary", "evaluation_table", "evaluation_samples", "evaluation_markdown", "comparison_plot",
               "training_curves_plot"], name="summarise_evaluation_node"),
-        node(update_wrapper(partial(as_metrics, prefix="evaluation"), as_metrics), "evaluation_summary",
+        node(bound(as_metrics, prefix="evaluation"), "evaluation_summary",
              "evaluation_mlflow_metrics", name="evaluation_mlflow_metrics_node"),
         node(select_champion, ["evaluation_summary", "params:evaluation.champion_from"], "champion",
              name="select_champion_node"),

@@ -16,12 +16,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def ppo_settings(ppo: dict[str, Any], launcher: dict[str, Any]) -> PPOSettings:
-    """One variant's typed settings from ``params:ppo.<variant>`` and the run's ``params:launcher``
-    (``launch.PPOSettings.from_params``; raises ``ValueError``/``KeyError`` naming a bad key)."""
+def ppo_settings(ppo: dict[str, Any], launcher: dict[str, Any], *, name: str) -> PPOSettings:
+    """Preset ``name``'s typed settings from ``params:ppo.<name>`` and the run's ``params:launcher``
+    (``launch.PPOSettings.from_params``; raises ``ValueError`` naming a bad key)."""
     from rlhf_pipeline.launch import PPOSettings
 
-    return PPOSettings.from_params(ppo, launcher)
+    return PPOSettings.from_params(ppo, launcher, name)
 
 
 def train_ppo(

@@ -4,6 +4,7 @@ the SFT model, RM and data. ``training`` is the node the ablation study instanti
 from kedro.framework.project import settings
 from kedro.pipeline import Node, Pipeline, node
 
+from rlhf_pipeline.pipelines import bound
 from rlhf_pipeline.pipelines.ppo.nodes import ppo_settings, train_ppo
 
 SHARED_INPUTS = {"sft_model", "reward_model", "ppo_prompts", "sft_train", "reward_model_metrics"}
@@ -16,8 +17,8 @@ def training() -> Node:
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    template = Pipeline([node(ppo_settings, ["params:ppo", "params:launcher"], "settings", name="ppo_settings_node"),
-                         training()])
-    return sum((Pipeline(template, namespace=f"ppo.{variant}", inputs=SHARED_INPUTS,
+    return sum((Pipeline([node(bound(ppo_settings, name=variant), ["params:ppo", "params:launcher"], "settings",
+                               name="ppo_settings_node"), training()],
+                         namespace=f"ppo.{variant}", inputs=SHARED_INPUTS,
                          parameters={"params:ppo": f"params:ppo.{variant}", "params:launcher": "params:launcher"})
                 for variant in settings.DYNAMIC_PIPELINES_MAPPING["ppo"]), Pipeline([]))

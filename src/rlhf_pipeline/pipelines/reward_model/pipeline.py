@@ -1,10 +1,9 @@
 """Wiring of the reward_model pipeline."""
 
-from functools import partial, update_wrapper
-
 from kedro.pipeline import Pipeline, node
 
 from rlhf_pipeline.pipelines.reward_model.nodes import train_reward_model_node
+from rlhf_pipeline.pipelines import bound
 from rlhf_pipeline.pipelines.tracking import as_metrics
 
 
@@ -12,6 +11,6 @@ def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline([
         node(train_reward_model_node, ["sft_model", "rm_train", "rm_val", "params:reward_model", "params:launcher"],
              ["reward_model", "reward_model_metrics"], name="train_reward_model_node"),
-        node(update_wrapper(partial(as_metrics, prefix="reward_model"), as_metrics), "reward_model_metrics",
+        node(bound(as_metrics, prefix="reward_model"), "reward_model_metrics",
              "reward_model_mlflow_metrics", name="reward_model_mlflow_metrics_node"),
     ])

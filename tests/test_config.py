@@ -86,7 +86,7 @@ def test_gpu_environment_is_real_lengths_with_lora_and_checkpointing():
     for stage in (params["sft"], params["reward_model"], params["evaluation"]["judge"]):
         optim = config_from(OptimConfig, stage["optim"])
         assert optim.gradient_checkpointing and optim.bf16 == "auto" and optim.zero_stage == 2
-    for name, preset in params["ppo"].items():
+    for preset in params["ppo"].values():
         cfg = PPOConfig.from_params({k: v for k, v in preset.items() if k != "launcher"})
         assert cfg.lora.r == 16 and cfg.policy_optim.gradient_checkpointing and cfg.critic_optim.gradient_checkpointing
         assert (cfg.max_prompt_length, cfg.sampling.max_new_tokens, cfg.sampling.temperature) == (512, 256, 0.8)

@@ -51,8 +51,8 @@ def test_data_processing(project_copy):
     assert all(len(frame) for frame in splits.values())
     assert not set(splits["eval_prompts"]["prompt"]) & set().union(*(set(f["prompt"]) for n, f in splits.items() if n != "eval_prompts"))
     run = runs_of(project_copy).iloc[-1]
-    assert run["metrics.data.rows_valid"] == 400 and run["metrics.data.rows_quarantined"] == 0
-    assert run["metrics.data.eval_prompts_size"] == len(splits["eval_prompts"])
+    assert run["metrics.data/rows_valid"] == 400 and run["metrics.data/rows_quarantined"] == 0
+    assert run["metrics.data/eval_prompts_size"] == len(splits["eval_prompts"])
     # the embedded task's file records the catalog settings it was generated from
     task = json.loads((project_copy / "data/01_raw/synthetic_hh.jsonl.task.json").read_text())
     assert (task["num_pairs"], task["seed"]) == (400, 0)
@@ -116,7 +116,7 @@ def test_ppo_both_variants(project_copy):
         assert (version / "policy" / "model.safetensors").exists()
         assert (project_copy / f"data/06_models/ppo/{variant}/checkpoints/latest").read_text() == "iteration_2"
         curve = client.get_metric_history(run["run_id"], f"ppo/{variant}/kl/sequence")
-        assert [m.step for m in curve] == [1, 2, 3]
+        assert [m.step for m in curve] == [1, 2, 3] and run[f"metrics.ppo/{variant}/iterations"] == 3
         assert f"ppo_{variant}/ppo_{variant}_samples.json" in artifacts_of(run["run_id"], f"ppo_{variant}")
     versions = {v.tags["variant"]: v for v in client.search_model_versions("name = 'rlhf-policy'")}
     assert set(versions) == {"ppo_max", "vanilla"}

@@ -11,10 +11,10 @@ from kedro.framework.project import settings
 from kedro_datasets.json import JSONDataset
 
 from rlhf_pipeline.baselines.trl_ppo import TRLScoreModel
+from rlhf_pipeline.evaluation import gold_curve
 from rlhf_pipeline.formatting import DialogueEncoder
 from rlhf_pipeline.modeling import TinyModelConfig, ValueHeadModel, build_tiny_model, train_tokenizer
 from rlhf_pipeline.pipeline_registry import register_pipelines
-from rlhf_pipeline.evaluation import gold_curve
 from rlhf_pipeline.pipelines.ablation.nodes import row_parameters, summarise_ablation
 from rlhf_pipeline.pipelines.ablation.pipeline import create_pipeline
 from rlhf_pipeline.pipelines.evaluation.pipeline import policy_evaluation, prompt_set
@@ -63,7 +63,7 @@ def test_the_study_instantiates_the_ppo_and_evaluation_nodes_per_row_and_seed():
         pipelines["ppo"].only_nodes("ppo.ppo_max.train_ppo_node").nodes[0].func  # the same node, not a copy
     order = [n.name for n in pipelines["ablation"].nodes]  # the order SequentialRunner runs them in
     runs = [f"ablation.{row}.seed_{seed}" for row in rows for seed in seeds]
-    for earlier, later in zip(runs, runs[1:]):  # one (row, seed) stored before the next trains: one policy in memory
+    for earlier, later in zip(runs, runs[1:], strict=False):  # one (row, seed) stored before the next trains: one policy in memory
         assert order.index(f"{earlier}.row_result_node") < order.index(f"{later}.train_ppo_node")
     assert not any(n.name.startswith("ablation") for n in pipelines["__default__"].nodes)
     assert set(pipelines["__default__"].nodes) == set().union(*(set(p.nodes) for name, p in pipelines.items()

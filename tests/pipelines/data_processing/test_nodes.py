@@ -23,7 +23,7 @@ def rows_of(records) -> list[RawRow]:
 def preferences() -> pd.DataFrame:
     records = generate_preference_rows(TaskConfig(num_pairs=1500, seed=1))
     valid, quarantine, counts = parse_preferences(rows_of(records), strict=False)
-    assert quarantine.empty and counts["rows_valid"]["value"] == 1500
+    assert quarantine.empty and counts["data/rows_valid"]["value"] == 1500
     return valid
 
 
@@ -36,7 +36,7 @@ def test_no_prompt_crosses_splits_and_eval_is_unseen(preferences):
     assert len(judge) > 50 and not set(judge["prompt"]) & training  # PPO's RM and the judge share no prompt
     assert not set(sft["prompt"]) & set(rm_train["prompt"])
     assert not set(rm_train["prompt"]) & set(rm_val["prompt"])
-    assert sizes["eval_prompts_size"]["value"] == len(evaluation)
+    assert sizes["data/eval_prompts_size"]["value"] == len(evaluation)
     assert set(evaluation["category"]) >= {"arithmetic", "harmful"}
 
 
@@ -52,7 +52,7 @@ def test_max_pairs_splits_a_seeded_sample(preferences):
     outputs = split_preferences(preferences, {**SPLIT, "max_pairs": 600}, PPO, LAUNCHER)
     pairs = sum(len(outputs[name]) for name in ("sft_train", "rm_train", "rm_val", "judge_train"))
     assert 400 < pairs < 600  # ppo and eval splits hold unique prompts, not pairs
-    assert outputs["split_sizes"]["sft_train_size"]["value"] == len(outputs["sft_train"]) < 0.4 * 600
+    assert outputs["split_sizes"]["data/sft_train_size"]["value"] == len(outputs["sft_train"]) < 0.4 * 600
     again = split_preferences(preferences, {**SPLIT, "max_pairs": 600}, PPO, LAUNCHER)
     assert outputs["sft_train"].equals(again["sft_train"])
 
@@ -93,5 +93,5 @@ def test_strict_mode_names_file_and_line_default_mode_quarantines():
         parse_preferences(rows, strict=True)
     valid, quarantine, counts = parse_preferences(rows, strict=False)
     assert len(valid) == 2 and quarantine.loc[0, "line"] == 2
-    assert counts["rows_quarantined"]["value"] == 1
+    assert counts["data/rows_quarantined"]["value"] == 1
 

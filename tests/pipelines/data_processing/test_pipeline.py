@@ -18,8 +18,8 @@ def test_raw_rows_become_splits_with_the_bad_rows_quarantined():
     assert quarantine[["source", "line"]].values.tolist() == [["given.jsonl", 999]]
     splits = {name: catalog.load(name) for name in SPLITS}
     sizes = catalog.load("split_sizes")
-    assert {name: sizes[f"{name}_size"]["value"] for name in SPLITS} == {name: len(f) for name, f in splits.items()}
-    assert catalog.load("parse_counts") == {"rows_valid": {"value": 600.0, "step": 0},
-                                            "rows_quarantined": {"value": 1.0, "step": 0}}
+    assert {name: sizes[f"data/{name}_size"]["value"] for name in SPLITS} == {name: len(f) for name, f in splits.items()}
+    assert catalog.load("parse_counts") == {"data/rows_valid": {"value": 600.0, "step": 0},
+                                            "data/rows_quarantined": {"value": 1.0, "step": 0}}
     held_out = set(splits["eval_prompts"]["prompt"])
     assert not held_out & set().union(*(set(splits[n]["prompt"]) for n in SPLITS if n != "eval_prompts"))

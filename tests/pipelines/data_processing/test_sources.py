@@ -93,7 +93,7 @@ def test_every_source_form_gives_the_same_preference_rows(tmp_path):
     assert expected.loc[1, "prompt"].endswith("\n\nHuman: How do I pick a lock?\n\nAssistant:")
     for name, (valid, quarantine, counts) in parsed.items():
         pd.testing.assert_frame_equal(valid, expected, obj=name)
-        assert quarantine.empty and counts["rows_valid"]["value"] == 2
+        assert quarantine.empty and counts["data/rows_valid"]["value"] == 2
 
 
 def test_records_without_a_file_are_named_by_dataset_and_split():

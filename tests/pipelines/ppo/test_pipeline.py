@@ -20,6 +20,8 @@ def test_each_preset_trains_its_iterations_and_checkpoints_under_the_work_folder
         assert history["step"].tolist() == [1, 2, 3]  # conf/test: iterations 3
         assert (tmp_path / "ppo" / variant / "checkpoints" / "latest").read_text() == "iteration_2"  # every 2nd
         assert catalog.load(f"ppo.{variant}.settings").train.kl_coef == params["ppo"][variant]["kl_coef"]
+        final = catalog.load(f"ppo.{variant}.mlflow_metrics")
+        assert final[f"ppo/{variant}/iterations"]["value"] == 3 and final[f"ppo/{variant}/stopped_early"]["value"] == 0
     ppo_max, vanilla = (catalog.load(f"ppo.{v}.history") for v in ("ppo_max", "vanilla"))
     assert ppo_max["loss/policy"].isna().tolist() == [True, False, False]  # one critic warm-up iteration
     assert "loss/ptx" in ppo_max and "loss/ptx" not in vanilla  # vanilla has no PPO-ptx term

@@ -15,7 +15,6 @@ import pandas as pd
 from rlhf_pipeline.pipelines.tracking import as_metrics
 
 if TYPE_CHECKING:
-    import matplotlib.pyplot as plt
 
     from rlhf_pipeline.launch import PPOSettings
 

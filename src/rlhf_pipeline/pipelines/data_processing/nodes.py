@@ -9,6 +9,7 @@ import pandas as pd
 
 from rlhf_pipeline.data import SPLITS, assign_splits, raw_rows
 from rlhf_pipeline.hh import parse_rows
+from rlhf_pipeline.pipelines.tracking import as_metrics
 from rlhf_pipeline.task import classify_request
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def parse_preferences(
     valid = pd.DataFrame(result.preference_records(), columns=["prompt", "chosen", "rejected"])
     quarantine = pd.DataFrame(result.quarantine, columns=["source", "line", "reason", "raw"])
     counts = {"rows_valid": len(valid), "rows_quarantined": len(quarantine)}
-    return valid, quarantine, {k: {"value": float(v), "step": 0} for k, v in counts.items()}
+    return valid, quarantine, as_metrics(counts, "data")
 
 
 def split_preferences(
@@ -84,7 +85,7 @@ def split_preferences(
         if frame.empty:
             raise ValueError(f"data_processing.split: split '{name}' is empty; raise its fraction or the data size")
     check_ppo_prompts(len(outputs["ppo_prompts"]), split, ppo, launcher)
-    sizes = {f"{name}_size": {"value": float(len(frame)), "step": 0} for name, frame in outputs.items()}
+    sizes = as_metrics({f"{name}_size": len(frame) for name, frame in outputs.items()}, "data")
     return {**outputs, "split_sizes": sizes}
 
 

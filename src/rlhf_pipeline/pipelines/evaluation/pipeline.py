@@ -5,6 +5,7 @@ scored and compared with SFT in its own namespace (``evaluation.<policy>``), the
 from kedro.framework.project import settings
 from kedro.pipeline import Node, Pipeline, node
 
+from rlhf_pipeline.pipelines import bound
 from rlhf_pipeline.pipelines.evaluation.nodes import (
     compare_with_sft,
     evaluation_set,
@@ -13,7 +14,6 @@ from rlhf_pipeline.pipelines.evaluation.nodes import (
     summarise_evaluation,
     train_judge_model,
 )
-from rlhf_pipeline.pipelines import bound
 from rlhf_pipeline.pipelines.tracking import as_metrics
 
 POLICY_INPUTS = {"eval_set", "reward_model", "judge_model", "sft_model"}

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from rlhf_pipeline.pipelines.tracking import mlflow_logger
+from rlhf_pipeline.pipelines.tracking import as_metrics, mlflow_logger
 
 if TYPE_CHECKING:
     from rlhf_pipeline.launch import PPOSettings
@@ -27,7 +27,7 @@ def ppo_settings(ppo: dict[str, Any], launcher: dict[str, Any], *, name: str) ->
 def train_ppo(
     sft_model: ModelBundle, reward_model: ModelBundle, ppo_prompts: pd.DataFrame, sft_train: pd.DataFrame,
     reward_model_metrics: dict[str, float], settings: PPOSettings,
-) -> tuple[ModelBundle, pd.DataFrame, list[dict]]:
+) -> tuple[ModelBundle, pd.DataFrame, list[dict], dict[str, dict[str, float]]]:
     """Train the SFT policy against the reward model with one PPO variant (or the TRL baseline).
 
     Args:
@@ -39,7 +39,8 @@ def train_ppo(
         settings: The variant; its curves go to MLflow as ``ppo/<name>/...`` while it trains.
 
     Returns:
-        The trained policy, the per-iteration metrics and sample responses.
+        The trained policy, the per-iteration metrics, sample responses, and the run's final counts
+        (``iterations``, ``stopped_early``, ``prompts_dropped``) as ``ppo/<name>/...`` MLflow metrics.
     """
     from rlhf_pipeline.baselines.trl_ppo import run_trl_ppo
     from rlhf_pipeline.launch import run_ppo, score_prior
@@ -49,10 +50,11 @@ def train_ppo(
     result = train(sft_model, reward_model, ppo_prompts["prompt"].tolist(),
                    (sft_train["prompt"].tolist(), sft_train["response"].tolist()), settings.train, settings.launch,
                    checkpoint_dir=settings.checkpoint_dir, score_prior=score_prior(reward_model_metrics), log=log)
-    log({"prompts_dropped": result.prompts_dropped, "stopped_early": float(result.stopped_early)}, 0)
     history = pd.DataFrame(result.history)
     if not history.empty:
         last = history.iloc[-1]
         logger.info("PPO %s: %d iterations, RM score %.3f, KL %.3f", settings.name, len(history),
                     last["reward/raw_score"], last["kl/sequence"])
-    return sft_model.with_model(result.policy), history, result.samples
+    counts = {"iterations": len(history), "stopped_early": float(result.stopped_early),
+              "prompts_dropped": result.prompts_dropped}
+    return sft_model.with_model(result.policy), history, result.samples, as_metrics(counts, f"ppo/{settings.name}")

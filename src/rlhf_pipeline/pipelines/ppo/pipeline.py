@@ -11,9 +11,10 @@ SHARED_INPUTS = {"sft_model", "reward_model", "ppo_prompts", "sft_train", "rewar
 
 
 def training() -> Node:
-    """The PPO training node: ``settings`` (a ``PPOSettings``) and the shared inputs -> policy, history, samples."""
+    """The PPO training node: ``settings`` (a ``PPOSettings``) and the shared inputs -> policy, history, samples,
+    mlflow_metrics."""
     return node(train_ppo, ["sft_model", "reward_model", "ppo_prompts", "sft_train", "reward_model_metrics", "settings"],
-                ["policy", "history", "samples"], name="train_ppo_node")
+                ["policy", "history", "samples", "mlflow_metrics"], name="train_ppo_node")
 
 
 def create_pipeline(**kwargs) -> Pipeline:

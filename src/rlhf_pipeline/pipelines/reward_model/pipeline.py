@@ -2,8 +2,8 @@
 
 from kedro.pipeline import Pipeline, node
 
-from rlhf_pipeline.pipelines.reward_model.nodes import train_reward_model_node
 from rlhf_pipeline.pipelines import bound
+from rlhf_pipeline.pipelines.reward_model.nodes import train_reward_model_node
 from rlhf_pipeline.pipelines.tracking import as_metrics
 
 

@@ -2,8 +2,8 @@
 
 from kedro.pipeline import Pipeline, node
 
-from rlhf_pipeline.pipelines.sft.nodes import prepare_base_model, train_sft_model
 from rlhf_pipeline.pipelines import bound
+from rlhf_pipeline.pipelines.sft.nodes import prepare_base_model, train_sft_model
 from rlhf_pipeline.pipelines.tracking import as_metrics
 
 

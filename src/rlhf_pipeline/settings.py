@@ -7,6 +7,7 @@ replace a whole top-level key such as `data_processing`, dropping its other entr
 """
 
 import logging
+from typing import Any
 
 from kedro.config import OmegaConfigLoader
 
@@ -23,10 +24,11 @@ HOOKS = (SettingsCheckHook(), MlflowLineageHook())
 
 
 
-def files_or(paths: list[str] | None, source: dict) -> dict:
+def files_or(paths: Any, source: Any) -> Any:
     """The catalog entry of ``raw_preferences``: JSON-lines ``paths`` given on the command line (``--params
     "data_processing.source.paths=[FILE]"``, read by the project's ``JSONLinesDataset``), or else the
-    environment's own ``source`` entry."""
+    environment's own ``source`` entry (``paths``: a list or None; ``source``: a mapping; OmegaConf passes its
+    own containers)."""
     return {"type": "rlhf_pipeline.datasets.JSONLinesDataset", "filepath": list(paths)} if paths else source
 
 

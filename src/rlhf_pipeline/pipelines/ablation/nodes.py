@@ -102,13 +102,7 @@ def summarise_ablation(ablation: dict[str, Any], evaluation: dict[str, Any], sft
         ValueError: A stored result is from other settings than the run's (a rerun with
             ``--only-missing-outputs`` after a change): names the results to delete.
     """
-    from rlhf_pipeline.reporting import (
-        SUMMARY_METRICS,
-        plot_gold,
-        plot_training_curves,
-        summary_markdown,
-        summary_table,
-    )
+    from rlhf_pipeline import reporting
 
     results = {key.removeprefix("result__"): value for key, value in outputs.items() if key.startswith("result__")}
     stale = [key.replace("__", ".") for key, result in results.items()
@@ -119,12 +113,11 @@ def summarise_ablation(ablation: dict[str, Any], evaluation: dict[str, Any], sft
                          "ablation/<row>/<seed>/result.json) to train them again, or run without --only-missing-outputs")
     runs = pd.DataFrame([{k: v for k, v in r.items() if k not in ("curves", "key")} for r in results.values()])
     curves = pd.DataFrame([{"variant": r["variant"], "seed": r["seed"], **c} for r in results.values() for c in r["curves"]])
-    summary = summary_table(runs, ablation["base"], ablation["level"])
-    for _, row in summary.iterrows():
-        logger.info("Ablation %s (%d seeds): gold %s, gold win vs SFT %s, KL %s", row["variant"], row["seeds"],
-                    row.get("gold_score"), row.get("win_rate_vs_sft_gold"), row.get("kl_to_sft"))
-    means = {row["variant"]: {m: row[m] for m in SUMMARY_METRICS if m in row} for _, row in summary.iterrows()}
-    return {"runs": runs, "curves": curves, "summary": summary,
-            "markdown": summary_markdown(summary, ablation["base"], ablation["level"]),
-            "curves_plot": plot_training_curves(curves), "gold_plot": plot_gold(summary, runs, sft_metrics.get("gold_score")),
+    summary = reporting.summary_table(runs, ablation["base"], ablation["level"])
+    markdown = reporting.summary_markdown(summary, ablation["base"], ablation["level"])
+    logger.info("Ablation study over %d (row, seed) runs:\n%s", len(runs), markdown)
+    means = {row["variant"]: {m: row[m] for m in reporting.SUMMARY_METRICS if m in row} for _, row in summary.iterrows()}
+    return {"runs": runs, "curves": curves, "summary": summary, "markdown": markdown,
+            "curves_plot": reporting.plot_training_curves(curves),
+            "gold_plot": reporting.plot_gold(summary, runs, sft_metrics.get("gold_score")),
             "metrics": as_metrics(means, "ablation")}

@@ -50,10 +50,9 @@ def settings_builders(parameters: dict[str, Any]) -> dict[str, Callable[[dict[st
     # imported here, not at the top: the Kedro wiring imports no torch (the core does)
     from rlhf_pipeline.config import config_from
     from rlhf_pipeline.generation import SamplingConfig
-    from rlhf_pipeline.launch import PPOSettings
+    from rlhf_pipeline.launch import PPOSettings, SFTSettings
     from rlhf_pipeline.launch.reward import RewardModelSettings
     from rlhf_pipeline.pipelines.ablation.nodes import row_settings
-    from rlhf_pipeline.pipelines.sft.nodes import SFTSettings
 
     launcher = parameters.get("launcher") or {}
 

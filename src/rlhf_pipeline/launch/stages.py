@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from rlhf_pipeline.config import config_from
+from rlhf_pipeline.generation import SamplingConfig
 from rlhf_pipeline.launch.job import JobSpec, LaunchConfig, launch_job
 from rlhf_pipeline.modeling import ModelBundle, ValueHeadModel, load_policy, load_value_model
 from rlhf_pipeline.rl.config import PPOConfig
@@ -155,6 +156,31 @@ def run_reward_training(model: ModelBundle, pairs: pd.DataFrame, cfg: RewardConf
     out = run_stage(JobSpec("reward", asdict(cfg), {"description": description}), {"model": model},
                     {"pairs": pairs[["prompt", "chosen", "rejected"]]}, launch, log)
     return out.models["model"].model, out.results
+
+
+@dataclass(frozen=True)
+class SFTSettings:
+    """The sft stage's parameters (``params:sft``), typed: ``SFTConfig`` and what the node measures with."""
+
+    train: SFTConfig
+    launch: LaunchConfig
+    """Where SFT trains (more than one process: through the ``deepspeed`` launcher)."""
+    sampling: SamplingConfig
+    """How the gold score of samples before and after SFT is measured."""
+    val_fraction: float
+    """Share of the prompts held out for the validation loss."""
+    gold_eval_prompts: int
+    """Held-out prompts sampled for the gold score."""
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], launcher: dict[str, Any]) -> SFTSettings:
+        """``params:sft`` with the run's ``params:launcher`` (``sft.launcher`` keys over it; job folder
+        ``<work_dir>/sft/job``). Raises ``ValueError``/``KeyError`` naming an unknown, missing or invalid key."""
+        params = dict(params)
+        val_fraction, gold_prompts = params.pop("val_fraction"), params.pop("gold_eval_prompts")
+        launch = LaunchConfig.from_params(launcher, params.pop("launcher", None), "sft")
+        sampling = config_from(SamplingConfig, params.pop("sampling"))
+        return cls(config_from(SFTConfig, params, optim=OptimConfig), launch, sampling, val_fraction, gold_prompts)
 
 
 @dataclass(frozen=True)

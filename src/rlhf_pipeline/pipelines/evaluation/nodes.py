@@ -13,8 +13,6 @@ from rlhf_pipeline.pipelines.tracking import mlflow_logger
 from rlhf_pipeline.reporting import markdown_table, strict_json
 
 if TYPE_CHECKING:
-    import matplotlib.pyplot as plt
-
     from rlhf_pipeline.evaluation import EvalSet
     from rlhf_pipeline.modeling import ModelBundle
 
@@ -60,16 +58,18 @@ def compare_with_sft(policy: ModelBundle, scores: dict[str, list], sft_scores: d
     return compare(policy, scores, sft_scores, sft_model, eval_set)
 
 
-def summarise_evaluation(eval_set: EvalSet, **outputs: Any) -> tuple[dict, pd.DataFrame, pd.DataFrame, str,
-                                                                       plt.Figure, plt.Figure]:
-    """The comparison of every policy: the summary (policy -> metrics; ``null`` where a value does not exist),
-    the same as a table and as Markdown, every sampled response with its scores, the comparison bars and the
-    training curves.
+def summarise_evaluation(eval_set: EvalSet, **outputs: Any) -> dict[str, Any]:
+    """The comparison of every policy.
 
     Args:
         eval_set: The prompts every policy answered.
         **outputs: ``metrics__<policy>`` and ``scores__<policy>`` of each policy (SFT first), and
             ``history__<variant>`` of each PPO variant.
+
+    Returns:
+        ``summary`` (policy -> metrics; ``null`` where a value does not exist), the same as a ``table`` and as
+        ``markdown``, ``samples`` (every sampled response with its scores), ``comparison_plot`` (bars) and
+        ``training_curves_plot``.
     """
     from rlhf_pipeline.evaluation import samples_table
     from rlhf_pipeline.reporting import plot_comparison, plot_training_curves
@@ -83,8 +83,9 @@ def summarise_evaluation(eval_set: EvalSet, **outputs: Any) -> tuple[dict, pd.Da
                     row.get("rm_score"), row.get("judge_score"), row.get("win_rate_vs_sft_judge"), row.get("kl_to_sft"))
     table = pd.DataFrame.from_dict(summary, orient="index").rename_axis("policy").reset_index()
     curves = pd.concat([history.assign(variant=name) for name, history in of("history").items()], ignore_index=True)
-    return (summary, table, samples_table(eval_set, **of("scores")), markdown_table(table), plot_comparison(table),
-            plot_training_curves(curves))
+    return {"summary": summary, "table": table, "samples": samples_table(eval_set, **of("scores")),
+            "markdown": markdown_table(table), "comparison_plot": plot_comparison(table),
+            "training_curves_plot": plot_training_curves(curves)}
 
 
 def select_champion(evaluation_summary: dict[str, dict[str, Any]], champion_from: list[str]) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -14,43 +13,9 @@ from rlhf_pipeline.reporting import nan_mean, strict_json
 from rlhf_pipeline.task import gold_score
 
 if TYPE_CHECKING:
-    from rlhf_pipeline.generation import SamplingConfig
-    from rlhf_pipeline.launch import LaunchConfig
     from rlhf_pipeline.modeling import ModelBundle
-    from rlhf_pipeline.training.sft import SFTConfig
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SFTSettings:
-    """The sft node's parameters (``params:sft``): the core's ``SFTConfig`` and what the node reads itself."""
-
-    train: SFTConfig
-    launch: LaunchConfig
-    """Where SFT trains (more than one process: through the ``deepspeed`` launcher)."""
-    sampling: SamplingConfig
-    """How the gold score of samples before and after SFT is measured."""
-    val_fraction: float
-    """Share of the prompts held out for the validation loss."""
-    gold_eval_prompts: int
-    """Held-out prompts sampled for the gold score."""
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any], launcher: dict[str, Any]) -> SFTSettings:
-        """``params:sft`` with the run's ``params:launcher`` (``sft.launcher`` keys over it; job folder
-        ``<work_dir>/sft/job``). Raises ``ValueError``/``KeyError`` naming an unknown, missing or invalid key."""
-        from rlhf_pipeline.config import config_from
-        from rlhf_pipeline.generation import SamplingConfig
-        from rlhf_pipeline.launch import LaunchConfig
-        from rlhf_pipeline.training.engine import OptimConfig
-        from rlhf_pipeline.training.sft import SFTConfig
-
-        params = dict(params)
-        val_fraction, gold_prompts = params.pop("val_fraction"), params.pop("gold_eval_prompts")
-        launch = LaunchConfig.from_params(launcher, params.pop("launcher", None), "sft")
-        sampling = config_from(SamplingConfig, params.pop("sampling"))
-        return cls(config_from(SFTConfig, params, optim=OptimConfig), launch, sampling, val_fraction, gold_prompts)
 
 
 def prepare_base_model(sft_train: pd.DataFrame, rm_train: pd.DataFrame, model: dict[str, Any]) -> ModelBundle:
@@ -113,7 +78,7 @@ def train_sft_model(base_model: ModelBundle, sft_train: pd.DataFrame, sft: dict[
         without a gold reward).
     """
     from rlhf_pipeline.generation import fit_prompts, generate_texts
-    from rlhf_pipeline.launch import run_sft
+    from rlhf_pipeline.launch import SFTSettings, run_sft
     from rlhf_pipeline.training.devices import to_rank_device
 
     settings = SFTSettings.from_params(sft, launcher)

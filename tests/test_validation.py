@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import mlflow
 import pandas as pd
 import pytest
 from kedro.framework.project import configure_project
@@ -94,7 +95,8 @@ def test_every_environments_settings_build(env):
     ({"sft": {"sampling": {"temperature": -1}}}, r"parameters 'sft' .*: sampling.temperature must be > 0"),
     ({"sft": {"epoch": 2}}, r"parameters 'sft' .*: SFTConfig: unknown parameter\(s\) \['epoch'\]"),
     ({"ppo": {"vanilla": {"launcher": {"processes": 2}}}}, r"'ppo.vanilla' .*LaunchConfig: unknown parameter"),
-    ({"launcher": {"num_processes": 0}}, r"parameters 'sft' .*launcher.num_processes must be >= 1, got 0"),
+    ({"launcher": {"num_processes": 0}},
+     r"parameters 'sft' \(the run's launcher in parameters.yml, or sft.launcher, .*launcher.num_processes must be >= 1"),
 ])
 def test_a_bad_setting_of_any_stage_fails_the_run_before_its_first_node(runtime_params, message):
     catalog = DataCatalog(datasets={"parameters": MemoryDataset(
@@ -141,3 +143,7 @@ def test_kedro_run_fails_before_sft_trains(tmp_path, params, message):
                              env=env, capture_output=True, text=True, timeout=600)
     assert process.returncode != 0 and message in process.stdout + process.stderr
     assert not (project / "data/06_models/sft_model").exists()  # SFT never trained
+    if (project / "mlflow.db").exists():  # no MLflow run recorded as a success (the settings check opens none)
+        mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+        runs = mlflow.search_runs(search_all_experiments=True)
+        assert runs.empty if "temperature" in params else runs["status"].tolist() == ["FAILED"]

@@ -115,7 +115,7 @@ def parse_raw_row(row: RawRow) -> Preference:
     try:
         record = json.loads(text)
     except json.JSONDecodeError as err:
-        raise RowError(row.source, row.line, f"broken JSON: {err.msg} at column {err.colno}") from None
+        raise RowError(row.source, row.line, f"broken JSON: {err.msg}, column {err.colno}") from None
     return parse_record(record, row.source, row.line)
 
 

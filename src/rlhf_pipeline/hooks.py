@@ -97,14 +97,17 @@ def check_settings(parameters: dict[str, Any], pipeline: Pipeline) -> None:
             build(value)
         except (ValueError, TypeError, KeyError) as error:
             reason = f"missing key {error}" if isinstance(error, KeyError) else str(error)
-            raise ValueError(f"parameters '{key}' (parameters_{key.split('.')[0]}.yml of conf/base or the run's "
-                             f"environment, or --params): {reason}") from error
+            where = (f"the run's launcher in parameters.yml, or {key}.launcher,"
+                     if reason.startswith(("launcher", "LaunchConfig")) else f"parameters_{key.split('.')[0]}.yml")
+            raise ValueError(f"parameters '{key}' ({where} of conf/base or the run's environment, or --params): "
+                             f"{reason}") from error
 
 
 class SettingsCheckHook:
-    """Builds every stage's typed settings from the run's parameters before the first node runs."""
+    """Builds every stage's typed settings from the run's parameters before the first node runs (and before
+    kedro-mlflow opens the run's MLflow run, so that a refused run leaves none behind)."""
 
-    @hook_impl
+    @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Pipeline, catalog) -> None:
         check_settings(catalog.load("parameters"), pipeline)
 

@@ -15,8 +15,9 @@ from rlhf_pipeline.hooks import MlflowLineageHook, SettingsCheckHook
 
 # Kedro resolves every node's type hints to validate typed parameters; the nodes name the core's types (models,
 # configs) only for type checkers, so that building the pipelines imports no torch, and none of them types a
-# parameter. Without this, each such node logs a warning on every run.
-logging.getLogger("kedro.validation.type_extractor").setLevel(logging.ERROR)
+# parameter. Without this, each such node logs a warning on every run. (A filter, not a level: Kedro's logging
+# set-up resets the levels of its child loggers.)
+logging.getLogger("kedro.validation.type_extractor").addFilter(lambda record: record.levelno >= logging.ERROR)
 
 # every stage's settings checked before the first node; dataset inputs, registered models and the champion
 # alias in MLflow

@@ -108,9 +108,10 @@ def summarise_ablation(ablation: dict[str, Any], evaluation: dict[str, Any], sft
     stale = [key.replace("__", ".") for key, result in results.items()
              if result["key"] != settings_key(outputs[f"settings__{key}"], sft_scores, evaluation, ablation)]
     if stale:
+        paths = " ".join(f"data/07_model_output/ablation/{s.replace('.', '/')}/result.json" for s in stale)
         raise ValueError(f"stored ablation results from other settings or models: "
-                         f"{', '.join(f'ablation.{s}.result' for s in stale)}; delete them (data/07_model_output/"
-                         "ablation/<row>/<seed>/result.json) to train them again, or run without --only-missing-outputs")
+                         f"{', '.join(f'ablation.{s}.result' for s in stale)}; to train them again with the run's "
+                         f"settings, delete them (with the catalog's paths: rm {paths}) and run again")
     runs = pd.DataFrame([{k: v for k, v in r.items() if k not in ("curves", "key")} for r in results.values()])
     curves = pd.DataFrame([{"variant": r["variant"], "seed": r["seed"], **c} for r in results.values() for c in r["curves"]])
     summary = reporting.summary_table(runs, ablation["base"], ablation["level"])

@@ -86,11 +86,11 @@ def test_score_moments_all_reduce_on_an_nccl_group(monkeypatch):
     """NCCL refuses CPU tensors: the moments' all-reduce must run on the scores' GPU."""
     from rlhf_pipeline.rl import experience as experience_module
     from rlhf_pipeline.rl import ppo_max as F
-    from rlhf_pipeline.training.engine import init_distributed
+    from rlhf_pipeline.training import engine
 
-    init_distributed()
+    engine.init_distributed()
     assert torch.distributed.get_backend() == "nccl"
-    monkeypatch.setattr(experience_module, "world", lambda: (0, 2))  # take the all-reduce path on the one-rank group
+    monkeypatch.setattr(engine, "world", lambda: (0, 2))  # take the all-reduce path on the one-rank group
     moments = F.RunningMoments()
     experience_module.merge_moments(moments, torch.tensor([1.0, 2.0, 4.0], device="cuda"))
     assert moments.count == 3 and moments.mean == pytest.approx(7 / 3)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+from typing import Any
 
 
 def config_from(cls, params: dict, **nested):
@@ -16,3 +19,9 @@ def config_from(cls, params: dict, **nested):
         if isinstance(values.get(name), dict):
             values[name] = config_from(nested_cls, values[name])
     return cls(**values)
+
+
+def digest(value: Any) -> str:
+    """A short stable hash (16 hex digits of SHA-256) of ``value`` as sorted-key JSON (``str`` for anything JSON
+    cannot write): what a stored result or checkpoint was made from."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -14,12 +14,11 @@ import torch
 from rlhf_pipeline.formatting import DialogueEncoder
 from rlhf_pipeline.generation import SamplingConfig, fit_prompts, generate_texts
 from rlhf_pipeline.modeling import ModelBundle
-from rlhf_pipeline.reporting import nan_mean, strict_json
+from rlhf_pipeline.reporting import TRAINING_CURVES, nan_mean, strict_json
 from rlhf_pipeline.task import gold_score
 from rlhf_pipeline.task.gold import REFUSAL
-from rlhf_pipeline.training.batching import TokenBatch, score_encoded
 from rlhf_pipeline.training.devices import to_rank_device
-from rlhf_pipeline.training.forward import response_logprob_sums
+from rlhf_pipeline.training.forward import encoded_logprob_sums
 from rlhf_pipeline.training.reward import score_responses
 
 SCORERS = ("gold", "rm", "judge")
@@ -39,29 +38,13 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
 
 
-@torch.no_grad()
-def response_logprobs(model, encoder: DialogueEncoder, prompts: list[str], responses: list[str], max_length: int,
-                      batch_size: int = 16, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probability of each response (EOS included) under ``softmax(logits / temperature)`` of
-    ``model`` and its token count, ``(N,)`` each; NaN for a pair that cannot fit the context."""
-    device = next(model.parameters()).device
-    model.eval()
-
-    def logprob_and_count(batch: TokenBatch) -> torch.Tensor:
-        return torch.stack(response_logprob_sums(model, batch.to(device), temperature=temperature), dim=1)
-
-    rows = encoder.encode_many(prompts, [[r] for r in responses], max_length)
-    out = score_encoded(rows, encoder.tokenizer.pad_token_id, batch_size, logprob_and_count)
-    return out[:, 0], out[:, 1]
-
-
 def kl_and_perplexity(policy, reference, encoder: DialogueEncoder, prompts: list[str], responses: list[str],
                       max_length: int, temperature: float = 1.0) -> dict[str, float]:
     """KL(π‖π_ref) per sequence, estimated (k1) on the policy's own samples, and the policy's perplexity of them;
     both read the distributions at the sampling ``temperature`` the responses were drawn with, as PPO does."""
-    policy_logp, counts = response_logprobs(policy, encoder, prompts, responses, max_length, temperature=temperature)
-    reference_logp = policy_logp if policy is reference else response_logprobs(
-        reference, encoder, prompts, responses, max_length, temperature=temperature)[0]
+    rows, pad = encoder.encode_many(prompts, [[r] for r in responses], max_length), encoder.tokenizer.pad_token_id
+    policy_logp, counts = encoded_logprob_sums(policy, rows, pad, 16, temperature)
+    reference_logp = policy_logp if policy is reference else encoded_logprob_sums(reference, rows, pad, 16, temperature)[0]
     fits = ~policy_logp.isnan()
     policy_logp, counts, reference_logp = policy_logp[fits], counts[fits], reference_logp[fits]
     return {"kl_to_sft": (policy_logp - reference_logp).mean().item(),
@@ -196,7 +179,6 @@ def seed_result(history: pd.DataFrame, samples: list[dict], scores: dict[str, li
         per iteration, the training metrics of ``reporting.TRAINING_CURVES`` and the gold score of that
         iteration's rollouts (``None`` where none exists); strict JSON.
     """
-    from rlhf_pipeline.reporting import TRAINING_CURVES
     from rlhf_pipeline.stats import paired_bootstrap_win_rate
 
     result = dict(metrics)

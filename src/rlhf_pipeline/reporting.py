@@ -70,18 +70,18 @@ def pyplot():
     return matplotlib.pyplot
 
 
-def plot_training_curves(curves: pd.DataFrame, label: str = "variant") -> plt.Figure:
-    """Training curves over PPO iterations, one line per ``label`` value: the mean across its seeds (rows that
-    share ``label`` and ``step``) with a band of ± one standard deviation. Columns: ``label``, ``step`` and any
-    of ``TRAINING_CURVES``; a curve with no value at all is left out."""
+def plot_training_curves(curves: pd.DataFrame) -> plt.Figure:
+    """Training curves over PPO iterations, one line per ``variant``: the mean across its seeds (rows that share
+    ``variant`` and ``step``) with a band of ± one standard deviation. Columns: ``variant``, ``step`` and any of
+    ``TRAINING_CURVES``; a curve with no value at all is left out."""
     charts = pyplot()
     metrics = [m for m in TRAINING_CURVES if m in curves and curves[m].notna().any()]
-    names = list(dict.fromkeys(curves[label]))
+    names = list(dict.fromkeys(curves["variant"]))
     palette = charts.get_cmap("tab20").colors
     colours = dict(zip(names, palette[0::2] + palette[1::2], strict=False))  # 20 colours, the strong ten first
     figure, axes = charts.subplots(1, len(metrics), figsize=(4 * len(metrics) + 2, 3.4), squeeze=False)
     for metric, axis in zip(metrics, axes[0], strict=True):
-        for name, group in curves.groupby(label, sort=False):
+        for name, group in curves.groupby("variant", sort=False):
             by_step = group.groupby("step")[metric].agg(["mean", "std"]).dropna(subset=["mean"])
             if by_step.empty:
                 continue

@@ -177,6 +177,7 @@ def test_score_moments_merge_every_ranks_scores_on_the_scores_device(monkeypatch
     scores' device (an NCCL group refuses CPU tensors; ``tests/test_cuda.py`` runs it on one)."""
     from rlhf_pipeline.rl import experience as experience_module
     from rlhf_pipeline.rl import ppo_max as F
+    from rlhf_pipeline.training import engine
 
     mine, other = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([-3.0, 0.5])
     reduced = []
@@ -185,7 +186,7 @@ def test_score_moments_merge_every_ranks_scores_on_the_scores_device(monkeypatch
         reduced.append((stats.device, stats.dtype))
         stats += torch.tensor([len(other), other.sum(), (other**2).sum()], dtype=torch.float64)
 
-    monkeypatch.setattr(experience_module, "world", lambda: (0, 2))
+    monkeypatch.setattr(engine, "world", lambda: (0, 2))  # all_ranks_sum's view of the ranks
     monkeypatch.setattr(torch.distributed, "all_reduce", add_the_other_ranks)
     moments = F.RunningMoments()
     experience_module.merge_moments(moments, mine)

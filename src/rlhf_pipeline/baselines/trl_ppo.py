@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import copy
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from rlhf_pipeline.adapters import transformer_of
-from rlhf_pipeline.launch.job import LaunchConfig
 from rlhf_pipeline.modeling import ModelBundle
 from rlhf_pipeline.rl.config import PPOConfig
 from rlhf_pipeline.rl.trainer import PPOResult
 from rlhf_pipeline.training.engine import LogFn, no_logging
+
+if TYPE_CHECKING:  # launch.stages imports this module: its trainer registry names run_trl_ppo
+    from rlhf_pipeline.launch.job import LaunchConfig
 
 
 class TRLScoreModel(torch.nn.Module):
@@ -51,14 +53,13 @@ def run_trl_ppo(policy: ModelBundle, reward_model: ModelBundle, prompts: list[st
                 log: LogFn = no_logging) -> PPOResult:
     """Train a copy of ``policy`` with TRL's PPO; arguments as ``launch.run_ppo``'s. TRL has no PPO-ptx, score
     normalisation or resumable checkpoints, so ``ptx_data``, ``score_prior`` and ``checkpoint_dir`` go unused, and
-    it trains in this process (``launch`` must be).
+    it trains in this process (``PPOSettings`` refuses a ``trl`` run on more processes).
 
     Returns:
         The trained policy and per-iteration ``reward/raw_score`` and ``kl/sequence`` (also sent to ``log``); no
         samples.
 
     Raises:
-        ValueError: ``launch`` asks for more than this process.
         ImportError: TRL is not installed (``pip install -e ".[bench]"``).
     """
     from datasets import Dataset
@@ -66,8 +67,6 @@ def run_trl_ppo(policy: ModelBundle, reward_model: ModelBundle, prompts: list[st
     from trl.experimental.ppo import PPOConfig as TRLConfig
     from trl.experimental.ppo import PPOTrainer as TRLTrainer
 
-    if not launch.in_process:
-        raise ValueError("the TRL baseline trains in this process: set its launcher to num_processes 1, no hostfile")
     encoder = policy.encoder()
     tokenizer = copy.deepcopy(policy.tokenizer)
     tokenizer.padding_side = "left"

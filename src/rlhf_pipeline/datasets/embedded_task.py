@@ -16,7 +16,8 @@ from typing import Any
 
 from kedro.io import AbstractDataset, DatasetError
 
-from rlhf_pipeline.hh import RawRow, read_jsonl_rows
+from rlhf_pipeline.datasets.jsonl_lines import JSONLinesDataset
+from rlhf_pipeline.hh import RawRow
 from rlhf_pipeline.task import TaskConfig, generate_preference_rows
 
 
@@ -26,6 +27,7 @@ class EmbeddedTaskDataset(AbstractDataset[Any, list[RawRow]]):
 
     def __init__(self, filepath: str, task: dict[str, Any], metadata: dict[str, Any] | None = None):
         self._filepath = Path(filepath)
+        self._file = JSONLinesDataset(filepath)
         self._settings_path = self._filepath.with_name(self._filepath.name + ".task.json")
         self._task = TaskConfig(**task)
         self.metadata = metadata
@@ -34,7 +36,7 @@ class EmbeddedTaskDataset(AbstractDataset[Any, list[RawRow]]):
         settings = asdict(self._task)
         if not self._is_up_to_date(settings):
             self._write(settings)
-        return list(read_jsonl_rows(self._filepath))
+        return self._file.load()
 
     def save(self, data: Any) -> None:
         raise DatasetError(f"{self._filepath} is generated from `task` on load; it cannot be saved")
@@ -48,10 +50,7 @@ class EmbeddedTaskDataset(AbstractDataset[Any, list[RawRow]]):
         # the record is removed before the write and restored after it: a write cut short leaves no record
         # vouching for a half-written file
         self._settings_path.unlink(missing_ok=True)
-        self._filepath.parent.mkdir(parents=True, exist_ok=True)
-        with open(self._filepath, "w", encoding="utf-8") as handle:
-            for record in generate_preference_rows(self._task):
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.save(generate_preference_rows(self._task))
         self._settings_path.write_text(json.dumps(settings, indent=2) + "\n")
 
     def _exists(self) -> bool:

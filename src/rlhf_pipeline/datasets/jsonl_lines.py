@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ class JSONLinesDataset(AbstractDataset[list[dict], list[RawRow]]):
     def load(self) -> list[RawRow]:
         return [row for path in self._paths for row in read_jsonl_rows(path)]
 
-    def save(self, data: list[dict]) -> None:
+    def save(self, data: Iterable[dict]) -> None:
         if not isinstance(self._filepath, str):
             raise DatasetError(f"cannot save to a list of files {self._filepath}; give one filepath")
         path = self._paths[0]

@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from rlhf_pipeline.baselines.trl_ppo import run_trl_ppo
 from rlhf_pipeline.config import config_from
 from rlhf_pipeline.generation import SamplingConfig
 from rlhf_pipeline.launch.job import JobSpec, LaunchConfig, launch_job
@@ -208,8 +209,8 @@ class PPOSettings:
         """
         params = dict(params)
         trainer = params.pop("trainer", "rlhf_pipeline")
-        if trainer not in ("rlhf_pipeline", "trl"):
-            raise ValueError(f"trainer: {trainer!r} is not one of 'rlhf_pipeline', 'trl'")
+        if trainer not in TRAINERS:
+            raise ValueError(f"trainer: {trainer!r} is not one of {', '.join(map(repr, TRAINERS))}")
         launch = LaunchConfig.from_params(launcher, params.pop("launcher", None), folder or f"ppo/{name}")
         if trainer == "trl" and not launch.in_process:
             raise ValueError(f"trainer: 'trl' trains in one process; {name} asks for {launch.num_processes} process(es)"
@@ -236,6 +237,10 @@ def run_ppo(policy: ModelBundle, reward_model: ModelBundle, prompts: list[str], 
     results = out.results
     return PPOResult(out.models["policy"].model, results["history"], results["samples"], results["stopped_early"],
                      results["prompts_dropped"])
+
+
+TRAINERS: dict[str, Callable[..., PPOResult]] = {"rlhf_pipeline": run_ppo, "trl": run_trl_ppo}
+"""``PPOSettings.trainer`` -> the function that trains, all with ``run_ppo``'s signature."""
 
 
 def write_output(output: StageOutput, folder: Path) -> None:

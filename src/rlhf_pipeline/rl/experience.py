@@ -28,7 +28,7 @@ from rlhf_pipeline.generation import SamplingConfig, response_mask_of, sample_re
 from rlhf_pipeline.rl import ppo_max as F
 from rlhf_pipeline.rl.config import PPOConfig
 from rlhf_pipeline.training.devices import synchronize
-from rlhf_pipeline.training.engine import world
+from rlhf_pipeline.training.engine import all_ranks_sum
 from rlhf_pipeline.training.forward import ResponseForward, positions
 
 
@@ -145,9 +145,7 @@ def merge_moments(moments: F.RunningMoments, values: torch.Tensor) -> None:
     values = values.double()
     stats = torch.stack([torch.tensor(float(values.numel()), dtype=torch.float64, device=values.device), values.sum(),
                          (values**2).sum()])
-    if world()[1] > 1:
-        torch.distributed.all_reduce(stats)
-    count, total, squares = stats.tolist()
+    count, total, squares = all_ranks_sum(stats, values.device).tolist()
     mean = total / count
     moments.update(count, mean, squares - count * mean**2)
 

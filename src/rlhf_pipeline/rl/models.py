@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from rlhf_pipeline.adapters import AdaptersOff, add_lora
+from rlhf_pipeline.config import digest
 from rlhf_pipeline.modeling import ModelBundle, ValueHeadModel, disable_dropout, load_policy, use_fused_gelu
 from rlhf_pipeline.rl.config import PPOConfig, critic_steps, engine_optims, policy_steps
 from rlhf_pipeline.training.devices import to_rank_device
@@ -171,9 +171,6 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 def fingerprint(policy, reward_model, tokenizer, prompt_ids: list[list[int]]) -> dict[str, str | int]:
     """What a PPO run's updates depend on besides its settings: the SFT policy's and the reward model's weights,
     the tokenizer's vocabulary, the fitted prompts and the number of ranks (each rolls out its own share)."""
-    def digest(value) -> str:
-        return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
-
     return {"sft_policy": weights_fingerprint(policy), "reward_model": weights_fingerprint(reward_model),
             "tokenizer": digest(tokenizer.get_vocab()), "prompts": digest(prompt_ids), "world_size": world()[1]}
 

@@ -76,15 +76,6 @@ def sample_records(tokenizer, exp: Experience, count: int, step: int) -> list[di
             for p, r, s in zip(prompts, responses, exp.raw_scores[:count].tolist(), strict=True)]
 
 
-def all_ranks_sum(value: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """``value`` summed over the ranks (itself on one rank), on ``device`` (NCCL reduces GPU tensors only)."""
-    if world()[1] == 1:
-        return value
-    total = value.detach().to(device=device, dtype=torch.float64).clone()
-    torch.distributed.all_reduce(total)
-    return total.to(value.dtype)
-
-
 def mean_over_ranks(metrics: dict[str, float], device: torch.device | str) -> dict[str, float]:
     """Each metric's plain mean over the ranks, so that every rank logs, alarms and checkpoints the same values.
     Each rank's value is over its own rollouts (equal counts on every rank): token-masked means are weighted by

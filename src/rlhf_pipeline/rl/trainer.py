@@ -27,7 +27,6 @@ from rlhf_pipeline.rl.experience import Experience, compute_advantages, make_exp
 from rlhf_pipeline.rl.models import GenerationCopy, build_models, fingerprint, make_engines
 from rlhf_pipeline.rl.monitors import (
     CollapseMonitor,
-    all_ranks_sum,
     any_rank,
     mean_over_ranks,
     rollout_metrics,
@@ -37,6 +36,7 @@ from rlhf_pipeline.training.batching import collate_encoded
 from rlhf_pipeline.training.devices import rng_state, set_rng_state
 from rlhf_pipeline.training.engine import (
     LogFn,
+    all_ranks_sum,
     grad_norm,
     init_distributed,
     no_logging,

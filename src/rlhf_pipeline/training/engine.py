@@ -116,6 +116,15 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def all_ranks_sum(value: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``value`` summed over the ranks (itself on one rank), on ``device`` (NCCL reduces GPU tensors only)."""
+    if world()[1] == 1:
+        return value
+    total = value.detach().to(device=device, dtype=torch.float64).clone()
+    torch.distributed.all_reduce(total)
+    return total.to(value.dtype)
+
+
 def deepspeed_config(cfg: OptimConfig) -> dict:
     """The DeepSpeed config for ``cfg``. It has no scheduler (``make_engine`` hands DeepSpeed one) and an
     accumulation of 1: the trainers accumulate micro-batches themselves, marking the last backward of each

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_pipeline.training.batching import PackedLayout, TokenBatch
+from rlhf_pipeline.formatting import EncodedRows
+from rlhf_pipeline.training.batching import PackedLayout, TokenBatch, score_encoded
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -189,3 +190,19 @@ def response_logprob_sums(model, batch: TokenBatch, packed: bool = True, tempera
         forward = ResponseForward.of_tokens(part, packed)
         sums[rows] = forward.scatter(forward.token_logprobs(model, temperature)).sum(dim=1)
     return sums, batch.response_mask.sum(dim=1).float()
+
+
+@torch.no_grad()
+def encoded_logprob_sums(model, rows: EncodedRows, pad_token_id: int, batch_size: int,
+                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``response_logprob_sums`` over encoded rows, ``batch_size`` at a time, in eval mode on the model's device:
+    each row's summed response log-probability (EOS included) under ``softmax(logits / temperature)`` and its
+    response-token count, ``(N,)`` each (fp32); NaN for a row that did not fit the context."""
+    device = next(model.parameters()).device
+    model.eval()
+
+    def logprob_and_count(batch: TokenBatch) -> torch.Tensor:
+        return torch.stack(response_logprob_sums(model, batch.to(device), temperature=temperature), dim=1)
+
+    out = score_encoded(rows, pad_token_id, batch_size, logprob_and_count)
+    return out[:, 0], out[:, 1]

@@ -11,7 +11,7 @@ import torch
 from rlhf_pipeline.formatting import DialogueEncoder, EncodedRows
 from rlhf_pipeline.training.batching import collate_encoded
 from rlhf_pipeline.training.engine import LogFn, OptimConfig, no_logging
-from rlhf_pipeline.training.forward import ResponseForward, response_logprob_sums
+from rlhf_pipeline.training.forward import ResponseForward, encoded_logprob_sums
 from rlhf_pipeline.training.loop import train_loop
 
 logger = logging.getLogger(__name__)
@@ -35,17 +35,10 @@ class SFTConfig:
     """Optimiser, schedule and DeepSpeed settings."""
 
 
-@torch.no_grad()
 def evaluate_lm(model, rows: EncodedRows, pad_token_id: int, batch_size: int) -> dict[str, float]:
     """Held-out mean response-token loss and perplexity over the rows that fit."""
-    device = next(model.parameters()).device
-    model.eval()
-    kept = [rows.rows[i] for i in rows.kept]
-    nll_sum, count = 0.0, 0.0
-    for start in range(0, len(kept), batch_size):
-        logprobs, n = response_logprob_sums(model, collate_encoded(kept[start:start + batch_size], pad_token_id).to(device))
-        nll_sum, count = nll_sum - logprobs.sum().item(), count + n.sum().item()
-    loss = nll_sum / max(count, 1.0)
+    logprobs, counts = encoded_logprob_sums(model, rows, pad_token_id, batch_size)
+    loss = -logprobs.double().nansum().item() / max(counts.double().nansum().item(), 1.0)
     return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
 
 

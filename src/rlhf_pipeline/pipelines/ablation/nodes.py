@@ -4,14 +4,13 @@ building the pipelines imports no torch."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from rlhf_pipeline.config import digest
 from rlhf_pipeline.pipelines.tracking import as_metrics
 
 if TYPE_CHECKING:
@@ -22,14 +21,11 @@ logger = logging.getLogger(__name__)
 KEYS = {"base", "iterations", "level", "bootstrap_resamples", "evaluation", "variants"}
 
 
-def digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def row_parameters(ppo: dict[str, Any], ablation: dict[str, Any], row: str, seed: int) -> dict[str, Any]:
     """A grid row's PPO parameters: its preset (``ablation.base`` unless the row names ``preset``) with the row's
     overrides (``ablation.variants.<row>``), the study's budget (``iterations``), every rollout kept for the gold
     curve, and ``seed``. Raises ``ValueError`` naming an unknown study key, row or preset."""
+    from rlhf_pipeline.rl.config import PPOConfig
     from rlhf_pipeline.training.engine import deep_merge
 
     if unknown := set(ablation) - KEYS:
@@ -44,7 +40,7 @@ def row_parameters(ppo: dict[str, Any], ablation: dict[str, Any], row: str, seed
     params = deep_merge(ppo[preset], overrides)
     if ablation.get("iterations"):
         params["iterations"] = ablation["iterations"]
-    return {**params, "seed": seed, "sample_every": 1, "sample_count": params.get("rollout_batch_size", 32)}
+    return {**params, "seed": seed, "sample_every": 1, "sample_count": params.get("rollout_batch_size", PPOConfig.rollout_batch_size)}
 
 
 def row_settings(ppo: dict[str, Any], ablation: dict[str, Any], launcher: dict[str, Any], previous: Any = None, *,

@@ -95,11 +95,12 @@ def check_ppo_prompts(prompts: int, split: dict[str, Any], ppo: dict[str, dict[s
     each of ``launcher.num_processes`` ranks per node, the variant's own over the run's ``launcher``; a lower
     bound for multi-node runs) is larger than the
     ``prompts`` of the ``ppo_prompts`` split: PPO would fill each buffer with repeats of the same prompts."""
+    from rlhf_pipeline.launch import LaunchConfig
     from rlhf_pipeline.rl.config import PPOConfig
 
     short = {}
     for variant, settings in ppo.items():
-        processes = {**launcher, **(settings.get("launcher") or {})}.get("num_processes", 1)
+        processes = LaunchConfig.from_params(launcher, settings.get("launcher"), f"ppo/{variant}").num_processes
         rollout = settings.get("rollout_batch_size", PPOConfig.rollout_batch_size)
         if rollout * processes > prompts:
             short[variant] = f"ppo.{variant}.rollout_batch_size {rollout} x {processes} process(es)"

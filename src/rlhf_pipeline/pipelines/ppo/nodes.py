@@ -42,10 +42,9 @@ def train_ppo(
         The trained policy, the per-iteration metrics, sample responses, and the run's final counts
         (``iterations``, ``stopped_early``, ``prompts_dropped``) as ``ppo/<name>/...`` MLflow metrics.
     """
-    from rlhf_pipeline.baselines.trl_ppo import run_trl_ppo
-    from rlhf_pipeline.launch import run_ppo, score_prior
+    from rlhf_pipeline.launch.stages import TRAINERS, score_prior
 
-    train = run_trl_ppo if settings.trainer == "trl" else run_ppo
+    train = TRAINERS[settings.trainer]
     log = mlflow_logger(f"ppo/{settings.name}")
     result = train(sft_model, reward_model, ppo_prompts["prompt"].tolist(),
                    (sft_train["prompt"].tolist(), sft_train["response"].tolist()), settings.train, settings.launch,

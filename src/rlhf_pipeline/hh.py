@@ -1,12 +1,7 @@
-"""Parse and validate Anthropic HH-RLHF preference rows (pure functions, line-numbered errors).
+"""The canonical HH dialogue (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``) and raw, line-numbered rows.
 
-One path serves the real data set and the embedded task: a row ``{"chosen": ..., "rejected": ...}``
-holds two dialogues that share everything up to the final ``Assistant:`` turn. Each row becomes a
-``Preference(prompt, chosen, rejected)`` where ``prompt`` is the canonical dialogue up to and including
-the final ``\\n\\nAssistant:`` and the responses are the final assistant turns.
-
-Every problem is a ``RowError`` naming the source file, the line and the reason, so a caller can either
-stop (strict mode) or quarantine the row (default mode) - nothing is dropped silently.
+Every stage reads prompts in this one form: ``formats`` turns each data layout into it, ``formatting`` turns it
+into token ids. A ``RawRow`` is one undecoded record of a file; a ``RowError`` names its source, line and reason.
 """
 
 from __future__ import annotations
@@ -15,21 +10,12 @@ import gzip
 import json
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 # A turn marker: "Human:" / "Assistant:" at the start of the text or after a blank line. Real HH-RLHF
 # text starts with "\n\nHuman:" but some rows start with "Human:" or use "\r\n" or single newlines.
 TURN_MARKER = re.compile(r"(?:\A\s*|\n\s*\n|\n)(Human|Assistant):[ \t]*")
-
-
-@dataclass(frozen=True)
-class Preference:
-    """One validated preference pair."""
-
-    prompt: str  # canonical dialogue, ends with "\n\nAssistant:"
-    chosen: str  # final assistant turn preferred by the annotator, stripped
-    rejected: str  # the other final assistant turn, stripped
 
 
 @dataclass(frozen=True)
@@ -42,7 +28,7 @@ class RawRow:
 
 
 class RowError(ValueError):
-    """A raw row that cannot become a ``Preference``; the message names file, line and reason."""
+    """A raw row that cannot be read or validated; the message names file, line and reason."""
 
     def __init__(self, source: str, line: int, reason: str):
         super().__init__(f"{source}:{line}: {reason}")
@@ -80,72 +66,6 @@ def split_prompt_response(text: str) -> tuple[str, str]:
     return render_prompt(turns[:-1]), turns[-1][1]
 
 
-def parse_record(record: object, source: str, line: int) -> Preference:
-    """Validate one decoded JSON record into a ``Preference`` or raise ``RowError``."""
-    if not isinstance(record, dict):
-        raise RowError(source, line, f"expected a JSON object, got {type(record).__name__}")
-    for field in ("chosen", "rejected"):
-        if field not in record:
-            raise RowError(source, line, f"missing field '{field}'")
-        if not isinstance(record[field], str):
-            raise RowError(source, line, f"field '{field}' is {type(record[field]).__name__}, not a string")
-    dialogues = {}
-    for field in ("chosen", "rejected"):
-        try:
-            dialogues[field] = split_prompt_response(record[field])
-        except ValueError as err:
-            raise RowError(source, line, f"field '{field}': {err}") from None
-    (prompt, chosen), (rejected_prompt, rejected) = dialogues["chosen"], dialogues["rejected"]
-    if prompt != rejected_prompt:
-        raise RowError(source, line, "'chosen' and 'rejected' differ before the final 'Assistant:' turn")
-    for field, response in (("chosen", chosen), ("rejected", rejected)):
-        if not response:
-            raise RowError(source, line, f"field '{field}': empty final assistant response")
-    if chosen == rejected:
-        raise RowError(source, line, "'chosen' and 'rejected' responses are identical")
-    return Preference(prompt, chosen, rejected)
-
-
-def parse_raw_row(row: RawRow) -> Preference:
-    """Decode (UTF-8, JSON) and validate one raw line."""
-    try:
-        text = row.data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise RowError(row.source, row.line, f"undecodable bytes (not UTF-8) at byte {err.start}") from None
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise RowError(row.source, row.line, f"broken JSON: {err.msg}, column {err.colno}") from None
-    return parse_record(record, row.source, row.line)
-
-
-@dataclass
-class ParseResult:
-    """Valid pairs plus quarantined rows (``source``, ``line``, ``reason``, ``raw``)."""
-
-    preferences: list[Preference]
-    quarantine: list[dict]
-
-    def preference_records(self) -> list[dict]:
-        return [asdict(p) for p in self.preferences]
-
-
-def parse_rows(rows: Iterable[RawRow], strict: bool = False) -> ParseResult:
-    """Parse raw rows; in strict mode the first bad row raises, otherwise it is quarantined with its reason."""
-    result = ParseResult([], [])
-    for row in rows:
-        if not row.data.strip():
-            continue  # blank lines (e.g. a trailing newline) carry no row
-        try:
-            result.preferences.append(parse_raw_row(row))
-        except RowError as err:
-            if strict:
-                raise
-            raw = row.data.decode("utf-8", errors="backslashreplace")
-            result.quarantine.append({"source": err.source, "line": err.line, "reason": err.reason, "raw": raw})
-    return result
-
-
 def read_jsonl_rows(path: str | Path) -> Iterator[RawRow]:
     """Raw lines of a ``.jsonl`` or ``.jsonl.gz`` file, 1-based line numbers, bytes left undecoded."""
     path = Path(path)
@@ -156,6 +76,13 @@ def read_jsonl_rows(path: str | Path) -> Iterator[RawRow]:
 
 
 def records_to_rows(records: Iterable[dict], source: str) -> Iterator[RawRow]:
-    """Raw rows of already-decoded records (e.g. a Hugging Face dataset), numbered from 1."""
+    """Raw rows of already-decoded records (a Hugging Face dataset, a CSV or Parquet file), numbered from 1.
+
+    Text UTF-8 cannot encode (a lone surrogate) is kept as a JSON escape, so that validation, not this reader,
+    reports it; values JSON has no type for (timestamps) become their ``str``."""
     for number, record in enumerate(records, start=1):
-        yield RawRow(source, number, json.dumps(record, ensure_ascii=False).encode("utf-8"))
+        try:
+            data = json.dumps(record, ensure_ascii=False, default=str).encode("utf-8")
+        except UnicodeEncodeError:
+            data = json.dumps(record, default=str).encode("utf-8")
+        yield RawRow(source, number, data)

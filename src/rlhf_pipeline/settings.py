@@ -26,11 +26,11 @@ HOOKS = (SettingsCheckHook(), MlflowLineageHook())
 
 
 def files_or(paths: Any, source: Any) -> Any:
-    """The catalog entry of ``raw_preferences``: JSON-lines ``paths`` given on the command line (``--params
-    "data_processing.source.paths=[FILE]"``, read by the project's ``JSONLinesDataset``), or else the
+    """The catalog entry of a raw source: the files given on the command line (``--params
+    "data_processing.sources.<name>.paths=[FILE]"``, read by the project's ``RawRowsDataset``), or else the
     environment's own ``source`` entry (``paths``: a list or None; ``source``: a mapping; OmegaConf passes its
     own containers)."""
-    return {"type": "rlhf_pipeline.datasets.JSONLinesDataset", "filepath": list(paths)} if paths else source
+    return {"type": "rlhf_pipeline.datasets.RawRowsDataset", "filepath": list(paths)} if paths else source
 
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader

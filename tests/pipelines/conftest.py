@@ -14,7 +14,8 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.pipeline import Pipeline
 from kedro.runner import SequentialRunner
 
-from rlhf_pipeline.hh import RawRow, parse_rows
+from rlhf_pipeline.formats import parse_rows
+from rlhf_pipeline.hh import RawRow
 from rlhf_pipeline.modeling import (
     ModelBundle,
     TinyModelConfig,
@@ -38,7 +39,19 @@ def pairs() -> pd.DataFrame:
     """300 of the embedded task's preference pairs (``prompt``, ``chosen``, ``rejected``)."""
     rows = [RawRow("task.jsonl", i, json.dumps(r).encode())
             for i, r in enumerate(generate_preference_rows(TaskConfig(num_pairs=300, seed=3)), 1)]
-    return pd.DataFrame(parse_rows(rows).preference_records())
+    return pd.DataFrame(parse_rows(rows).records())
+
+
+NO_ROWS = pd.DataFrame(columns=["split", "prompt", "response"])  # no stage has a source of its own
+NO_SOURCES = {"raw_sft_train": [], "raw_ppo_prompts": [], "raw_eval_prompts": []}  # as conf/base's catalog loads
+
+
+def parse_preferences(raw: Any, strict: bool) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """``parse_sources`` on a preference source alone: ``(preferences, quarantine, parse_counts)``."""
+    from rlhf_pipeline.pipelines.data_processing.nodes import parse_sources
+
+    out = parse_sources(raw, [], [], [], {"strict": strict})
+    return out["preferences"], out["quarantine"], out["parse_counts"]
 
 
 def prompts_of(frame: pd.DataFrame) -> pd.DataFrame:

@@ -2,7 +2,7 @@
 versioned `save_pretrained` directories."""
 
 from rlhf_pipeline.datasets.embedded_task import EmbeddedTaskDataset
-from rlhf_pipeline.datasets.jsonl_lines import JSONLinesDataset
+from rlhf_pipeline.datasets.raw_rows import RawRowsDataset
 from rlhf_pipeline.datasets.pretrained import PretrainedDirDataset
 
-__all__ = ["EmbeddedTaskDataset", "JSONLinesDataset", "PretrainedDirDataset"]
+__all__ = ["EmbeddedTaskDataset", "RawRowsDataset", "PretrainedDirDataset"]

@@ -16,7 +16,7 @@ from typing import Any
 
 from kedro.io import AbstractDataset, DatasetError
 
-from rlhf_pipeline.datasets.jsonl_lines import JSONLinesDataset
+from rlhf_pipeline.datasets.raw_rows import RawRowsDataset
 from rlhf_pipeline.hh import RawRow
 from rlhf_pipeline.task import TaskConfig, generate_preference_rows
 
@@ -27,7 +27,7 @@ class EmbeddedTaskDataset(AbstractDataset[Any, list[RawRow]]):
 
     def __init__(self, filepath: str, task: dict[str, Any], metadata: dict[str, Any] | None = None):
         self._filepath = Path(filepath)
-        self._file = JSONLinesDataset(filepath)
+        self._file = RawRowsDataset(filepath)
         self._settings_path = self._filepath.with_name(self._filepath.name + ".task.json")
         self._task = TaskConfig(**task)
         self.metadata = metadata

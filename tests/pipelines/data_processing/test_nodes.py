@@ -5,7 +5,8 @@ import pytest
 
 from rlhf_pipeline.data import SPLITS, assign_splits
 from rlhf_pipeline.hh import RawRow, RowError
-from rlhf_pipeline.pipelines.data_processing.nodes import parse_preferences, split_preferences
+from rlhf_pipeline.pipelines.data_processing.nodes import split_preferences
+from tests.pipelines.conftest import NO_ROWS, parse_preferences
 from rlhf_pipeline.task import TaskConfig, generate_preference_rows
 
 SPLIT = {"seed": 0, "fractions": {"sft_train": 0.3, "rm_train": 0.3, "rm_val": 0.05, "ppo_prompts": 0.15, "eval_prompts": 0.1,
@@ -23,12 +24,12 @@ def rows_of(records) -> list[RawRow]:
 def preferences() -> pd.DataFrame:
     records = generate_preference_rows(TaskConfig(num_pairs=1500, seed=1))
     valid, quarantine, counts = parse_preferences(rows_of(records), strict=False)
-    assert quarantine.empty and counts["data/rows_valid"]["value"] == 1500
+    assert quarantine.empty and counts["data/preferences_valid"]["value"] == 1500
     return valid
 
 
 def test_no_prompt_crosses_splits_and_eval_is_unseen(preferences):
-    out = split_preferences(preferences, SPLIT, PPO, LAUNCHER)
+    out = split_preferences(preferences, NO_ROWS, SPLIT, PPO, LAUNCHER)
     sft, rm_train, rm_val, ppo, evaluation, judge, sizes = (out[name] for name in (*SPLITS, "split_sizes"))
     training = set(sft["prompt"]) | set(rm_train["prompt"]) | set(rm_val["prompt"]) | set(ppo["prompt"])
     assert evaluation["prompt"].nunique() == len(evaluation) > 20
@@ -42,18 +43,18 @@ def test_no_prompt_crosses_splits_and_eval_is_unseen(preferences):
 
 def test_duplicates_are_dropped(preferences):
     doubled = pd.concat([preferences, preferences.head(100)], ignore_index=True)
-    outputs = split_preferences(doubled, SPLIT, PPO, LAUNCHER)
-    pairs_in = split_preferences(preferences.drop_duplicates(), SPLIT, PPO, LAUNCHER)
+    outputs = split_preferences(doubled, NO_ROWS, SPLIT, PPO, LAUNCHER)
+    pairs_in = split_preferences(preferences.drop_duplicates(), NO_ROWS, SPLIT, PPO, LAUNCHER)
     for name in ("sft_train", "rm_train", "rm_val"):
         assert len(outputs[name]) == len(pairs_in[name])
 
 
 def test_max_pairs_splits_a_seeded_sample(preferences):
-    outputs = split_preferences(preferences, {**SPLIT, "max_pairs": 600}, PPO, LAUNCHER)
+    outputs = split_preferences(preferences, NO_ROWS, {**SPLIT, "max_pairs": 600}, PPO, LAUNCHER)
     pairs = sum(len(outputs[name]) for name in ("sft_train", "rm_train", "rm_val", "judge_train"))
     assert 400 < pairs < 600  # ppo and eval splits hold unique prompts, not pairs
     assert outputs["split_sizes"]["data/sft_train_size"]["value"] == len(outputs["sft_train"]) < 0.4 * 600
-    again = split_preferences(preferences, {**SPLIT, "max_pairs": 600}, PPO, LAUNCHER)
+    again = split_preferences(preferences, NO_ROWS, {**SPLIT, "max_pairs": 600}, PPO, LAUNCHER)
     assert outputs["sft_train"].equals(again["sft_train"])
 
 
@@ -62,19 +63,19 @@ def test_ppo_prompts_smaller_than_a_rollout_buffer_fail_naming_split_variant_and
     ppo = {"ppo_max": {"rollout_batch_size": 8, "launcher": {"num_processes": 1}},
            "vanilla": {"rollout_batch_size": 2, "launcher": {"num_processes": 1}}}
     with pytest.raises(ValueError) as error:
-        split_preferences(preferences, tiny_ppo_split, ppo, LAUNCHER)
+        split_preferences(preferences, NO_ROWS, tiny_ppo_split, ppo, LAUNCHER)
     message = str(error.value)
     assert "split 'ppo_prompts' holds" in message and "ppo.ppo_max.rollout_batch_size 8 x 1 process(es)" in message
     assert "data_processing.split.fractions.ppo_prompts (now 0.004)" in message
     assert "vanilla" not in message  # its buffer of 2 fits
     # ranks per node multiply the buffer: 100 prompts fit 8 x 1 but not 8 x 16
-    prompts = len(split_preferences(preferences, SPLIT, PPO, LAUNCHER)["ppo_prompts"])
+    prompts = len(split_preferences(preferences, NO_ROWS, SPLIT, PPO, LAUNCHER)["ppo_prompts"])
     assert 8 < prompts < 8 * 16
     with pytest.raises(ValueError, match=r"ppo.vanilla.rollout_batch_size 8 x 16 process\(es\)"):
-        split_preferences(preferences, SPLIT, {"vanilla": {"rollout_batch_size": 8, "launcher": {"num_processes": 16}}},
+        split_preferences(preferences, NO_ROWS, SPLIT, {"vanilla": {"rollout_batch_size": 8, "launcher": {"num_processes": 16}}},
                           LAUNCHER)
     with pytest.raises(ValueError, match=r"ppo.vanilla.rollout_batch_size 8 x 16 process\(es\)"):  # the run's launcher
-        split_preferences(preferences, SPLIT, {"vanilla": {"rollout_batch_size": 8}}, {"num_processes": 16})
+        split_preferences(preferences, NO_ROWS, SPLIT, {"vanilla": {"rollout_batch_size": 8}}, {"num_processes": 16})
 
 
 def test_split_is_stable_per_prompt_and_close_to_fractions():
@@ -93,5 +94,5 @@ def test_strict_mode_names_file_and_line_default_mode_quarantines():
         parse_preferences(rows, strict=True)
     valid, quarantine, counts = parse_preferences(rows, strict=False)
     assert len(valid) == 2 and quarantine.loc[0, "line"] == 2
-    assert counts["data/rows_quarantined"]["value"] == 1
+    assert counts["data/preferences_quarantined"]["value"] == 1
 

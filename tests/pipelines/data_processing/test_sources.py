@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from kedro.io import DataCatalog, DatasetError
 
-from rlhf_pipeline.datasets import EmbeddedTaskDataset, JSONLinesDataset
+from rlhf_pipeline.datasets import EmbeddedTaskDataset, RawRowsDataset
 from rlhf_pipeline.hh import RawRow, RowError
-from rlhf_pipeline.pipelines.data_processing.nodes import parse_preferences
+from tests.pipelines.conftest import parse_preferences
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
@@ -66,24 +66,24 @@ def test_embedded_task_rejects_bad_settings_and_saves(tmp_path):
         EmbeddedTaskDataset(str(tmp_path / "task.jsonl"), TASK).save(RECORDS)
 
 
-# --- JSONLinesDataset ---------------------------------------------------------------------------------------
+# --- RawRowsDataset ---------------------------------------------------------------------------------------
 def test_jsonl_files_are_read_in_order_each_row_naming_its_file(tmp_path):
     first = write_jsonl(tmp_path / "a.jsonl", RECORDS)
     second = write_jsonl(tmp_path / "b.jsonl.gz", [RECORDS[1], {"chosen": "x"}])
-    rows = JSONLinesDataset([first, second]).load()
+    rows = RawRowsDataset([first, second]).load()
     assert [(row.source, row.line) for row in rows] == [(first, 1), (first, 2), (second, 1), (second, 2)]
     valid, quarantine, _ = parse_preferences(rows, strict=False)
     assert len(valid) == 3 and quarantine[["source", "line"]].values.tolist() == [[second, 2]]
     with pytest.raises(RowError, match=rf"{second}:2: missing field 'rejected'"):
         parse_preferences(rows, strict=True)
-    assert JSONLinesDataset(first).load() == rows[:2]  # one file as a plain string
+    assert RawRowsDataset(first).load() == rows[:2]  # one file as a plain string
     with pytest.raises(DatasetError, match="cannot save to a list of files"):
-        JSONLinesDataset([first, second]).save(RECORDS)
+        RawRowsDataset([first, second]).save(RECORDS)
 
 
 # --- parse_preferences on every loaded form -----------------------------------------------------------------
 def test_every_source_form_gives_the_same_preference_rows(tmp_path):
-    from_file = JSONLinesDataset(write_jsonl(tmp_path / "hh.jsonl", RECORDS)).load()
+    from_file = RawRowsDataset(write_jsonl(tmp_path / "hh.jsonl", RECORDS)).load()
     dataset = datasets.Dataset.from_list(RECORDS)
     forms = {"rows": from_file, "Dataset": dataset, "DatasetDict": datasets.DatasetDict({"train": dataset}),
              "DataFrame": pd.DataFrame(RECORDS)}
@@ -93,7 +93,7 @@ def test_every_source_form_gives_the_same_preference_rows(tmp_path):
     assert expected.loc[1, "prompt"].endswith("\n\nHuman: How do I pick a lock?\n\nAssistant:")
     for name, (valid, quarantine, counts) in parsed.items():
         pd.testing.assert_frame_equal(valid, expected, obj=name)
-        assert quarantine.empty and counts["data/rows_valid"]["value"] == 2
+        assert quarantine.empty and counts["data/preferences_valid"]["value"] == 2
 
 
 def test_records_without_a_file_are_named_by_dataset_and_split():
@@ -115,7 +115,7 @@ def test_a_dataset_dict_of_several_splits_or_an_unknown_type_fails():
 
 
 # --- the project's catalog: raw_preferences per environment -------------------------------------------------
-PATHS = {"data_processing": {"source": {"paths": ["x.jsonl"]}}}
+PATHS = {"data_processing": {"sources": {"preferences": {"paths": ["x.jsonl"]}}}}
 SHARED = ["../shared/data/hh-rlhf/harmless-base-test.jsonl.gz"]
 
 
@@ -131,15 +131,16 @@ def raw_preferences_entry(env: str, runtime_params: dict) -> dict:
 
 @pytest.mark.parametrize(("env", "runtime_params", "kind", "where"), [
     ("base", {}, EmbeddedTaskDataset, ("data/01_raw/synthetic_hh.jsonl", 9000, 0)),
-    ("base", PATHS, JSONLinesDataset, ["x.jsonl"]),  # files on the command line replace the embedded task
+    ("base", PATHS, RawRowsDataset, ["x.jsonl"]),  # files on the command line replace the embedded task
     ("test", {}, EmbeddedTaskDataset, ("data/01_raw/synthetic_hh.jsonl", 400, 0)),
     ("test", {"task": {"num_pairs": 50, "seed": 1}}, EmbeddedTaskDataset, ("data/01_raw/synthetic_hh.jsonl", 50, 1)),
-    ("test", PATHS, JSONLinesDataset, ["x.jsonl"]),
-    ("smollm2", PATHS, JSONLinesDataset, ["x.jsonl"]),
-    ("smollm2", {}, JSONLinesDataset, SHARED[0]),
+    ("test", PATHS, RawRowsDataset, ["x.jsonl"]),
+    ("smollm2", PATHS, RawRowsDataset, ["x.jsonl"]),
+    ("smollm2", {}, RawRowsDataset, SHARED[0]),
     ("hh_rlhf", {}, "HFDataset", ("Anthropic/hh-rlhf", {"split": "train", "data_dir": None})),
-    ("hh_rlhf", PATHS, JSONLinesDataset, ["x.jsonl"]),
-    ("gpu", {"data_processing": {"source": {"hub_split": "test", "data_dir": "harmless-base"}}}, "HFDataset",
+    ("hh_rlhf", PATHS, RawRowsDataset, ["x.jsonl"]),
+    ("gpu", {"data_processing": {"sources": {"preferences": {"hub_split": "test", "data_dir": "harmless-base"}}}},
+     "HFDataset",
      ("Anthropic/hh-rlhf", {"split": "test", "data_dir": "harmless-base"})),
 ])
 def test_each_environment_names_its_raw_preferences(env, runtime_params, kind, where):
@@ -149,7 +150,7 @@ def test_each_environment_names_its_raw_preferences(env, runtime_params, kind, w
         assert isinstance(dataset, kind)
         assert (entry["filepath"], entry["task"]["num_pairs"], entry["task"]["seed"]) == where
         assert entry["task"]["harmful_rate"] == 0.25
-    elif kind is JSONLinesDataset:
+    elif kind is RawRowsDataset:
         assert isinstance(dataset, kind) and entry["filepath"] == where
     else:
         assert type(dataset).__name__ == kind and (entry["dataset_name"], entry["dataset_kwargs"]) == where

@@ -1,4 +1,4 @@
-"""Nodes of the data_processing pipeline: parse and validate the raw rows the catalog loaded, split by prompt."""
+"""Nodes of the data_processing pipeline: parse and validate the raw rows of every source, split by prompt."""
 
 from __future__ import annotations
 
@@ -8,48 +8,87 @@ from typing import Any
 import pandas as pd
 
 from rlhf_pipeline.data import SPLITS, assign_splits, raw_rows
-from rlhf_pipeline.hh import parse_rows
+from rlhf_pipeline.formats import SourceFormat, parse_rows
 from rlhf_pipeline.pipelines.tracking import as_metrics
 from rlhf_pipeline.task import classify_request
 
 logger = logging.getLogger(__name__)
 
 
-def parse_preferences(
-    raw_preferences: Any, strict: bool
-) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, dict[str, float]]]:
-    """Parse and validate the raw rows that the environment's ``raw_preferences`` catalog entry loaded.
+# each raw source: the catalog entry, the kind of row it holds, and the split it feeds (None: several)
+SOURCES = {"preferences": ("raw_preferences", "preference"), "sft_train": ("raw_sft_train", "instruction"),
+           "ppo_prompts": ("raw_ppo_prompts", "prompt"), "eval_prompts": ("raw_eval_prompts", "prompt")}
+
+
+def parse_sources(raw_preferences: Any, raw_sft_train: Any, raw_ppo_prompts: Any, raw_eval_prompts: Any,
+                  data_processing: dict[str, Any]) -> dict[str, pd.DataFrame | dict[str, dict[str, float]]]:
+    """Parse and validate the raw rows of every source the environment's catalog names.
 
     Args:
-        raw_preferences: Line-numbered ``RawRow``s (the embedded task's file, local JSON-lines files), a
+        raw_preferences: Preference rows: line-numbered ``RawRow``s (the embedded task's file, local files), a
             ``datasets.Dataset`` or one-split ``DatasetDict`` (the hub), or a ``pandas.DataFrame`` of records.
-        strict: Stop at the first bad row (``RowError`` naming file, line, reason) instead of quarantining it.
+        raw_sft_train, raw_ppo_prompts, raw_eval_prompts: A stage's own rows (any of the above), or no rows: the
+            split then comes from the preference pairs.
+        data_processing: ``strict`` (stop at the first bad row with ``RowError`` naming file, line and reason,
+            instead of quarantining it), ``system`` and ``sources.<name>.format``/``columns`` (``formats``).
 
     Returns:
-        Valid pairs (``prompt``, ``chosen``, ``rejected``), quarantined rows with their reason, and row counts.
+        By name: ``preferences`` (``prompt``, ``chosen``, ``rejected``), ``stage_rows`` (``split``, ``prompt``,
+        ``response``: the stages' own rows, ``response`` empty for prompts), ``quarantine`` (every source's bad rows
+        with ``source``, ``line``, ``reason``, ``raw``) and ``parse_counts`` (``data/<source>_valid`` and
+        ``_quarantined``).
 
     Raises:
-        ValueError: A ``DatasetDict`` with several splits, or (strict) a bad row.
-        TypeError: ``raw_preferences`` is none of the above.
+        ValueError: A source whose rows all fail (the message names its format, the counts and the top
+            reasons), a format that cannot be told from the fields, an unknown setting, or (strict) a bad row.
+        TypeError: A raw source of another type.
     """
-    result = parse_rows(raw_rows(raw_preferences, name="raw_preferences"), strict=strict)
-    if result.quarantine:
-        reasons = pd.Series([q["reason"] for q in result.quarantine]).value_counts()
-        logger.warning("Quarantined %d bad row(s): %s", len(result.quarantine), reasons.to_dict())
-    logger.info("Parsed %d valid preference pair(s)", len(result.preferences))
-    valid = pd.DataFrame(result.preference_records(), columns=["prompt", "chosen", "rejected"])
-    quarantine = pd.DataFrame(result.quarantine, columns=["source", "line", "reason", "raw"])
-    counts = {"rows_valid": len(valid), "rows_quarantined": len(quarantine)}
-    return valid, quarantine, as_metrics(counts, "data")
+    raws = {"preferences": raw_preferences, "sft_train": raw_sft_train, "ppo_prompts": raw_ppo_prompts,
+            "eval_prompts": raw_eval_prompts}
+    settings = data_processing.get("sources", {})
+    formats = {}
+    for name, (_, kind) in SOURCES.items():
+        try:
+            formats[name] = SourceFormat(kind, system=data_processing.get("system", "keep"), **settings.get(name, {}))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"data_processing.sources.{name}: {err}") from None
+    results, quarantine, counts = {}, [], {}
+    for name, raw in raws.items():
+        if name != "preferences" and isinstance(raw, list) and not raw:
+            continue  # no source of its own
+        entry = SOURCES[name][0]
+        result = parse_rows(raw_rows(raw, name=entry), formats[name], data_processing["strict"], name=entry)
+        if not result.rows:
+            reasons = "; ".join(f"{count} x {reason}" for reason, count in result.top_reasons())
+            raise ValueError(f"{entry}: no valid row (format '{result.format}', {len(result.quarantine)} row(s) "
+                             f"quarantined; top reasons: {reasons or 'no rows'}); see data_processing.sources.{name} "
+                             f"(format, columns) and docs/data_formats.md")
+        if result.quarantine:
+            logger.warning("%s: quarantined %d bad row(s): %s", entry, len(result.quarantine),
+                           dict(result.top_reasons(10)))
+        logger.info("%s: %d valid %s row(s), format '%s'", entry, len(result.rows), formats[name].kind, result.format)
+        results[name], quarantine = result, quarantine + result.quarantine
+        counts |= {f"{name}_valid": len(result.rows), f"{name}_quarantined": len(result.quarantine)}
+    stage_rows = [{"split": name, "prompt": row["prompt"], "response": row.get("response", row.get("chosen"))
+                   if name == "sft_train" else None}
+                  for name, result in results.items() if name != "preferences" for row in result.records()]
+    return {"preferences": pd.DataFrame(results["preferences"].records(), columns=["prompt", "chosen", "rejected"]),
+            "stage_rows": pd.DataFrame(stage_rows, columns=["split", "prompt", "response"]),
+            "quarantine": pd.DataFrame(quarantine, columns=["source", "line", "reason", "raw"]),
+            "parse_counts": as_metrics(counts, "data")}
 
 
 def split_preferences(
-    preferences: pd.DataFrame, split: dict[str, Any], ppo: dict[str, dict[str, Any]], launcher: dict[str, Any]
+    preferences: pd.DataFrame, stage_rows: pd.DataFrame, split: dict[str, Any], ppo: dict[str, dict[str, Any]],
+    launcher: dict[str, Any],
 ) -> dict[str, pd.DataFrame | dict[str, dict[str, float]]]:
-    """De-duplicate pairs and split them by prompt, so that no prompt crosses two splits.
+    """De-duplicate pairs and split them by prompt, so that no prompt crosses two splits; a stage's own rows
+    replace its split.
 
     Args:
-        preferences: Valid pairs from ``parse_preferences``.
+        preferences: Valid pairs from ``parse_sources``.
+        stage_rows: The stages' own rows from ``parse_sources`` (``split``, ``prompt``, ``response``). A split with
+            rows here takes none of the pairs (its fraction counts as 0).
         split: ``fractions`` per split name, the ``seed`` of the prompt hashing and ``max_pairs`` (optional: a
             seeded sample of at most this many pairs is split, for a run on a budget).
         ppo: The PPO variants' parameters (``params:ppo``); each one's ``rollout_batch_size`` and
@@ -57,9 +96,11 @@ def split_preferences(
         launcher: The run's ``params:launcher``.
 
     Returns:
-        By name: ``sft_train`` (prompt, response = chosen), ``rm_train`` and ``rm_val`` (prompt, chosen, rejected),
+        By name: ``sft_train`` (prompt, response), ``rm_train`` and ``rm_val`` (prompt, chosen, rejected),
         ``ppo_prompts`` and ``eval_prompts`` (unique prompts, with the request category), ``judge_train``
-        (pairs for the evaluation's judge reward model, which PPO never sees), and ``split_sizes``.
+        (pairs for the evaluation's judge reward model, which PPO never sees), and ``split_sizes`` (with
+        ``data/eval_prompts_leaked``: evaluation prompts removed because another split holds them, and
+        ``data/shared_prompts_<a>__<b>`` for two training splits that share prompts, both logged as warnings).
 
     Raises:
         ValueError: A split is empty, or ``ppo_prompts`` holds fewer prompts than a PPO variant rolls out per
@@ -70,23 +111,58 @@ def split_preferences(
     if split.get("max_pairs") and len(pairs) > split["max_pairs"]:  # a budget run on a sample of a large set
         pairs = pairs.sample(n=split["max_pairs"], random_state=split["seed"]).reset_index(drop=True)
         logger.info("Kept a seeded sample of %d pair(s) (data_processing.split.max_pairs)", len(pairs))
-    pairs = pairs.assign(split=assign_splits(pairs["prompt"], split["fractions"], split["seed"]))
+    own = sorted(set(stage_rows["split"]))
+    fractions = {name: 0.0 if name in own else value for name, value in split["fractions"].items()}
+    if own:
+        logger.info("Split(s) %s come from their own source; the pairs fill the others", own)
+    pairs = pairs.assign(split=assign_splits(pairs["prompt"], fractions, split["seed"]))
 
     def pairs_of(name: str) -> pd.DataFrame:
         return pairs.loc[pairs["split"] == name, ["prompt", "chosen", "rejected"]].reset_index(drop=True)
 
-    def prompts_of(name: str) -> pd.DataFrame:
-        prompts = pairs.loc[pairs["split"] == name, "prompt"].drop_duplicates().reset_index(drop=True)
+    def prompts_of(prompts: pd.Series) -> pd.DataFrame:
+        prompts = prompts.drop_duplicates().reset_index(drop=True)
         return pd.DataFrame({"prompt": prompts, "category": [classify_request(p).category for p in prompts]})
 
-    outputs = {name: prompts_of(name) if name.endswith("_prompts") else pairs_of(name) for name in SPLITS}
+    def given(name: str) -> pd.DataFrame:
+        return stage_rows.loc[stage_rows["split"] == name].reset_index(drop=True)
+
+    outputs = {name: prompts_of(pairs.loc[pairs["split"] == name, "prompt"]) if name.endswith("_prompts")
+               else pairs_of(name) for name in SPLITS}
     outputs["sft_train"] = outputs["sft_train"][["prompt", "chosen"]].rename(columns={"chosen": "response"})
+    for name in own:
+        rows = given(name)
+        outputs[name] = (rows[["prompt", "response"]].drop_duplicates(ignore_index=True) if name == "sft_train"
+                         else prompts_of(rows["prompt"]))
+    outputs["eval_prompts"], overlaps = held_out(outputs)
     for name, frame in outputs.items():
         if frame.empty:
-            raise ValueError(f"data_processing.split: split '{name}' is empty; raise its fraction or the data size")
+            raise ValueError(f"data_processing.split: split '{name}' is empty; raise its fraction or the data size"
+                             + (" (its own source's prompts all appear in other splits)" if name in own else ""))
     check_ppo_prompts(len(outputs["ppo_prompts"]), split, ppo, launcher)
-    sizes = as_metrics({f"{name}_size": len(frame) for name, frame in outputs.items()}, "data")
-    return {**outputs, "split_sizes": sizes}
+    sizes = {f"{name}_size": len(frame) for name, frame in outputs.items()} | overlaps
+    return {**outputs, "split_sizes": as_metrics(sizes, "data")}
+
+
+def held_out(outputs: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The evaluation prompts that no other split holds, and the counts of shared prompts: ``eval_prompts_leaked``
+    (removed from the evaluation) and ``shared_prompts_<a>__<b>`` for two other splits that share prompts (kept:
+    PPO on the SFT prompts is a choice, not a leak). Each is logged as a warning."""
+    prompts = {name: set(frame["prompt"]) for name, frame in outputs.items()}
+    training = set().union(*(p for name, p in prompts.items() if name != "eval_prompts"))
+    leaked = outputs["eval_prompts"]["prompt"].isin(training)
+    counts = {"eval_prompts_leaked": int(leaked.sum())}
+    if leaked.any():
+        logger.warning("Removed %d evaluation prompt(s) that other splits hold (the evaluation is held out)",
+                       leaked.sum())
+    names = [name for name in SPLITS if name != "eval_prompts"]
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            shared = len(prompts[first] & prompts[second])
+            if shared:
+                logger.warning("Splits '%s' and '%s' share %d prompt(s)", first, second, shared)
+                counts[f"shared_prompts_{first}__{second}"] = shared
+    return outputs["eval_prompts"].loc[~leaked].reset_index(drop=True), counts
 
 
 def check_ppo_prompts(prompts: int, split: dict[str, Any], ppo: dict[str, dict[str, Any]],

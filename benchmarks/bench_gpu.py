@@ -160,7 +160,7 @@ def compare_static_cache(trainer: PPOTrainer, sampling: SamplingConfig, repeats:
         for _ in range(repeats):
             synchronize()
             started = time.perf_counter()
-            _, _, response = sample_responses(model, trainer.tokenizer, prompt_ids, settings)
+            _, _, response, _ = sample_responses(model, trainer.tokenizer, prompt_ids, settings)
             synchronize()
             seconds.append(time.perf_counter() - started)
         out[f"{name}_tokens_per_s"] = response.numel() / statistics.median(seconds)

@@ -179,7 +179,7 @@ def test_evaluation_samples_and_scores_long_prompts(tokenizer):
     kept, prompt_ids = fit_prompts(encoder, [LONG_PROMPT, HUGE_FINAL_TURN], max_prompt_length=200, max_new_tokens=24)
     assert kept == [0] and len(prompt_ids[0]) <= 48 - 24
     texts = generate_texts(bundle.model, tokenizer, prompt_ids, SamplingConfig(max_new_tokens=24))
-    _, _, response = sample_responses(bundle.model, tokenizer, prompt_ids, SamplingConfig(max_new_tokens=24))
+    _, _, response, _ = sample_responses(bundle.model, tokenizer, prompt_ids, SamplingConfig(max_new_tokens=24))
     assert response.shape[1] <= 24 and len(texts) == 1
     result = kl_and_perplexity(bundle.model, tiny_model(tokenizer, seed=1).eval(), encoder, [LONG_PROMPT], texts, 1024)
     assert math.isfinite(result["kl_to_sft"]) and math.isfinite(result["perplexity"])
@@ -198,3 +198,26 @@ def test_hh_prompts_start_with_the_tokenizers_bos_and_responses_do_not():
     prompt_ids, cut = encoder.prompt_ids(render_prompt([("Human", "Hello there")]), 64)
     assert prompt_ids[0] == bos and prompt_ids.count(bos) == 1 and not cut
     assert bos not in encoder.response_ids("Hi")[:-1]  # the response follows the prompt: no BOS inside the sequence
+
+
+def test_special_token_text_in_data_is_plain_text_and_hh_samples_stop_at_a_new_turn():
+    from rlhf_pipeline.generation import cut_at_turns
+
+    tokenizer = train_tokenizer(["Hello there. Human: hi. Assistant: yo. The end."] * 20, vocab_size=300)
+    encoder = DialogueEncoder(tokenizer, "hh")
+    eos = tokenizer.eos_token_id
+    assert encoder.response_ids(tokenizer.eos_token)[-1] == eos
+    assert eos not in encoder.response_ids(tokenizer.eos_token)[:-1]  # the text "<eos>" is not the EOS token
+    assert eos not in encoder.render_whole(f"\n\nHuman: say {tokenizer.eos_token}\n\nAssistant:")
+    # a response that goes on to write the user's turn ends at the token where the marker starts
+    ids = tokenizer("Hello there.\n\nHuman: hi", add_special_tokens=False)["input_ids"]
+    start = next(k for k in range(len(ids)) if "\n" in tokenizer.decode(ids[:k + 1]))
+    pad = tokenizer.pad_token_id
+    response = torch.tensor([ids + [eos, pad], tokenizer("The end.", add_special_tokens=False)["input_ids"]
+                             + [eos] + [pad] * (len(ids) + 1 - len(tokenizer("The end.")["input_ids"]))])
+    cut, turn_cut = cut_at_turns(response, tokenizer, [eos])
+    assert turn_cut.tolist() == [True, False]
+    assert cut[0, :start].tolist() == ids[:start] and cut[0, start] == eos and (cut[0, start + 1:] == pad).all()
+    assert tokenizer.decode(cut[0], skip_special_tokens=True) == "Hello there."
+    assert torch.equal(cut[1], response[1])
+    assert encoder.sampling(SamplingConfig()).stop_at_turns

@@ -84,8 +84,9 @@ class EvalSet:
         model's prompt format; ``evaluation`` also gives ``sampling`` (``SamplingConfig`` fields), ``seed`` and
         ``max_length``. Raises ``KeyError`` for a missing key, ``TypeError`` for an unknown sampling field."""
         head = eval_prompts.head(evaluation["max_prompts"])
-        sampling, max_length = SamplingConfig(**evaluation["sampling"]), evaluation["max_length"]
-        kept, prompt_ids = fit_prompts(sft_model.encoder(), head["prompt"].tolist(),
+        encoder = sft_model.encoder()
+        sampling, max_length = encoder.sampling(SamplingConfig(**evaluation["sampling"])), evaluation["max_length"]
+        kept, prompt_ids = fit_prompts(encoder, head["prompt"].tolist(),
                                        max(max_length - sampling.max_new_tokens, 1), sampling.max_new_tokens)
         frame = head.iloc[kept]
         return cls(frame["prompt"].tolist(), frame["category"].tolist(), prompt_ids, sampling, evaluation["seed"],

@@ -4,7 +4,9 @@ Every stage (SFT, reward modelling, PPO rollouts, PPO-ptx, evaluation) encodes t
 
 * **Prompt formats.** ``hh`` keeps the raw ``\\n\\nHuman: ...\\n\\nAssistant:`` text (the tokenizer adds its
   BOS, if it has one); ``chat_template`` turns the HH turns into ``user``/``assistant`` messages for the
-  tokenizer's own chat template (which brings its special tokens). A response is its tokens then EOS.
+  tokenizer's own chat template (which brings its special tokens). A response is its tokens then EOS. Text of
+  the data that reads like a special token (``"<|endoftext|>"``) is tokenised as plain text in the ``hh`` format
+  and in responses (``split_special_tokens``); ``formats`` quarantines such text before any stage.
 * **Context budget.** The limit is ``min(max_length, model positions)``. A prompt too long for it loses
   its oldest turns, cut at a ``Human:`` turn so that the latest turns stay and the final ``Human:`` turn
   always survives. A training pair whose response does not fit even beside the final turn alone keeps the
@@ -15,11 +17,15 @@ Every stage (SFT, reward modelling, PPO rollouts, PPO-ptx, evaluation) encodes t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from transformers import PreTrainedTokenizerBase
 
 from rlhf_pipeline.hh import render_prompt, split_turns
+
+if TYPE_CHECKING:
+    from rlhf_pipeline.generation import SamplingConfig
 
 PROMPT_FORMATS = ("hh", "chat_template")
 ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -54,6 +60,11 @@ class DialogueEncoder:
         self.tokenizer, self.prompt_format = tokenizer, prompt_format
         self.max_positions, self.min_response_tokens = max_positions, min_response_tokens
 
+    def sampling(self, cfg: SamplingConfig) -> SamplingConfig:
+        """``cfg`` with ``stop_at_turns`` on in the ``hh`` format: there only a turn marker can tell that the policy
+        went on to write the user's next turn (a chat template ends its turns with a stop token)."""
+        return replace(cfg, stop_at_turns=self.prompt_format == "hh")
+
     def limit(self, max_length: int) -> int:
         """Tokens a sequence may hold: the stage's ``max_length`` capped by the model's positions."""
         return min(max_length, self.max_positions) if self.max_positions else max_length
@@ -62,7 +73,7 @@ class DialogueEncoder:
     def render(self, turns: Sequence[tuple[str, str]]) -> list[int]:
         """Token ids of a prompt made of ``turns`` (speaker, text) followed by an open assistant turn."""
         if self.prompt_format == "hh":
-            return self.tokenizer(render_prompt(list(turns)))["input_ids"]
+            return self.tokenizer(render_prompt(list(turns)), split_special_tokens=True)["input_ids"]
         messages = [{"role": ROLES[speaker], "content": text} for speaker, text in turns]
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -85,7 +96,8 @@ class DialogueEncoder:
     def response_ids(self, response: str) -> list[int]:
         """Token ids of a response and its EOS, tokenised apart from the prompt exactly as sampling sees it."""
         text = " " + response.strip() if self.prompt_format == "hh" else response.strip()
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        return (self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                + [self.tokenizer.eos_token_id])
 
     # --- fitting -------------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str, budget: int) -> tuple[list[int], bool] | None:
@@ -100,7 +112,7 @@ class DialogueEncoder:
     def render_whole(self, prompt: str) -> list[int]:
         """Token ids of the whole prompt (the common case: no cut candidates are rendered)."""
         if self.prompt_format == "hh":  # the canonical text is already rendered: no need to split it
-            return self.tokenizer(prompt)["input_ids"]
+            return self.tokenizer(prompt, split_special_tokens=True)["input_ids"]
         return self.render(self.turns_of(prompt))
 
     def sampling_prompt(self, prompt: str, max_prompt_length: int, max_new_tokens: int) -> list[int] | None:

@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_pipeline.formatting import DialogueEncoder
+from rlhf_pipeline.hh import TURN_MARKER
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,9 @@ class SamplingConfig:
     cache_implementation: str | None = None
     """``static``: a pre-allocated KV cache, with which transformers compiles the decoding step on a GPU
     (``benchmarks/bench_gpu.py`` measures whether that wins); None: the dynamic cache."""
+    stop_at_turns: bool = False
+    """End a response where it starts a new ``Human:``/``Assistant:`` turn (set by ``DialogueEncoder.sampling``
+    for the ``hh`` prompt format, where nothing else stops a policy that writes the user's next turn itself)."""
 
     def __post_init__(self) -> None:
         """Raises ``ValueError`` naming the field for a setting ``generate`` would reject or that samples nothing,
@@ -64,12 +68,13 @@ def left_pad(prompt_ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tens
 @torch.no_grad()
 def sample_responses(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[list[int]], cfg: SamplingConfig,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample one response per prompt (prompts already fitted to leave room for ``max_new_tokens``).
 
     Returns:
-        ``prompt_input_ids`` (B, P) left-padded, ``prompt_attention_mask`` (B, P), and ``response_ids``
-        (B, R) right-padded with the pad token after the first EOS (which is kept).
+        ``prompt_input_ids`` (B, P) left-padded, ``prompt_attention_mask`` (B, P), ``response_ids`` (B, R)
+        right-padded with the pad token after the first EOS (which is kept), and ``turn_cut`` (B,) bool: with
+        ``cfg.stop_at_turns``, the responses cut where they began a new turn (``cut_at_turns``).
     """
     device = next(model.parameters()).device
     stops = stop_token_ids(model, tokenizer)
@@ -91,6 +96,8 @@ def sample_responses(
             top_k=0 if cfg.do_sample else None, repetition_penalty=cfg.repetition_penalty, eos_token_id=stops,
             pad_token_id=tokenizer.pad_token_id, suppress_tokens=suppress or None, use_cache=True,
             cache_implementation=cfg.cache_implementation,
+            stop_strings=list(TURN_STOPS) if cfg.stop_at_turns else None,
+            tokenizer=tokenizer if cfg.stop_at_turns else None,
         )
         parts.append((group, output[:, input_ids.shape[1]:]))
     model.train(was_training)
@@ -99,7 +106,44 @@ def sample_responses(
                               dtype=torch.long, device=device)
     for group, part in parts:
         response_ids[torch.tensor(group, device=device), :part.shape[1]] = part
-    return input_ids.to(device), attention_mask.to(device), mask_after_eos(response_ids, stops, tokenizer.pad_token_id)
+    response_ids = mask_after_eos(response_ids, stops, tokenizer.pad_token_id)
+    turn_cut = torch.zeros(len(prompt_ids), dtype=torch.bool, device=device)
+    if cfg.stop_at_turns:
+        response_ids, turn_cut = cut_at_turns(response_ids, tokenizer, stops)
+    return input_ids.to(device), attention_mask.to(device), response_ids, turn_cut
+
+
+# what ``generate`` watches for; ``cut_at_turns`` then finds every marker form that ``hh.TURN_MARKER`` reads
+TURN_STOPS = ("\nHuman:", "\nAssistant:")
+
+
+def cut_at_turns(response_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase, stop_ids: Sequence[int]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """End each response whose text begins a new ``Human:``/``Assistant:`` turn (``hh.TURN_MARKER``) at the
+    token where the marker starts: that token becomes EOS and the rest padding, so PPO scores and trains on the
+    reply up to the turn, ended as the reward model's training replies are (trlx stops HH rollouts the same
+    way). A token holding text before the marker is dropped with it.
+
+    Args:
+        response_ids: ``(B, R)`` sampled tokens, padding after the first stop token.
+
+    Returns:
+        The cut ``response_ids`` ``(B, R)`` and ``turn_cut`` ``(B,)`` bool.
+    """
+    cut = response_ids.clone()
+    turn_cut = torch.zeros(len(cut), dtype=torch.bool, device=cut.device)
+    keep = (~after_first_stop(cut, stop_ids)).sum(dim=1).tolist()
+    for row, length in enumerate(keep):
+        ids = cut[row, :length].tolist()
+        marker = TURN_MARKER.search(tokenizer.decode(ids, skip_special_tokens=True))
+        if marker is None:
+            continue
+        start = next(k for k in range(len(ids))
+                     if len(tokenizer.decode(ids[:k + 1], skip_special_tokens=True)) > marker.start())
+        cut[row, start] = tokenizer.eos_token_id
+        cut[row, start + 1:] = tokenizer.pad_token_id
+        turn_cut[row] = True
+    return cut, turn_cut
 
 
 def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -152,5 +196,7 @@ def generate_texts(
     if not prompt_ids:
         return []
     torch.manual_seed(seed)
-    _, _, response_ids = sample_responses(model, tokenizer, prompt_ids, replace(cfg, batch_size=batch_size))
+    _, _, response_ids, turn_cut = sample_responses(model, tokenizer, prompt_ids, replace(cfg, batch_size=batch_size))
+    if cfg.stop_at_turns:
+        logger.info("%d of %d response(s) cut where they began a new turn", int(turn_cut.sum()), len(turn_cut))
     return decode_responses(tokenizer, response_ids)

@@ -62,7 +62,7 @@ def test_sampling_never_emits_the_pad_token_and_keeps_the_models_suppressed_toke
     model = build_tiny_model(tokenizer, TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2))
     allowed = {tokenizer.pad_token_id, 5}  # left to itself the model would sample pad half the time
     model.generation_config.suppress_tokens = [i for i in range(len(tokenizer)) if i not in allowed]
-    _, _, response = sample_responses(model, tokenizer, [tokenizer("Say hi.")["input_ids"]] * 4,
+    _, _, response, _ = sample_responses(model, tokenizer, [tokenizer("Say hi.")["input_ids"]] * 4,
                                       SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=1.0))
     assert response.tolist() == [[5] * 12] * 4
 
@@ -77,7 +77,7 @@ def test_length_grouped_batches_and_the_static_cache_sample_what_one_plain_call_
     assert plain[0].shape == (7, max(map(len, prompts)))
     for settings in ({"batch_size": 3}, {"cache_implementation": "static"},
                      {"batch_size": 2, "cache_implementation": "static"}):
-        prompt, mask, response = sample_responses(model, tokenizer, prompts, replace(greedy, **settings))
+        prompt, mask, response, _ = sample_responses(model, tokenizer, prompts, replace(greedy, **settings))
         assert torch.equal(prompt, plain[0]) and torch.equal(mask, plain[1]), settings
         assert torch.equal(response, plain[2][:, :response.shape[1]]), settings
         assert (plain[2][:, response.shape[1]:] == tokenizer.pad_token_id).all(), settings
@@ -215,7 +215,7 @@ def test_sampling_stops_at_every_eos_the_generation_config_names(tokenizer):
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
     model.generation_config.suppress_tokens = [i for i in range(len(tokenizer)) if i not in (5, end_of_turn)]
     torch.manual_seed(0)
-    _, _, response = sample_responses(model, tokenizer, [tokenizer("Say hi.")["input_ids"]] * 8,
+    _, _, response, _ = sample_responses(model, tokenizer, [tokenizer("Say hi.")["input_ids"]] * 8,
                                       SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=1.0))
     mask = response_mask_of(response, [tokenizer.eos_token_id, end_of_turn], tokenizer.pad_token_id)
     stopped = (response == end_of_turn).any(dim=1)

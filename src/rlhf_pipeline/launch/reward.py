@@ -46,12 +46,15 @@ class RewardModelSettings:
     stats_sample: int
     """Training pairs whose two responses are scored for ``reward_mean``/``reward_std`` (where PPO's score
     normaliser starts); all of them when there are fewer."""
+    start_from: str | None = None
+    """A reward model saved by this project (a ``save_pretrained`` directory with its value head) to start from
+    instead of a fresh head on the SFT model; with ``epochs: 0`` it is used as it is (measured, not trained)."""
 
     @classmethod
     def from_params(cls, params: dict[str, Any], key: str, launcher: dict[str, Any]) -> RewardModelSettings:
         """The settings from the parameters under ``key`` (named in errors, and the job folder's name):
-        ``RewardConfig`` fields plus ``stats_sample`` and ``launcher`` (this stage's keys over the run's
-        ``launcher``, see ``LaunchConfig.from_params``).
+        ``RewardConfig`` fields plus ``stats_sample``, ``start_from`` (optional) and ``launcher`` (this stage's
+        keys over the run's ``launcher``, see ``LaunchConfig.from_params``).
 
         Raises:
             ValueError: ``stats_sample`` below 1 (no score statistics: PPO would fail to normalise scores), or
@@ -63,8 +66,29 @@ class RewardModelSettings:
         if not isinstance(stats_sample, int) or stats_sample < 1:
             raise ValueError(f"{key}.stats_sample must be an integer >= 1 (training pairs scored for reward_mean/"
                              f"reward_std, which PPO normalises scores with), got {stats_sample!r}; e.g. 1000")
+        start_from = params.pop("start_from", None)
         launch = LaunchConfig.from_params(launcher, params.pop("launcher", None), key.replace(".", "/"))
-        return cls(config_from(RewardConfig, params, optim=OptimConfig), launch, stats_sample)
+        train = config_from(RewardConfig, params, optim=OptimConfig)
+        if train.epochs < 0 or (train.epochs == 0 and not start_from):
+            raise ValueError(f"{key}.epochs must be >= 1, or 0 with {key}.start_from (a reward model to use as it "
+                             f"is), got {train.epochs}")
+        return cls(train, launch, stats_sample, start_from)
+
+
+def given_reward_model(path: str, sft_model: ModelBundle) -> ValueHeadModel:
+    """The reward model saved at ``path`` (``modeling.load_value_model``).
+
+    Raises:
+        ValueError: Its tokenizer's vocabulary differs from the SFT model's (PPO scores the policy's token ids).
+    """
+    from rlhf_pipeline.modeling import load_value_model
+
+    given = load_value_model(path)
+    if given.tokenizer.get_vocab() != sft_model.tokenizer.get_vocab():
+        raise ValueError(f"start_from {path}: the reward model's tokenizer differs from the SFT model's; PPO scores "
+                         f"the policy's token ids, so both must share one tokenizer")
+    logger.info("Reward model from %s", path)
+    return given.model
 
 
 def fit_reward_model(sft_model: ModelBundle, train_pairs: pd.DataFrame, val_pairs: pd.DataFrame,
@@ -88,8 +112,10 @@ def fit_reward_model(sft_model: ModelBundle, train_pairs: pd.DataFrame, val_pair
     """
     cfg, launch, stats_sample = settings.train, settings.launch, settings.stats_sample
     encoder = sft_model.encoder()
-    model, fit_counts = run_reward_training(sft_model.with_model(ValueHeadModel(sft_model.model, seed=cfg.seed)),
-                                            train_pairs, cfg, launch, log, log_prefix)
+    initial = (given_reward_model(settings.start_from, sft_model) if settings.start_from
+               else ValueHeadModel(sft_model.model, seed=cfg.seed))
+    model, fit_counts = (initial, {}) if cfg.epochs == 0 else run_reward_training(
+        sft_model.with_model(initial), train_pairs, cfg, launch, log, log_prefix)
 
     def scores(frame: pd.DataFrame, column: str) -> torch.Tensor:
         return score_responses(model, encoder, frame["prompt"].tolist(), frame[column].tolist(), cfg.max_length,

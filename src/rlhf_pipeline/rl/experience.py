@@ -61,6 +61,7 @@ class Experience:
     rewards: torch.Tensor | None = None  # (B, R) KL-shaped per-token rewards
     advantages: torch.Tensor | None = None  # (B, R)
     returns: torch.Tensor | None = None  # (B, R)
+    turn_cut: torch.Tensor | None = None  # (B,) bool: cut where it began a new turn (generation.cut_at_turns)
 
     @property
     def prompt_width(self) -> int:
@@ -80,13 +81,15 @@ def make_experience(policy, reference, critic, reward_model, tokenizer, prompt_i
     and score the rollouts (no advantages yet), ``forward_batch_size`` rows per scoring forward pass.
     Prompts must leave room for ``max_new_tokens + 1`` positions: a truncated response is scored with EOS."""
     with timer("generate", timings):
-        prompt, prompt_mask, response = sample_responses(generator or policy, tokenizer, prompt_ids, sampling)
+        prompt, prompt_mask, response, turn_cut = sample_responses(generator or policy, tokenizer, prompt_ids,
+                                                                   sampling)
     with timer("score", timings):
         stops = stop_token_ids(policy, tokenizer)
         response_mask = response_mask_of(response, stops, tokenizer.pad_token_id)
         exp = score_rollouts(policy, reference, critic, reward_model, prompt, prompt_mask, response, response_mask,
                              tokenizer.eos_token_id, stops, forward_batch_size=forward_batch_size, packing=packing,
                              temperature=sampling.temperature)
+    exp.turn_cut = turn_cut
     return exp
 
 

@@ -30,6 +30,7 @@ def rollout_metrics(exp: Experience) -> dict[str, float]:
         "kl/sequence": kl_per_sequence.mean().item(),
         "response/length": lengths.mean().item(),
         "response/truncated_fraction": exp.truncated.float().mean().item(),
+        "response/turn_cut_fraction": exp.turn_cut.float().mean().item() if exp.turn_cut is not None else 0.0,
         "response/perplexity": math.exp(min(-mean_logprob.mean().item(), 50.0)),
     }
 

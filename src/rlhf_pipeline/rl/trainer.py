@@ -81,6 +81,7 @@ class PPOTrainer:
         """
         init_distributed()
         self.cfg, self.tokenizer, self.log = cfg, encoder.tokenizer, log
+        self.sampling = encoder.sampling(cfg.sampling)  # the hh format stops rollouts at a new turn
         self.rank, self.world_size = world()
         torch.manual_seed(cfg.seed + self.rank)
         # one position more than sampled: a truncated response is scored with EOS appended (see experience)
@@ -172,7 +173,7 @@ class PPOTrainer:
         with timer("gather", timings):
             generator = self.rollout_policy()
         exp = make_experience(self.policy.module, self.reference, self.critic.module, self.reward_model, self.tokenizer,
-                              prompt_ids, cfg.sampling, timings, generator=generator,
+                              prompt_ids, self.sampling, timings, generator=generator,
                               forward_batch_size=cfg.forward_batch_size, packing=cfg.packing)
         with timer("advantages", timings):
             exp = compute_advantages(exp, cfg, self.moments)

@@ -68,7 +68,8 @@ def train_sft_model(base_model: ModelBundle, sft_train: pd.DataFrame, sft: dict[
         base_model: Model and tokenizer from ``prepare_base_model``.
         sft_train: ``prompt``, ``response`` demonstrations.
         sft: ``SFTConfig`` fields plus ``val_fraction``, ``sampling``, ``gold_eval_prompts`` and ``launcher``
-            (keys over ``launcher``).
+            (keys over ``launcher``). ``epochs: 0`` trains nothing: the base model (an instruction-tuned model)
+            is the SFT model, its samples still measured.
         launcher: The run's ``LaunchConfig`` keys and ``work_dir``: more than one process trains through the
             ``deepspeed`` launcher.
 
@@ -82,11 +83,12 @@ def train_sft_model(base_model: ModelBundle, sft_train: pd.DataFrame, sft: dict[
     from rlhf_pipeline.training.devices import to_rank_device
 
     settings = SFTSettings.from_params(sft, launcher)
-    cfg, launch, sampling = settings.train, settings.launch, settings.sampling
+    cfg, launch = settings.train, settings.launch
     val_fraction, gold_prompts = settings.val_fraction, settings.gold_eval_prompts
     held_out = held_out_mask(sft_train["prompt"], val_fraction, cfg.seed)
     train, val = sft_train[~held_out], sft_train[held_out]
     encoder = base_model.encoder()
+    sampling = encoder.sampling(settings.sampling)
     eval_prompts = val["prompt"].drop_duplicates().head(gold_prompts).tolist()
     kept, eval_prompt_ids = fit_prompts(encoder, eval_prompts, max(cfg.max_length - sampling.max_new_tokens, 1),
                                         sampling.max_new_tokens)
@@ -97,8 +99,12 @@ def train_sft_model(base_model: ModelBundle, sft_train: pd.DataFrame, sft: dict[
         return nan_mean(gold_score(eval_prompts[i], r) for i, r in zip(kept, responses, strict=True))
 
     gold_before = gold_of_samples(base_model.model)
-    model, train_metrics = run_sft(base_model, (train["prompt"].tolist(), train["response"].tolist()),
-                                   (val["prompt"].tolist(), val["response"].tolist()), cfg, launch, log)
+    if cfg.epochs == 0:  # an instruction-tuned base model is the SFT model as it is
+        logger.info("SFT: sft.epochs is 0, the base model is the SFT model")
+        model, train_metrics = base_model.model, {}
+    else:
+        model, train_metrics = run_sft(base_model, (train["prompt"].tolist(), train["response"].tolist()),
+                                       (val["prompt"].tolist(), val["response"].tolist()), cfg, launch, log)
     metrics = {**{k.replace("/", "_"): v for k, v in train_metrics.items()}, "gold_score_before": gold_before,
                "gold_score_after": gold_of_samples(model), "train_examples": len(train), "val_examples": len(val),
                "gold_eval_prompts_dropped": len(eval_prompts) - len(kept)}

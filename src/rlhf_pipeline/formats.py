@@ -126,7 +126,7 @@ def detect_format(record: Mapping[str, Any], kind: str) -> str | None:
     """The format of a (column-mapped) record of ``kind`` from its fields and their types; None if none fits."""
     if "chosen" in record and "rejected" in record:
         chosen = record["chosen"]
-        if isinstance(chosen, list):
+        if any(isinstance(record.get(name), list) for name in ("prompt", "chosen", "rejected")):
             return "conversational"
         if isinstance(chosen, str):
             return "standard" if "prompt" in record or not _is_hh(chosen) else "hh"
@@ -313,6 +313,8 @@ def _conversational(record: Mapping[str, Any], kind: str, system: str) -> Prefer
             value, f"field '{name}'", system)
 
     def after(prompt: list[tuple[str, str]], name: str) -> str:
+        if isinstance(record[name], str):  # a reply as plain text beside a message-list prompt
+            return response_of([("Assistant", record[name].strip())], f"field '{name}'")
         response = turns(name)
         if response[:len(prompt)] == prompt:  # a response list that repeats the prompt (e.g. UltraFeedback)
             response = response[len(prompt):]

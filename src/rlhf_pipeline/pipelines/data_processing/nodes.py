@@ -15,9 +15,11 @@ from rlhf_pipeline.task import classify_request
 logger = logging.getLogger(__name__)
 
 
-# each raw source: the catalog entry, the kind of row it holds, and the split it feeds (None: several)
+# each raw source: its catalog entry and the kind of row it holds
 SOURCES = {"preferences": ("raw_preferences", "preference"), "sft_train": ("raw_sft_train", "instruction"),
            "ppo_prompts": ("raw_ppo_prompts", "prompt"), "eval_prompts": ("raw_eval_prompts", "prompt")}
+# keys of data_processing.sources.<name> that the catalog reads (runtime parameters), not the parser
+CATALOG_KEYS = {"paths", "hub_id", "hub_split", "data_dir"}
 
 
 def parse_sources(raw_preferences: Any, raw_sft_train: Any, raw_ppo_prompts: Any, raw_eval_prompts: Any,
@@ -35,8 +37,8 @@ def parse_sources(raw_preferences: Any, raw_sft_train: Any, raw_ppo_prompts: Any
     Returns:
         By name: ``preferences`` (``prompt``, ``chosen``, ``rejected``), ``stage_rows`` (``split``, ``prompt``,
         ``response``: the stages' own rows, ``response`` empty for prompts), ``quarantine`` (every source's bad rows
-        with ``source``, ``line``, ``reason``, ``raw``) and ``parse_counts`` (``data/<source>_valid`` and
-        ``_quarantined``).
+        with ``source``, ``line``, ``reason``, ``raw``), ``source_formats`` (each given source's format, as
+        detected or set) and ``parse_counts`` (``data/<source>_valid`` and ``_quarantined``).
 
     Raises:
         ValueError: A source whose rows all fail (the message names its format, the counts and the top
@@ -49,7 +51,8 @@ def parse_sources(raw_preferences: Any, raw_sft_train: Any, raw_ppo_prompts: Any
     formats = {}
     for name, (_, kind) in SOURCES.items():
         try:
-            formats[name] = SourceFormat(kind, system=data_processing.get("system", "keep"), **settings.get(name, {}))
+            read = {key: value for key, value in settings.get(name, {}).items() if key not in CATALOG_KEYS}
+            formats[name] = SourceFormat(kind, system=data_processing.get("system", "keep"), **read)
         except (TypeError, ValueError) as err:
             raise ValueError(f"data_processing.sources.{name}: {err}") from None
     results, quarantine, counts = {}, [], {}
@@ -75,6 +78,7 @@ def parse_sources(raw_preferences: Any, raw_sft_train: Any, raw_ppo_prompts: Any
     return {"preferences": pd.DataFrame(results["preferences"].records(), columns=["prompt", "chosen", "rejected"]),
             "stage_rows": pd.DataFrame(stage_rows, columns=["split", "prompt", "response"]),
             "quarantine": pd.DataFrame(quarantine, columns=["source", "line", "reason", "raw"]),
+            "source_formats": {name: result.format for name, result in results.items()},
             "parse_counts": as_metrics(counts, "data")}
 
 

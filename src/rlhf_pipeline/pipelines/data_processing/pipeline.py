@@ -15,7 +15,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             node(
                 parse_sources,
                 [*(entry for entry, _ in SOURCES.values()), "params:data_processing"],
-                {name: name for name in ("preferences", "stage_rows", "quarantine", "parse_counts")},
+                {name: name for name in ("preferences", "stage_rows", "quarantine", "source_formats", "parse_counts")},
                 name="parse_sources_node",
             ),
             node(

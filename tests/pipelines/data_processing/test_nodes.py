@@ -6,8 +6,8 @@ import pytest
 from rlhf_pipeline.data import SPLITS, assign_splits
 from rlhf_pipeline.hh import RawRow, RowError
 from rlhf_pipeline.pipelines.data_processing.nodes import split_preferences
-from tests.pipelines.conftest import NO_ROWS, parse_preferences
 from rlhf_pipeline.task import TaskConfig, generate_preference_rows
+from tests.pipelines.conftest import NO_ROWS, parse_preferences
 
 SPLIT = {"seed": 0, "fractions": {"sft_train": 0.3, "rm_train": 0.3, "rm_val": 0.05, "ppo_prompts": 0.15, "eval_prompts": 0.1,
                                   "judge_train": 0.1}}
@@ -96,3 +96,34 @@ def test_strict_mode_names_file_and_line_default_mode_quarantines():
     assert len(valid) == 2 and quarantine.loc[0, "line"] == 2
     assert counts["data/preferences_quarantined"]["value"] == 1
 
+
+
+# --- a stage's own source -------------------------------------------------------------------------------------------
+def test_a_stage_source_replaces_its_split_and_leaked_eval_prompts_are_removed_and_counted(preferences):
+    plain = split_preferences(preferences, NO_ROWS, SPLIT, PPO, LAUNCHER)
+    leaked = plain["eval_prompts"]["prompt"].head(3).tolist()  # evaluation prompts a user's PPO set also holds
+    own = [f"\n\nHuman: own prompt {i}\n\nAssistant:" for i in range(40)]
+    stage_rows = pd.DataFrame({"split": "ppo_prompts", "prompt": own + leaked, "response": None})
+    out = split_preferences(preferences, stage_rows, SPLIT, PPO, LAUNCHER)
+    assert set(out["ppo_prompts"]["prompt"]) == set(own + leaked)
+    assert not set(out["eval_prompts"]["prompt"]) & set(leaked)
+    sizes = out["split_sizes"]
+    assert sizes["data/eval_prompts_leaked"]["value"] == 3
+    # the pairs no longer feed ppo_prompts: its 0.15 share went to the others
+    assert len(out["sft_train"]) > len(plain["sft_train"])
+    assert sizes["data/eval_prompts_size"]["value"] == len(out["eval_prompts"])
+
+
+def test_a_source_without_a_valid_row_fails_naming_format_counts_and_reasons():
+    from rlhf_pipeline.pipelines.data_processing.nodes import parse_sources
+
+    bad = [RawRow("sft.jsonl", i, json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode())
+           for i in (1, 2)]
+    good = rows_of(generate_preference_rows(TaskConfig(num_pairs=5, seed=1)))
+    with pytest.raises(ValueError, match=r"raw_sft_train: no valid row \(format 'conversational', 2 row\(s\) "
+                                         r"quarantined; top reasons: 2 x field 'messages': the conversation does not end"):
+        parse_sources(good, bad, [], [], {"strict": False})
+    with pytest.raises(ValueError, match="data_processing.sources.preferences: .*unexpected keyword argument 'colums'"):
+        parse_sources(good, [], [], [], {"strict": False, "sources": {"preferences": {"colums": {}}}})
+    out = parse_sources(good, [], [], [], {"strict": False, "sources": {"preferences": {"paths": ["x"]}}})
+    assert out["source_formats"] == {"preferences": "hh"}  # paths: read by the catalog, not the parser

@@ -154,3 +154,31 @@ def test_each_environment_names_its_raw_preferences(env, runtime_params, kind, w
         assert isinstance(dataset, kind) and entry["filepath"] == where
     else:
         assert type(dataset).__name__ == kind and (entry["dataset_name"], entry["dataset_kwargs"]) == where
+
+
+@pytest.mark.parametrize("name", ["pairs.json", "pairs.json.gz", "pairs.csv", "pairs.csv.gz", "pairs.parquet"])
+def test_json_csv_and_parquet_files_give_the_same_rows_named_by_file_and_record(tmp_path, name):
+    path = tmp_path / name
+    frame = pd.DataFrame(RECORDS * 2)
+    if ".csv" in name:
+        frame.to_csv(path, index=False)
+    elif ".parquet" in name:
+        frame.to_parquet(path)
+    else:
+        text = json.dumps(frame.to_dict("records"))
+        (gzip.open(path, "wt") if name.endswith(".gz") else open(path, "w")).write(text)
+    rows = RawRowsDataset(str(path)).load()
+    assert [(row.source, row.line) for row in rows] == [(str(path), n) for n in (1, 2, 3, 4)]
+    valid, quarantine, _ = parse_preferences(rows, strict=True)
+    assert valid.loc[1, "chosen"] == "I can't help with that." and len(valid) == 4 and quarantine.empty
+
+
+def test_unknown_kinds_and_empty_files_fail_naming_the_file(tmp_path):
+    with pytest.raises(DatasetError, match=r"pairs.txt: cannot read a '.txt' file"):
+        RawRowsDataset(str(tmp_path / "pairs.txt"))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DatasetError, match="empty.jsonl: the file holds no rows"):
+        RawRowsDataset(str(tmp_path / "empty.jsonl")).load()
+    assert RawRowsDataset([]).load() == []  # no files: a stage without a source of its own
+    with pytest.raises(DatasetError, match="no such file"):
+        RawRowsDataset(str(tmp_path / "absent.jsonl")).load()

@@ -14,3 +14,13 @@ def test_sft_lowers_the_held_out_loss_and_reports_it_to_mlflow(pairs):
     assert metrics["device"] == next(model.model.parameters()).device.type
     assert catalog.load("sft_mlflow_metrics")["sft/val_loss"] == {"value": metrics["val_loss"], "step": 0}
     assert catalog.load("base_model").tokenizer.vocab_size == model.tokenizer.vocab_size == 512  # conf/test
+
+
+def test_epochs_0_keeps_the_base_model_as_the_sft_model(pairs):
+    data = {"sft_train": pairs.iloc[:60][["prompt", "chosen"]].rename(columns={"chosen": "response"}),
+            "rm_train": pairs.iloc[60:120]}
+    catalog = run(create_pipeline(), data, parameters({"sft": {"epochs": 0}}))
+    base, model, metrics = catalog.load("base_model"), catalog.load("sft_model"), catalog.load("sft_metrics")
+    base_weights, weights = base.model.state_dict(), model.model.state_dict()
+    assert all(base_weights[name].equal(weights[name]) for name in base_weights)
+    assert "val_loss" not in metrics and metrics["gold_score_after"] == metrics["gold_score_before"]

@@ -1,9 +1,9 @@
+"""The data formats (``formats``) and the canonical HH dialogue (``hh``): every expected value written by hand."""
+
 import gzip
 import json
 
 import pytest
-
-"""The data formats (``formats``) and the canonical HH dialogue (``hh``): every expected value written by hand."""
 
 from rlhf_pipeline.formats import SourceFormat, parse_rows
 from rlhf_pipeline.hh import RawRow, RowError, read_jsonl_rows, split_prompt_response

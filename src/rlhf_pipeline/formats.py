@@ -271,7 +271,8 @@ def _hh(record: Mapping[str, Any], kind: str, system: str) -> Preference:
 def _common_prefix(chosen: str, rejected: str) -> int:
     """Characters of TRL's implicit prompt (``extract_prompt``): the common prefix, a space before the first
     differing character going with the responses."""
-    index = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+    index = next((i for i, (a, b) in enumerate(zip(chosen, rejected, strict=False)) if a != b),
+                 min(len(chosen), len(rejected)))
     return index - 1 if index and chosen[index - 1] == " " else index
 
 
@@ -339,7 +340,8 @@ def _conversational(record: Mapping[str, Any], kind: str, system: str) -> Prefer
         prompt = turns("prompt")
     else:  # implicit prompt: the common prefix of the two conversations
         chosen, rejected = turns("chosen"), turns("rejected")
-        length = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+        length = next((i for i, (a, b) in enumerate(zip(chosen, rejected, strict=False)) if a != b),
+                      min(len(chosen), len(rejected)))
         prompt = chosen[:length]
         if prompt and prompt[-1][0] == "Assistant":  # both conversations end with the same assistant turn
             prompt = prompt[:-1]

@@ -222,7 +222,8 @@ class MlflowLineageHook:
         tags = {CATALOG_VERSION_TAG: catalog_version(self.catalog, dataset_name, True) or "",
                 DATASET_TAG: dataset_name,
                 **{f"parent.{k}": v for k, v in self.read_models.get(node.name, {}).items()},
-                **{k: str(v) for k, v in (lineage.get("tags") or {}).items()}}
+                **{k: str(v) for k, v in (lineage.get("tags") or {}).items()},
+                **({"origin": bundle.origin} if getattr(bundle, "origin", None) else {})}
         client = mlflow.MlflowClient()
         for key, value in tags.items():
             client.set_model_version_tag(name, version.version, key, value)

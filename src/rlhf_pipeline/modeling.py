@@ -18,6 +18,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -133,43 +134,49 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
 
 @dataclass
 class ModelBundle:
-    """A model, its tokenizer and the prompt format it was trained with, saved into one directory."""
+    """A model, its tokenizer and the prompt format it was trained with, saved into one directory (with
+    ``origin``: where the weights came from when no stage of this project trained them, a hub id, a GGUF file or a
+    directory; ``None`` for a model a stage trained)."""
 
     model: nn.Module
     tokenizer: PreTrainedTokenizerBase
     prompt_format: str = "hh"
+    origin: str | None = None
 
     def save_pretrained(self, path: str) -> None:
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
-        (Path(path) / FORMATTING_FILE).write_text(json.dumps({"prompt_format": self.prompt_format}))
+        (Path(path) / FORMATTING_FILE).write_text(json.dumps({"prompt_format": self.prompt_format,
+                                                              "origin": self.origin}))
 
     def encoder(self, min_response_tokens: int = 8) -> DialogueEncoder:
         """The dialogue encoder for this model's tokenizer, prompt format and context length."""
         return DialogueEncoder(self.tokenizer, self.prompt_format, context_length(self.model.config), min_response_tokens)
 
-    def with_model(self, model: nn.Module) -> ModelBundle:
+    def with_model(self, model: nn.Module, origin: str | None = None) -> ModelBundle:
         """A bundle of ``model`` that shares this one's tokenizer and prompt format."""
-        return ModelBundle(model, self.tokenizer, self.prompt_format)
+        return ModelBundle(model, self.tokenizer, self.prompt_format, origin)
 
 
-def saved_prompt_format(path: str, default: str = "hh") -> str:
-    """The prompt format a bundle directory was saved with (``hh`` for plain Hugging Face directories)."""
+def saved_bundle(path: str) -> dict[str, Any]:
+    """The ``prompt_format`` and ``origin`` a bundle directory was saved with; for a directory this project did not
+    save (a plain Hugging Face directory, a hub id): ``hh`` and ``path`` itself."""
     saved = Path(path) / FORMATTING_FILE
-    return json.loads(saved.read_text())["prompt_format"] if saved.is_file() else default
+    return {"prompt_format": "hh", "origin": path, **(json.loads(saved.read_text()) if saved.is_file() else {})}
 
 
 def load_policy(name_or_path: str, trust_remote_code: bool = False, dtype: str | None = None,
                 prompt_format: str | None = None) -> ModelBundle:
     """Any transformers causal LM from a local directory or a Hugging Face hub id; ``prompt_format``
-    defaults to the one the directory was saved with."""
+    defaults to the one the directory was saved with, ``origin`` to ``name_or_path``."""
     torch_dtype = getattr(torch, dtype) if dtype else None
     model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
                                                  dtype=torch_dtype, use_safetensors=None)
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return ModelBundle(model, tokenizer, prompt_format or saved_prompt_format(name_or_path))
+    saved = saved_bundle(name_or_path)
+    return ModelBundle(model, tokenizer, prompt_format or saved["prompt_format"], saved["origin"])
 
 
 def load_gguf(package: str, filename: str, prompt_format: str = "hh", dtype: str | None = None) -> ModelBundle:
@@ -188,7 +195,7 @@ def load_gguf(package: str, filename: str, prompt_format: str = "hh", dtype: str
     model.hf_quantizer = None
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(str(folder), gguf_file=filename))
     logger.info("Loaded %s/%s: %s, %.1fM parameters", package, filename, type(model).__name__, count_parameters(model) / 1e6)
-    return ModelBundle(model, tokenizer, prompt_format)
+    return ModelBundle(model, tokenizer, prompt_format, origin=f"{package}/{filename}")
 
 
 class ValueHeadModel(nn.Module):
@@ -265,4 +272,4 @@ def load_value_model(path: str, trust_remote_code: bool = False) -> ModelBundle:
     """A ``ValueHeadModel`` (reward model or critic) and its tokenizer from a ``save_pretrained`` directory."""
     model = ValueHeadModel.from_pretrained(path, trust_remote_code=trust_remote_code)
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code))
-    return ModelBundle(model, tokenizer, saved_prompt_format(path))
+    return ModelBundle(model, tokenizer, **saved_bundle(path))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from rlhf_pipeline.config import config_from
 from rlhf_pipeline.launch.job import LaunchConfig
 from rlhf_pipeline.launch.stages import run_reward_training
-from rlhf_pipeline.modeling import ModelBundle, ValueHeadModel
+from rlhf_pipeline.modeling import VALUE_HEAD_FILE, ModelBundle, ValueHeadModel
 from rlhf_pipeline.reporting import strict_json
 from rlhf_pipeline.task import gold_score
 from rlhf_pipeline.training.engine import LogFn, OptimConfig, no_logging
@@ -72,6 +73,9 @@ class RewardModelSettings:
         if train.epochs < 0 or (train.epochs == 0 and not start_from):
             raise ValueError(f"{key}.epochs must be >= 1, or 0 with {key}.start_from (a reward model to use as it "
                              f"is), got {train.epochs}")
+        if start_from and not (Path(start_from) / VALUE_HEAD_FILE).is_file():
+            raise ValueError(f"{key}.start_from: {start_from} is not a reward model this project saved (no "
+                             f"{VALUE_HEAD_FILE} there)")
         return cls(train, launch, stats_sample, start_from)
 
 
@@ -152,4 +156,5 @@ def fit_reward_model(sft_model: ModelBundle, train_pairs: pd.DataFrame, val_pair
     }
     logger.info("%s: val accuracy %s, gold agreement %s, score mean %.3f std %.3f", log_prefix, metrics["val_accuracy"],
                 metrics["gold_agreement"], metrics["reward_mean"], metrics["reward_std"])
-    return sft_model.with_model(model), strict_json(metrics)
+    untrained = cfg.epochs == 0  # the given reward model as it is: its origin is the lineage
+    return sft_model.with_model(model, settings.start_from if untrained else None), strict_json(metrics)

@@ -35,5 +35,8 @@ def test_a_saved_reward_model_is_used_as_it_is_with_epochs_0_or_refused_without_
     expected = score_responses(trained.model, trained.encoder(), prompts, responses, 96)
     assert score_responses(model.model, model.encoder(), prompts, responses, 96).allclose(expected, atol=1e-5)
     assert "train_loss" not in metrics and metrics["train_pairs"] == 100  # measured, not trained
+    assert model.origin == str(tmp_path / "rm") and trained.origin is None
     with pytest.raises(ValueError, match=r"reward_model.epochs must be >= 1, or 0 with reward_model.start_from"):
         run(create_pipeline(), data, parameters({"reward_model": {"epochs": 0}}))
+    with pytest.raises(ValueError, match=r"reward_model.start_from: .* is not a reward model this project saved"):
+        run(create_pipeline(), data, parameters({"reward_model": {"start_from": str(tmp_path)}}))

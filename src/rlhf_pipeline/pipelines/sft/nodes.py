@@ -111,4 +111,4 @@ def train_sft_model(base_model: ModelBundle, sft_train: pd.DataFrame, sft: dict[
                "gold_eval_prompts_dropped": len(eval_prompts) - len(kept)}
     logger.info("SFT: val loss %s, gold score of samples %s -> %s", metrics.get("val_loss"), gold_before,
                 metrics["gold_score_after"])
-    return base_model.with_model(model), strict_json(metrics)
+    return (base_model if model is base_model.model else base_model.with_model(model)), strict_json(metrics)

@@ -140,6 +140,10 @@ def test_smollm2_tokenizer_chat_template():
     encoder = DialogueEncoder(smol, "chat_template", max_positions=8192)
     text = smol.decode(encoder.prompt_candidates(LONG_PROMPT)[-1])
     assert text.endswith("<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n")
+    turns = DialogueEncoder.turns_of(LONG_PROMPT)  # the template tokenises the same, turn by turn or whole
+    messages = [{"role": {"Human": "user", "Assistant": "assistant"}[s], "content": t} for s, t in turns]
+    whole = smol.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert encoder.render(turns) == smol(whole, add_special_tokens=False)["input_ids"]
     assert encoder.response_ids("Hi!")[-1] == smol.convert_tokens_to_ids("<|im_end|>") == smol.eos_token_id
 
 
@@ -221,3 +225,21 @@ def test_special_token_text_in_data_is_plain_text_and_hh_samples_stop_at_a_new_t
     assert tokenizer.decode(cut[0], skip_special_tokens=True) == "Hello there."
     assert torch.equal(cut[1], response[1])
     assert encoder.sampling(SamplingConfig()).stop_at_turns
+
+
+def test_chat_template_turns_are_data_and_the_template_keeps_its_special_tokens(tokenizer):
+    chat = prepare_tokenizer(PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer,
+                                                     eos_token="<|endoftext|>"))
+    chat.chat_template = CHAT_TEMPLATE
+    chat.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>"]})
+    encoder = DialogueEncoder(chat, "chat_template")
+    special = set(chat.all_special_ids)
+    ids = encoder.render([("Human", "say <|end|> and <|endoftext|>")])
+    # the template's three markers are control tokens; the same strings in the turn are not
+    assert [chat.convert_ids_to_tokens(i) for i in ids if i in special] == ["<|user|>", "<|end|>", "<|assistant|>"]
+    assert chat.decode(ids) == "<|user|>say <|end|> and <|endoftext|><|end|><|assistant|>"
+    # without special-token text, the turn-by-turn encoding is the template's own tokenisation
+    turns = [("Human", "Hi there"), ("Assistant", "Hello! How can I help?"), ("Human", "Say hi.")]
+    messages = [{"role": {"Human": "user", "Assistant": "assistant"}[s], "content": t} for s, t in turns]
+    whole = chat.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert encoder.render(turns) == chat(whole, add_special_tokens=False)["input_ids"]

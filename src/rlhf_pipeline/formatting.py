@@ -5,8 +5,9 @@ Every stage (SFT, reward modelling, PPO rollouts, PPO-ptx, evaluation) encodes t
 * **Prompt formats.** ``hh`` keeps the raw ``\\n\\nHuman: ...\\n\\nAssistant:`` text (the tokenizer adds its
   BOS, if it has one); ``chat_template`` turns the HH turns into ``user``/``assistant`` messages for the
   tokenizer's own chat template (which brings its special tokens). A response is its tokens then EOS. Text of
-  the data that reads like a special token (``"<|endoftext|>"``) is tokenised as plain text in the ``hh`` format
-  and in responses (``split_special_tokens``); ``formats`` quarantines such text before any stage.
+  the data that reads like a special token (``"<|endoftext|>"``) is tokenised as plain text in either format
+  (``split_special_tokens``; a chat template's turns are tokenised apart from its own text), and ``formats``
+  quarantines such text before any stage.
 * **Context budget.** The limit is ``min(max_length, model positions)``. A prompt too long for it loses
   its oldest turns, cut at a ``Human:`` turn so that the latest turns stay and the final ``Human:`` turn
   always survives. A training pair whose response does not fit even beside the final turn alone keeps the
@@ -16,6 +17,7 @@ Every stage (SFT, reward modelling, PPO rollouts, PPO-ptx, evaluation) encodes t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
     from rlhf_pipeline.generation import SamplingConfig
 
 PROMPT_FORMATS = ("hh", "chat_template")
+PLACEHOLDER = "\ue000{}\ue001"  # private-use characters, which no chat template writes
+PLACEHOLDERS = re.compile("\ue000(\\d+)\ue001")
 ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
@@ -74,9 +78,22 @@ class DialogueEncoder:
         """Token ids of a prompt made of ``turns`` (speaker, text) followed by an open assistant turn."""
         if self.prompt_format == "hh":
             return self.tokenizer(render_prompt(list(turns)), split_special_tokens=True)["input_ids"]
-        messages = [{"role": ROLES[speaker], "content": text} for speaker, text in turns]
+        # The template's own text may hold special tokens; the turns' text is data and may not. Each turn enters
+        # the template as a placeholder and is tokenised apart, its special-token text split into plain tokens.
+        messages = [{"role": ROLES[speaker], "content": PLACEHOLDER.format(i)} for i, (speaker, _) in enumerate(turns)]
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        pieces = PLACEHOLDERS.split(text)  # template text, turn index, template text, ...
+        if sorted(map(int, pieces[1::2])) != list(range(len(turns))):
+            raise ValueError("the tokenizer's chat template does not show each message's content once; use "
+                             "model.prompt_format: hh")
+        ids = []
+        for position, piece in enumerate(pieces):
+            if position % 2:
+                ids += self.tokenizer(turns[int(piece)][1], add_special_tokens=False,
+                                      split_special_tokens=True)["input_ids"]
+            elif piece:
+                ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+        return ids
 
     @staticmethod
     def turns_of(prompt: str) -> list[tuple[str, str]]:

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf_pipeline.formats import hh_prompt_response
 from rlhf_pipeline.formatting import DialogueEncoder
 from rlhf_pipeline.generation import SamplingConfig
-from rlhf_pipeline.hh import split_prompt_response
 from rlhf_pipeline.modeling import (
     TinyModelConfig,
     ValueHeadModel,
@@ -70,7 +70,7 @@ def realistic_shape() -> Shape:
     from rlhf_pipeline.task.generator import TaskConfig, generate_preference_rows
     from rlhf_pipeline.training.sft import SFTConfig, train_sft
 
-    rows = [split_prompt_response(row["chosen"]) for row in generate_preference_rows(TaskConfig(num_pairs=2400))]
+    rows = [hh_prompt_response(row["chosen"]) for row in generate_preference_rows(TaskConfig(num_pairs=2400))]
     tokenizer = train_tokenizer([p + " " + r for p, r in rows], SHAPE.vocab_size)
     policy = build_tiny_model(tokenizer, SHAPE)
     demos, held_out = rows[:2000], rows[2000:]

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from rlhf_pipeline.formats import SourceFormat, parse_rows
-from rlhf_pipeline.hh import RawRow, RowError, read_jsonl_rows, split_prompt_response
+from rlhf_pipeline.formats import SourceFormat, hh_prompt_response, parse_rows
+from rlhf_pipeline.hh import RawRow, RowError, read_jsonl_rows
 
 
 def row(record, line=1, source="raw.jsonl") -> RawRow:
@@ -15,22 +15,22 @@ def row(record, line=1, source="raw.jsonl") -> RawRow:
 
 
 def test_single_turn_split():
-    prompt, response = split_prompt_response("\n\nHuman: What is 2 plus 2?\n\nAssistant: 2 plus 2 is 4.")
+    prompt, response = hh_prompt_response("\n\nHuman: What is 2 plus 2?\n\nAssistant: 2 plus 2 is 4.")
     assert prompt == "\n\nHuman: What is 2 plus 2?\n\nAssistant:"
     assert response == "2 plus 2 is 4."
 
 
 def test_multi_turn_keeps_earlier_turns_in_prompt():
     text = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Capital of Peru?\n\nAssistant: Lima.\nIt is big."
-    prompt, response = split_prompt_response(text)
+    prompt, response = hh_prompt_response(text)
     assert prompt == "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Capital of Peru?\n\nAssistant:"
     assert response == "Lima.\nIt is big."  # a single newline inside a turn is not a turn marker
 
 
 def test_whitespace_variants_give_the_canonical_prompt():
-    canonical = split_prompt_response("\n\nHuman: Hi there\n\nAssistant: Hello")
-    assert split_prompt_response("Human:Hi there  \r\n\r\nAssistant:   Hello  ") == canonical
-    assert split_prompt_response("  \n\nHuman: Hi there\nAssistant: Hello") == canonical
+    canonical = hh_prompt_response("\n\nHuman: Hi there\n\nAssistant: Hello")
+    assert hh_prompt_response("Human:Hi there  \r\n\r\nAssistant:   Hello  ") == canonical
+    assert hh_prompt_response("  \n\nHuman: Hi there\nAssistant: Hello") == canonical
 
 
 def test_shared_prefix_pair_parses_to_one_prompt():
@@ -96,10 +96,14 @@ def test_trl_standard_explicit_and_implicit_prompt():
     fmt, rows = parse([{"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}])
     assert fmt == "standard"
     assert rows == [{"prompt": "\n\nHuman: The sky is\n\nAssistant:", "chosen": "blue.", "rejected": "green."}]
-    # implicit: the common prefix, the space before the first difference going with the responses (TRL)
-    fmt, rows = parse([{"chosen": "The sky is blue.", "rejected": "The sky is green."}])
+    # implicit: the common prefix, cut back to a word boundary (TRL would cut "I like ca" | "ts", "rs")
+    fmt, rows = parse([{"chosen": "The sky is blue.", "rejected": "The sky is green."},
+                       {"chosen": "I like cats", "rejected": "I like cars"}])
     assert fmt == "standard"
-    assert rows == [{"prompt": "\n\nHuman: The sky is\n\nAssistant:", "chosen": "blue.", "rejected": "green."}]
+    assert rows == [{"prompt": "\n\nHuman: The sky is\n\nAssistant:", "chosen": "blue.", "rejected": "green."},
+                    {"prompt": "\n\nHuman: I like\n\nAssistant:", "chosen": "cats", "rejected": "cars"}]
+    with pytest.raises(RowError, match="share no words before they differ"):
+        parse([{"chosen": "Yes", "rejected": "No"}])
 
 
 def test_deepspeed_chat_rm_static_prompt_keeps_its_turns():
@@ -169,9 +173,6 @@ def test_a_format_that_cannot_be_told_names_the_fields_and_a_forced_format_is_ch
 
 
 # --- validation kinds: each with its reason ----------------------------------------------------------------------
-HH_GOOD = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}
-
-
 @pytest.mark.parametrize(("record", "reason"), [
     ({"chosen": "\n\nHuman: a\n\nAssistant: b\n\nAssistant: c", "rejected": "\n\nHuman: a\n\nAssistant: b\n\nAssistant: d"},
      "turns do not alternate (turns 2 and 3 are both 'Assistant:')"),
@@ -181,18 +182,20 @@ HH_GOOD = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n
     ({"prompt": "q\x07", "chosen": "c", "rejected": "d"}, "control character U+0007 at character 1"),
     ({"prompt": "q", "chosen": "<|endoftext|>", "rejected": "d"}, "special-token text '<|endoftext|>'"),
     ({"prompt": "q", "chosen": "fine <|im_end|>", "rejected": "d"}, "special-token text '<|im_end|>'"),
-    ({"prompt": "q", "chosen": "</s>", "rejected": "d"}, "special-token text '</s>'"),
     ({"prompt": [user("q\n\nAssistant: sure")], "chosen": [assistant("c")], "rejected": [assistant("d")]},
-     "turn marker"),
+     "turn 1 holds a 'Assistant:' turn marker"),
+    ({"prompt": "Translate:\nAssistant: hi", "chosen": "c", "rejected": "d"}, "holds a 'Assistant:' turn marker"),
+    ({"prompt": "Hi", "chosen": "Sure.\n\nHuman: thanks", "rejected": "d"}, "field 'chosen' holds a 'Human:' turn"),
+    ({"prompt": "q", "chosen": "<s>fine</s>", "rejected": "d"}, "special-token text '</s>'"),
     ({"prompt": [user("q")], "chosen": [assistant(" ")], "rejected": [assistant("d")]}, "empty response"),
     ({"prompt": [user("q")], "chosen": [{"role": "tool", "content": "x"}], "rejected": [assistant("d")]},
      "role 'tool'"),
 ])
 def test_each_validation_kind_is_quarantined_with_its_reason(record, reason):
     data = json.dumps(record).encode()  # JSON escapes keep a lone surrogate as the file would hold it
-    result = parse_rows([RawRow("x.jsonl", 1, data), row(HH_GOOD, line=2)], SourceFormat())
+    result = parse_rows([RawRow("x.jsonl", 1, data)], SourceFormat())
     [quarantined] = result.quarantine
-    assert reason in quarantined["reason"] and quarantined["line"] == 1
+    assert reason in quarantined["reason"] and quarantined["line"] == 1 and not result.rows
     assert quarantined["raw"] == data.decode()
 
 

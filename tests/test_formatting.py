@@ -224,7 +224,11 @@ def test_special_token_text_in_data_is_plain_text_and_hh_samples_stop_at_a_new_t
     assert cut[0, :start].tolist() == ids[:start] and cut[0, start] == eos and (cut[0, start + 1:] == pad).all()
     assert tokenizer.decode(cut[0], skip_special_tokens=True) == "Hello there."
     assert torch.equal(cut[1], response[1])
+    tokenizer.pad_token = tokenizer.eos_token  # padding that is EOS (most chat tokenizers): the same cut
+    padded_with_eos = response.masked_fill(response == pad, eos)
+    assert torch.equal(cut_at_turns(padded_with_eos, tokenizer, [eos])[0], cut.masked_fill(cut == pad, eos))
     assert encoder.sampling(SamplingConfig()).stop_at_turns
+    assert not encoder.sampling(SamplingConfig(stop_at_turns=False)).stop_at_turns  # a setting overrides
 
 
 def test_chat_template_turns_are_data_and_the_template_keeps_its_special_tokens(tokenizer):
@@ -243,3 +247,16 @@ def test_chat_template_turns_are_data_and_the_template_keeps_its_special_tokens(
     messages = [{"role": {"Human": "user", "Assistant": "assistant"}[s], "content": t} for s, t in turns]
     whole = chat.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert encoder.render(turns) == chat(whole, add_special_tokens=False)["input_ids"]
+
+
+def test_a_template_whose_turns_tokenise_differently_apart_keeps_whole_text_encoding():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["[UNK]", "</s>", "▁[INST]", "▁[/INST]", "▁Hi", "▁", "▁there"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()  # SentencePiece-style: every piece gains a leading "▁"
+    spm = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="[UNK]")
+    spm.chat_template = "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    encoder = DialogueEncoder(prepare_tokenizer(spm), "chat_template")
+    assert not encoder.turns_apart
+    assert encoder.render([("Human", "Hi there")]) == spm("[INST] Hi there [/INST]", add_special_tokens=False)["input_ids"]

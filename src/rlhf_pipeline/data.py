@@ -14,7 +14,7 @@ SPLITS = ("sft_train", "rm_train", "rm_val", "ppo_prompts", "eval_prompts", "jud
 
 
 def raw_rows(raw: Any, name: str) -> list[RawRow] | Iterator[RawRow]:
-    """The raw rows of what a raw-data catalog entry loaded, for ``hh.parse_rows``.
+    """The raw rows of what a raw-data catalog entry loaded, for ``formats.parse_rows``.
 
     Args:
         raw: A list of ``RawRow`` (JSON-lines files: each row names its file and line), a ``datasets.Dataset``,

@@ -53,11 +53,10 @@ logger = logging.getLogger(__name__)
 KINDS = ("preference", "instruction", "prompt")
 FORMATS = ("auto", "hh", "standard", "conversational")
 ROLES = {"user": "Human", "human": "Human", "assistant": "Assistant", "gpt": "Assistant", "system": "system"}
-# The special-token text of the common model families: GPT-2/Qwen/ChatML/Llama-3/Phi ``<|...|>``, Llama-2/Mistral,
-# Gemma, T5/BERT. A tokenizer reads these as control tokens (an EOS, a turn end), so data may not hold them.
+# The end-of-text and turn markers of the common chat models' templates: GPT-2/Qwen/ChatML/Llama-3/Phi ``<|...|>``,
+# Llama-2/Mistral, Gemma. In chat data they are export artefacts (a reply that is only "<|im_end|>"), not text.
 SPECIAL_TOKEN_TEXT = re.compile(
-    r"<\|[A-Za-z0-9_]{1,40}\|>|</?s>|<unk>|<pad>|<mask>|<bos>|<eos>|\[/?INST\]|<</?SYS>>|<(?:start|end)_of_turn>"
-    r"|\[(?:CLS|SEP|PAD|MASK)\]"
+    r"<\|[A-Za-z0-9_]{1,40}\|>|</s>|<bos>|<eos>|\[/?INST\]|<</?SYS>>|<(?:start|end)_of_turn>"
 )
 
 
@@ -74,15 +73,15 @@ class Preference:
 class Demonstration:
     """One validated SFT demonstration."""
 
-    prompt: str
-    response: str
+    prompt: str  # canonical dialogue, ends with "\n\nAssistant:"
+    response: str  # the assistant's reply, stripped
 
 
 @dataclass(frozen=True)
 class PromptRow:
     """One validated prompt (PPO rollouts, evaluation)."""
 
-    prompt: str
+    prompt: str  # canonical dialogue, ends with "\n\nAssistant:"
 
 
 @dataclass(frozen=True)
@@ -119,6 +118,10 @@ class SourceFormat:
                              "one) go together")
         if "responses" in self.columns and len(self.columns["responses"]) != 2:
             raise ValueError(f"columns.responses: two columns, got {list(self.columns['responses'])}")
+        values = self.columns.get("preferred_values")
+        if values is not None and ("responses" not in self.columns or len(values) != 2 or values[0] == values[1]):
+            raise ValueError(f"columns.preferred_values: two different values (picking the first and the second of "
+                             f"columns.responses), got {values!r}")
 
 
 # --- detection ---------------------------------------------------------------------------------------------------
@@ -177,6 +180,16 @@ def check_turns(turns: Sequence[tuple[str, str]], where: str) -> None:
         if not text.strip():
             raise ValueError(f"{where}: turn {number} ('{speaker}:') is empty")
         check_text(text, where)
+        check_no_marker(text, f"{where}: turn {number}")
+
+
+def check_no_marker(text: str, where: str) -> None:
+    """Raise ``ValueError`` for text that holds a ``Human:``/``Assistant:`` turn marker (``hh.TURN_MARKER``): the
+    canonical dialogue would read it as a turn of its own."""
+    marker = TURN_MARKER.search(text)
+    if marker:
+        raise ValueError(f"{where} holds a '{marker[1]}:' turn marker at a line start, which would split it into "
+                         f"turns")
 
 
 def message_turns(messages: Any, where: str, system: str) -> list[tuple[str, str]]:
@@ -192,9 +205,6 @@ def message_turns(messages: Any, where: str, system: str) -> list[tuple[str, str
             raise ValueError(f"{where}: message {number} has role {role!r}; valid: {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise ValueError(f"{where}: message {number} content is {type(content).__name__}, not a string")
-        if TURN_MARKER.search(content):
-            raise ValueError(f"{where}: message {number} holds a 'Human:'/'Assistant:' turn marker at a line start, "
-                             f"which would split it into turns")
         if ROLES[role] == "system":
             check_text(content, where)
             system_text.append(content.strip())
@@ -231,6 +241,7 @@ def response_of(turns: list[tuple[str, str]], where: str) -> str:
     if not turns[0][1]:
         raise ValueError(f"{where}: empty response")
     check_text(turns[0][1], where)
+    check_no_marker(turns[0][1], where)
     return turns[0][1]
 
 
@@ -246,6 +257,16 @@ def _strings(record: Mapping[str, Any], *fields: str) -> None:
         if not isinstance(record[name], str):
             raise ValueError(f"field '{name}' is {type(record[name]).__name__}, not a string (format 'standard'; "
                              f"message lists are format 'conversational')")
+
+
+def hh_prompt_response(text: str, where: str = "dialogue") -> tuple[str, str]:
+    """``(canonical prompt, final assistant response)`` of one HH transcript, every turn checked.
+
+    Raises:
+        ValueError: The reason, prefixed with ``where``.
+    """
+    turns, response = _hh_dialogue(text, where)
+    return render_prompt(turns), response
 
 
 def _hh_dialogue(text: str, where: str) -> tuple[list[tuple[str, str]], str]:
@@ -269,11 +290,12 @@ def _hh(record: Mapping[str, Any], kind: str, system: str) -> Preference:
 
 
 def _common_prefix(chosen: str, rejected: str) -> int:
-    """Characters of TRL's implicit prompt (``extract_prompt``): the common prefix, a space before the first
-    differing character going with the responses."""
+    """Characters of the implicit prompt: the common prefix, cut back to its last whitespace so that no word is
+    split between prompt and reply (TRL's ``extract_prompt`` cuts at the first differing character, which gives
+    ``"I like ca"`` → ``"ts"``/``"rs"``); 0 when the prefix holds no whitespace."""
     index = next((i for i, (a, b) in enumerate(zip(chosen, rejected, strict=False)) if a != b),
                  min(len(chosen), len(rejected)))
-    return index - 1 if index and chosen[index - 1] == " " else index
+    return max(chosen.rfind(" ", 0, index + 1), chosen.rfind("\n", 0, index + 1), 0)
 
 
 def _standard(record: Mapping[str, Any], kind: str, system: str) -> Preference | Demonstration | PromptRow:
@@ -294,7 +316,8 @@ def _standard(record: Mapping[str, Any], kind: str, system: str) -> Preference |
         _strings(record, "chosen", "rejected")
         cut = _common_prefix(record["chosen"], record["rejected"])
         if not record["chosen"][:cut].strip():
-            raise ValueError("no 'prompt' field and 'chosen' and 'rejected' share no prefix (an implicit prompt)")
+            raise ValueError("no 'prompt' field and 'chosen' and 'rejected' share no words before they differ (an "
+                             "implicit prompt)")
         prompt, chosen, rejected = record["chosen"][:cut], record["chosen"][cut:], record["rejected"][cut:]
     responses = [response_of([("Assistant", text.strip())], f"field '{name}'")
                  for name, text in (("chosen", chosen), ("rejected", rejected))]
@@ -410,6 +433,7 @@ class ParseResult:
     format: str
 
     def records(self) -> list[dict]:
+        """The valid rows as dicts of their fields (``prompt`` and ``chosen``/``rejected`` or ``response``)."""
         return [asdict(row) for row in self.rows]
 
     def top_reasons(self, count: int = 3) -> list[tuple[str, int]]:

@@ -6,8 +6,8 @@ Every stage (SFT, reward modelling, PPO rollouts, PPO-ptx, evaluation) encodes t
   BOS, if it has one); ``chat_template`` turns the HH turns into ``user``/``assistant`` messages for the
   tokenizer's own chat template (which brings its special tokens). A response is its tokens then EOS. Text of
   the data that reads like a special token (``"<|endoftext|>"``) is tokenised as plain text in either format
-  (``split_special_tokens``; a chat template's turns are tokenised apart from its own text), and ``formats``
-  quarantines such text before any stage.
+  (``split_special_tokens``; a chat template's turns are tokenised apart from its own text where that gives the
+  template's own ids, as for byte-level BPE tokenizers), and ``formats`` quarantines such text before any stage.
 * **Context budget.** The limit is ``min(max_length, model positions)``. A prompt too long for it loses
   its oldest turns, cut at a ``Human:`` turn so that the latest turns stay and the final ``Human:`` turn
   always survives. A training pair whose response does not fit even beside the final turn alone keeps the
@@ -17,6 +17,7 @@ Every stage (SFT, reward modelling, PPO rollouts, PPO-ptx, evaluation) encodes t
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -26,12 +27,15 @@ from transformers import PreTrainedTokenizerBase
 
 from rlhf_pipeline.hh import render_prompt, split_turns
 
+logger = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
     from rlhf_pipeline.generation import SamplingConfig
 
 PROMPT_FORMATS = ("hh", "chat_template")
 PLACEHOLDER = "\ue000{}\ue001"  # private-use characters, which no chat template writes
 PLACEHOLDERS = re.compile("\ue000(\\d+)\ue001")
+PROBE = (("Human", "Hi there, how are you?"), ("Assistant", "Fine, thanks.\nAnd you?"), ("Human", "Say hi."))
 ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
@@ -63,11 +67,19 @@ class DialogueEncoder:
             raise ValueError("the tokenizer has no EOS token: responses could never end")
         self.tokenizer, self.prompt_format = tokenizer, prompt_format
         self.max_positions, self.min_response_tokens = max_positions, min_response_tokens
+        # Turns tokenised apart from the template give the template's own ids for byte-level BPE tokenizers; a
+        # SentencePiece tokenizer that prefixes each piece with a space would not, and keeps whole-text encoding
+        # (its data then relies on the special-token quarantine of ``formats``).
+        self.turns_apart = prompt_format == "chat_template" and self._render_apart(PROBE) == self._render_whole(PROBE)
+        if prompt_format == "chat_template" and not self.turns_apart:
+            logger.warning("The chat template's turns cannot be tokenised apart from its text without changing the "
+                           "ids; special-token text inside data is kept out by data_processing's quarantine only")
 
     def sampling(self, cfg: SamplingConfig) -> SamplingConfig:
-        """``cfg`` with ``stop_at_turns`` on in the ``hh`` format: there only a turn marker can tell that the policy
-        went on to write the user's next turn (a chat template ends its turns with a stop token)."""
-        return replace(cfg, stop_at_turns=self.prompt_format == "hh")
+        """``cfg`` with ``stop_at_turns`` decided by the prompt format where it is None: on in the ``hh`` format,
+        where only a turn marker can tell that the policy went on to write the user's next turn (a chat template
+        ends its turns with a stop token)."""
+        return cfg if cfg.stop_at_turns is not None else replace(cfg, stop_at_turns=self.prompt_format == "hh")
 
     def limit(self, max_length: int) -> int:
         """Tokens a sequence may hold: the stage's ``max_length`` capped by the model's positions."""
@@ -78,6 +90,14 @@ class DialogueEncoder:
         """Token ids of a prompt made of ``turns`` (speaker, text) followed by an open assistant turn."""
         if self.prompt_format == "hh":
             return self.tokenizer(render_prompt(list(turns)), split_special_tokens=True)["input_ids"]
+        return self._render_apart(turns) if self.turns_apart else self._render_whole(turns)
+
+    def _render_whole(self, turns: Sequence[tuple[str, str]]) -> list[int]:
+        messages = [{"role": ROLES[speaker], "content": text} for speaker, text in turns]
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _render_apart(self, turns: Sequence[tuple[str, str]]) -> list[int]:
         # The template's own text may hold special tokens; the turns' text is data and may not. Each turn enters
         # the template as a placeholder and is tokenised apart, its special-token text split into plain tokens.
         messages = [{"role": ROLES[speaker], "content": PLACEHOLDER.format(i)} for i, (speaker, _) in enumerate(turns)]

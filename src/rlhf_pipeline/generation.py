@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -30,9 +31,10 @@ class SamplingConfig:
     cache_implementation: str | None = None
     """``static``: a pre-allocated KV cache, with which transformers compiles the decoding step on a GPU
     (``benchmarks/bench_gpu.py`` measures whether that wins); None: the dynamic cache."""
-    stop_at_turns: bool = False
-    """End a response where it starts a new ``Human:``/``Assistant:`` turn (set by ``DialogueEncoder.sampling``
-    for the ``hh`` prompt format, where nothing else stops a policy that writes the user's next turn itself)."""
+    stop_at_turns: bool | None = None
+    """End a response where it starts a new ``Human:``/``Assistant:`` turn (``cut_at_turns``). None: by the prompt
+    format (``DialogueEncoder.sampling``): on for ``hh``, where nothing else stops a policy that writes the user's
+    next turn itself; off for a chat template, whose turns end with a stop token."""
 
     def __post_init__(self) -> None:
         """Raises ``ValueError`` naming the field for a setting ``generate`` would reject or that samples nothing,
@@ -138,8 +140,9 @@ def cut_at_turns(response_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase,
         marker = TURN_MARKER.search(tokenizer.decode(ids, skip_special_tokens=True))
         if marker is None:
             continue
-        start = next(k for k in range(len(ids))
-                     if len(tokenizer.decode(ids[:k + 1], skip_special_tokens=True)) > marker.start())
+        # the first token whose prefix decodes past the marker's start (decoded length grows with the prefix)
+        start = bisect.bisect_right(range(len(ids)), marker.start(),
+                                    key=lambda k: len(tokenizer.decode(ids[:k + 1], skip_special_tokens=True)))
         cut[row, start] = tokenizer.eos_token_id
         cut[row, start + 1:] = tokenizer.pad_token_id
         turn_cut[row] = True

@@ -20,7 +20,7 @@ TURN_MARKER = re.compile(r"(?:\A\s*|\n\s*\n|\n)(Human|Assistant):[ \t]*")
 
 @dataclass(frozen=True)
 class RawRow:
-    """One line of a raw JSONL file, not yet decoded."""
+    """One record of a raw data file, not yet decoded: a JSON-lines line, or a JSON, CSV or Parquet record (as JSON)."""
 
     source: str
     line: int  # 1-based
@@ -53,17 +53,6 @@ def split_turns(text: str) -> list[tuple[str, str]]:
 def render_prompt(turns: list[tuple[str, str]]) -> str:
     """Canonical HH prompt of the given turns followed by an open ``Assistant:`` turn."""
     return "".join(f"\n\n{speaker}: {content}" for speaker, content in turns) + "\n\nAssistant:"
-
-
-def split_prompt_response(text: str) -> tuple[str, str]:
-    """``(prompt, final assistant response)`` of one HH dialogue; raises ``ValueError`` with the reason."""
-    turns = split_turns(text)
-    speakers = [speaker for speaker, _ in turns]
-    if speakers[0] != "Human":
-        raise ValueError("dialogue does not start with a 'Human:' turn")
-    if speakers[-1] != "Assistant":
-        raise ValueError("dialogue does not end with an 'Assistant:' turn")
-    return render_prompt(turns[:-1]), turns[-1][1]
 
 
 def read_jsonl_rows(path: str | Path) -> Iterator[RawRow]:

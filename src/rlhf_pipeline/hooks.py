@@ -53,6 +53,7 @@ def settings_builders(parameters: dict[str, Any]) -> dict[str, Callable[[dict[st
     from rlhf_pipeline.launch import PPOSettings, SFTSettings
     from rlhf_pipeline.launch.reward import RewardModelSettings
     from rlhf_pipeline.pipelines.ablation.nodes import row_settings
+    from rlhf_pipeline.pipelines.data_processing.nodes import source_formats
 
     launcher = parameters.get("launcher") or {}
 
@@ -67,6 +68,7 @@ def settings_builders(parameters: dict[str, Any]) -> dict[str, Callable[[dict[st
         "sft": lambda params: SFTSettings.from_params(params, launcher),
         "reward_model": lambda params: RewardModelSettings.from_params(params, "reward_model", launcher),
         **{f"ppo.{variant}": partial(ppo, variant=variant) for variant in parameters.get("ppo", {})},
+        "data_processing": source_formats,
         "evaluation": lambda params: config_from(SamplingConfig, params["sampling"]),
         "evaluation.judge": lambda params: RewardModelSettings.from_params(params, "evaluation.judge", launcher),
         "ablation": ablation,

@@ -1,6 +1,6 @@
 import pytest
 
-from rlhf_pipeline.hh import split_prompt_response
+from rlhf_pipeline.formats import hh_prompt_response
 from rlhf_pipeline.task import TaskConfig, classify_request, generate_preference_rows, gold_score
 
 
@@ -16,8 +16,8 @@ def test_rows_are_hh_format_with_every_category_and_multi_turn():
     categories, turns = set(), []
     for r in rows:
         assert set(r) == {"chosen", "rejected"} and r["chosen"].startswith("\n\nHuman: ")
-        prompt, _ = split_prompt_response(r["chosen"])
-        assert split_prompt_response(r["rejected"])[0] == prompt
+        prompt, _ = hh_prompt_response(r["chosen"])
+        assert hh_prompt_response(r["rejected"])[0] == prompt
         categories.add(classify_request(prompt).category)
         turns.append(prompt.count("\n\nHuman:"))
     assert categories == {"arithmetic", "capital", "colour", "legs", "repeat", "reverse", "harmful"}
@@ -29,8 +29,8 @@ def test_label_noise_matches_flip_rate(flip_rate):
     cfg = TaskConfig(num_pairs=3000, label_flip_rate=flip_rate, length_bias=0.1)
     agree = 0
     for r in generate_preference_rows(cfg):
-        prompt, chosen = split_prompt_response(r["chosen"])
-        _, rejected = split_prompt_response(r["rejected"])
+        prompt, chosen = hh_prompt_response(r["chosen"])
+        _, rejected = hh_prompt_response(r["rejected"])
         utility = [gold_score(prompt, x) + cfg.length_bias * len(x.split()) for x in (chosen, rejected)]
         agree += utility[0] > utility[1]
     assert agree / cfg.num_pairs == pytest.approx(1 - flip_rate, abs=0.025)

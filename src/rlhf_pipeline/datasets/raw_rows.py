@@ -63,6 +63,7 @@ class RawRowsDataset(AbstractDataset[list[dict], list[RawRow]]):
         self.metadata = metadata
 
     def load(self) -> list[RawRow]:
+        """Every file's rows in order; ``DatasetError`` naming a missing file or one without rows."""
         missing = [str(path) for path in self._paths if not path.is_file()]
         if missing:
             raise DatasetError(f"no such file(s): {missing}")
@@ -75,6 +76,7 @@ class RawRowsDataset(AbstractDataset[list[dict], list[RawRow]]):
         return rows
 
     def save(self, data: Iterable[dict]) -> None:
+        """Write ``data`` as UTF-8 JSON lines to the one ``.jsonl``/``.jsonl.gz`` file (``DatasetError`` otherwise)."""
         if not isinstance(self._filepath, str):
             raise DatasetError(f"cannot save to a list of files {self._filepath}; give one filepath")
         path = self._paths[0]

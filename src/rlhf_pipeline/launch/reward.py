@@ -83,11 +83,15 @@ def given_reward_model(path: str, sft_model: ModelBundle) -> ValueHeadModel:
     """The reward model saved at ``path`` (``modeling.load_value_model``).
 
     Raises:
-        ValueError: Its tokenizer's vocabulary differs from the SFT model's (PPO scores the policy's token ids).
+        ValueError: Its prompt format or its tokenizer's vocabulary differs from the SFT model's (PPO scores the
+            policy's token ids).
     """
     from rlhf_pipeline.modeling import load_value_model
 
     given = load_value_model(path)
+    if given.prompt_format != sft_model.prompt_format:
+        raise ValueError(f"start_from {path}: the reward model reads prompts in the '{given.prompt_format}' format, "
+                         f"the SFT model in '{sft_model.prompt_format}' (model.prompt_format); both must match")
     if given.tokenizer.get_vocab() != sft_model.tokenizer.get_vocab():
         raise ValueError(f"start_from {path}: the reward model's tokenizer differs from the SFT model's; PPO scores "
                          f"the policy's token ids, so both must share one tokenizer")

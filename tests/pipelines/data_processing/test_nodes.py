@@ -123,7 +123,12 @@ def test_a_source_without_a_valid_row_fails_naming_format_counts_and_reasons():
     with pytest.raises(ValueError, match=r"raw_sft_train: no valid row \(format 'conversational', 2 row\(s\) "
                                          r"quarantined; top reasons: 2 x field 'messages': the conversation does not end"):
         parse_sources(good, bad, [], [], {"strict": False})
-    with pytest.raises(ValueError, match="data_processing.sources.preferences: .*unexpected keyword argument 'colums'"):
+    with pytest.raises(ValueError, match=r"data_processing.sources.preferences: unknown key\(s\) \['colums'\]"):
         parse_sources(good, [], [], [], {"strict": False, "sources": {"preferences": {"colums": {}}}})
-    out = parse_sources(good, [], [], [], {"strict": False, "sources": {"preferences": {"paths": ["x"]}}})
-    assert out["source_formats"] == {"preferences": "hh"}  # paths: read by the catalog, not the parser
+    with pytest.raises(ValueError, match=r"data_processing.sources.sft_train: unknown key\(s\) \['hub_id'\]"):
+        parse_sources(good, [], [], [], {"strict": False, "sources": {"sft_train": {"hub_id": "x"}}})
+    # paths: the catalog reads them from the command line; written in a parameters file they would be ignored
+    out = parse_sources(good, [], [], [], {"strict": False, "sources": {"preferences": {"paths": ["synthetic_hh.jsonl"]}}})
+    assert out["source_formats"] == {"preferences": "hh"}
+    with pytest.raises(ValueError, match=r"sources.ppo_prompts.paths \['p.jsonl'\] were not read: .* command line"):
+        parse_sources(good, [], [], [], {"strict": False, "sources": {"ppo_prompts": {"paths": ["p.jsonl"]}}})

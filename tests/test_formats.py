@@ -57,7 +57,8 @@ def test_shared_prefix_pair_parses_to_one_prompt():
 )
 def test_bad_rows_strict_error_and_quarantine(data, reason):
     bad = row(data, line=7, source="data/01_raw/x.jsonl")
-    good = row({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}, line=6)
+    good = row({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}, line=6,
+               source="data/01_raw/x.jsonl")
     with pytest.raises(RowError, match=reason) as info:
         parse_rows([good, bad], strict=True)
     assert str(info.value).startswith("data/01_raw/x.jsonl:7: ")
@@ -168,7 +169,7 @@ def test_instruction_and_prompt_rows():
 def test_a_format_that_cannot_be_told_names_the_fields_and_a_forced_format_is_checked():
     with pytest.raises(ValueError, match=r"cannot tell the format of preference rows from the fields \['a', 'b'\]"):
         parse([{"a": 1, "b": 2}])
-    with pytest.raises(RowError, match="field 'chosen' is list, not a string .format 'standard'"):
+    with pytest.raises(RowError, match="field 'chosen' is list, not a string .message lists are the 'conversational'"):
         parse([{"prompt": "Q", "chosen": [assistant("A")], "rejected": [assistant("B")]}], format="standard")
 
 
@@ -205,3 +206,16 @@ def test_lone_surrogates_from_a_dataframe_or_hub_record_reach_the_quarantine():
     [bad] = records_to_rows([{"prompt": "q \ud83d", "chosen": "c", "rejected": "d"}], "hub[train]")
     result = parse_rows([bad], SourceFormat())
     assert "lone surrogate" in result.quarantine[0]["reason"] and not result.rows
+
+
+def test_each_file_of_a_source_is_detected_on_its_own_and_csv_message_lists_are_refused():
+    hh = {"chosen": "\n\nHuman: Q\n\nAssistant: A", "rejected": "\n\nHuman: Q\n\nAssistant: B"}
+    conversational = {"prompt": [user("Q2")], "chosen": [assistant("A")], "rejected": [assistant("B")]}
+    rows = [row(hh, 1, "a.jsonl"), row(conversational, 1, "b.jsonl"), row(conversational, 2, "b.jsonl")]
+    result = parse_rows(rows, SourceFormat(), strict=True)
+    assert result.format == "conversational+hh" and len(result.rows) == 3
+    cell = {"prompt": str([user("Q")]), "chosen": str([assistant("A")]), "rejected": str([assistant("B")])}
+    result = parse_rows([row(cell, 2, "pairs.csv")], SourceFormat())
+    assert "holds a message list written as text" in result.quarantine[0]["reason"]
+    bom = RawRow("bom.jsonl", 1, "\ufeff".encode() + json.dumps(hh).encode())
+    assert parse_rows([bom], SourceFormat(), strict=True).records()[0]["chosen"] == "A"

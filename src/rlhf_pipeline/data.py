@@ -39,7 +39,8 @@ def raw_rows(raw: Any, name: str) -> list[RawRow] | Iterator[RawRow]:
     if isinstance(raw, datasets.DatasetDict):
         if len(raw) != 1:
             raise ValueError(f"{name}: a DatasetDict with splits {sorted(raw)}; load one split (the catalog "
-                             f"entry's dataset_kwargs.split, e.g. --params data_processing.sources.preferences.hub_split=train)")
+                         f"entry's dataset_kwargs.split; for raw_preferences from the hub, --params "
+                         f"data_processing.sources.preferences.hub_split={sorted(raw)[0]})")
         [(split, dataset)] = raw.items()
         return dataset_rows(dataset, split, name)
     if isinstance(raw, datasets.Dataset):

@@ -51,6 +51,7 @@ from rlhf_pipeline.hh import TURN_MARKER, RawRow, RowError, render_prompt, split
 logger = logging.getLogger(__name__)
 
 KINDS = ("preference", "instruction", "prompt")
+SERIALISED_MESSAGES = re.compile(r"\s*\[\s*\{\s*[\"'](?:role|from|content|value)[\"']\s*:")
 FORMATS = ("auto", "hh", "standard", "conversational")
 ROLES = {"user": "Human", "human": "Human", "assistant": "Assistant", "gpt": "Assistant", "system": "system"}
 # The end-of-text and turn markers of the common chat models' templates: GPT-2/Qwen/ChatML/Llama-3/Phi ``<|...|>``,
@@ -220,10 +221,19 @@ def text_turns(text: Any, where: str) -> list[tuple[str, str]]:
     one ``Human`` turn."""
     if not isinstance(text, str):
         raise ValueError(f"{where} is {type(text).__name__}, not a string")
+    check_not_serialised(text, where)
     if not _is_hh(text):
         return [("Human", text.strip())]
     turns = split_turns(text)
     return turns[:-1] if turns[-1] == ("Assistant", "") else turns
+
+
+def check_not_serialised(text: str, where: str) -> None:
+    """Raise ``ValueError`` for a message list written out as text (``"[{'role': 'user', ..."``, as a CSV cell holds
+    a list): it would train as the literal text of the list."""
+    if SERIALISED_MESSAGES.match(text):
+        raise ValueError(f"{where} holds a message list written as text (a CSV cell cannot hold a list); store "
+                         f"conversational rows as JSON lines, JSON or Parquet")
 
 
 def prompt_of(turns: list[tuple[str, str]], where: str) -> str:
@@ -240,6 +250,7 @@ def response_of(turns: list[tuple[str, str]], where: str) -> str:
         raise ValueError(f"{where}: a response must be one assistant turn, got {[s for s, _ in turns]}")
     if not turns[0][1]:
         raise ValueError(f"{where}: empty response")
+    check_not_serialised(turns[0][1], where)
     check_text(turns[0][1], where)
     check_no_marker(turns[0][1], where)
     return turns[0][1]
@@ -255,8 +266,8 @@ def _require(record: Mapping[str, Any], *fields: str) -> None:
 def _strings(record: Mapping[str, Any], *fields: str) -> None:
     for name in fields:
         if not isinstance(record[name], str):
-            raise ValueError(f"field '{name}' is {type(record[name]).__name__}, not a string (format 'standard'; "
-                             f"message lists are format 'conversational')")
+            raise ValueError(f"field '{name}' is {type(record[name]).__name__}, not a string (message lists are the "
+                             f"'conversational' format)")
 
 
 def hh_prompt_response(text: str, where: str = "dialogue") -> tuple[str, str]:
@@ -413,9 +424,10 @@ def parse_record(record: object, source: SourceFormat, fmt: str) -> Preference |
 
 
 def decode(row: RawRow) -> object:
-    """The JSON record of one raw line; raises ``RowError`` for bytes that are not UTF-8 or JSON."""
+    """The JSON record of one raw line (a UTF-8 byte-order mark, which editors write at a file's start, ignored);
+    raises ``RowError`` for bytes that are not UTF-8 or JSON."""
     try:
-        text = row.data.decode("utf-8")
+        text = row.data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as err:
         raise RowError(row.source, row.line, f"undecodable bytes (not UTF-8) at byte {err.start}") from None
     try:
@@ -437,27 +449,30 @@ class ParseResult:
         return [asdict(row) for row in self.rows]
 
     def top_reasons(self, count: int = 3) -> list[tuple[str, int]]:
-        """The most frequent quarantine reasons (numbers as ``N``, the fields a row had left out)."""
-        return Counter(re.sub(r"\d+", "N", re.sub(r" \(fields present: .*\)", "", q["reason"]))
+        """The most frequent quarantine reasons (positions as ``N``, the fields a row had left out)."""
+        return Counter(re.sub(r"\b(character|byte|column|turns?|message) \d+( and \d+)?", r"\1 N",
+                              re.sub(r" \(fields present: .*\)", "", q["reason"]))
                        for q in self.quarantine).most_common(count)
 
 
 def parse_rows(rows: Iterable[RawRow], source: SourceFormat | None = None, strict: bool = False,
                name: str = "rows") -> ParseResult:
     """Parse raw rows of one source; in strict mode the first bad row raises ``RowError``, otherwise it is
-    quarantined with its reason. With ``format: auto`` the first row whose fields fit a format decides it (logged);
-    a row before it whose fields fit none is a bad row."""
+    quarantined with its reason. With ``format: auto`` each file's first row whose fields fit a format decides that
+    file's format (logged; ``ParseResult.format`` joins the formats read with ``+``); a row before it whose fields
+    fit none is a bad row."""
     source = source or SourceFormat()
-    result = ParseResult([], [], source.format)
+    result, by_file = ParseResult([], [], source.format), {}
     for row in rows:
         if not row.data.strip():
             continue  # blank lines (e.g. a trailing newline) carry no row
         try:
             record = decode(row)
             try:
-                if result.format == "auto":
-                    result.format = detected(record, source, name)
-                result.rows.append(parse_record(record, source, result.format))
+                if source.format == "auto" and row.source not in by_file:
+                    by_file[row.source] = detected(record, source, f"{name} ({row.source})")
+                    result.format = "+".join(sorted(set(by_file.values())))
+                result.rows.append(parse_record(record, source, by_file.get(row.source, source.format)))
             except ValueError as err:
                 raise RowError(row.source, row.line, str(err)) from None
         except RowError as err:

@@ -39,7 +39,10 @@ def read_rows(path: Path) -> Iterator[RawRow]:
     """The rows of one file: JSON lines by line number, other files by record number."""
     builder = BUILDERS[file_kind(path)]
     if builder is None:
-        yield from read_jsonl_rows(path)
+        try:
+            yield from read_jsonl_rows(path)
+        except (OSError, EOFError) as err:  # e.g. a .gz file that is not gzip, or was cut short
+            raise DatasetError(f"{path}: cannot be read: {err}") from err
         return
     import datasets  # imported here: JSON-lines sources never need it
 

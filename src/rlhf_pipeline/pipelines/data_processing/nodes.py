@@ -174,9 +174,13 @@ def split_preferences(
                          else prompts_of(rows["prompt"]))
     outputs["eval_prompts"], overlaps = held_out(outputs)
     for name, frame in outputs.items():
+        if frame.empty and name == "eval_prompts" and overlaps["eval_prompts_leaked"]:
+            raise ValueError(f"data_processing.split: every evaluation prompt ({overlaps['eval_prompts_leaked']}) is "
+                             f"also in another split, so none is held out: the stages' own sources share prompts "
+                             f"with the preference data; give eval_prompts a source of its own, or use sources "
+                             f"whose prompts differ")
         if frame.empty:
-            raise ValueError(f"data_processing.split: split '{name}' is empty; raise its fraction or the data size"
-                             + (" (its own source's prompts all appear in other splits)" if name in own else ""))
+            raise ValueError(f"data_processing.split: split '{name}' is empty; raise its fraction or the data size")
     check_ppo_prompts(len(outputs["ppo_prompts"]), split, ppo, launcher)
     sizes = {f"{name}_size": len(frame) for name, frame in outputs.items()} | overlaps
     return {**outputs, "split_sizes": as_metrics(sizes, "data")}

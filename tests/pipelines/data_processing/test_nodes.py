@@ -112,7 +112,8 @@ def test_a_stage_source_replaces_its_split_and_leaked_eval_prompts_are_removed_a
     # the pairs no longer feed ppo_prompts: its 0.15 share went to the others
     assert len(out["sft_train"]) > len(plain["sft_train"])
     assert sizes["data/eval_prompts_size"]["value"] == len(out["eval_prompts"])
-    every = pd.DataFrame({"split": "ppo_prompts", "prompt": [*own, *out["eval_prompts"]["prompt"]], "response": None})
+    every = pd.DataFrame({"split": "ppo_prompts", "prompt": [*own, *leaked, *out["eval_prompts"]["prompt"]],
+                          "response": None})
     with pytest.raises(ValueError, match=r"every evaluation prompt \(\d+\) is also in another split"):
         split_preferences(preferences, every, SPLIT, PPO, LAUNCHER)
 

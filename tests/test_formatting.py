@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -260,3 +261,26 @@ def test_a_template_whose_turns_tokenise_differently_apart_keeps_whole_text_enco
     encoder = DialogueEncoder(prepare_tokenizer(spm), "chat_template")
     assert not encoder.turns_apart
     assert encoder.render([("Human", "Hi there")]) == spm("[INST] Hi there [/INST]", add_special_tokens=False)["input_ids"]
+
+
+def test_a_policy_that_writes_the_next_human_turn_is_stopped_and_cut_in_the_hh_format():
+    tokenizer = train_tokenizer(["\n\nHuman: Greet me.\n\nAssistant: Hello there.\n\nHuman: thanks"] * 20, 300)
+    model = build_tiny_model(tokenizer, TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, max_positions=64,
+                                                        seed=0))
+    prompt = "\n\nHuman: Greet me.\n\nAssistant:"
+    ids = torch.tensor([tokenizer(prompt + " Hello there.\n\nHuman: thanks and more")["input_ids"]])
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(80):  # memorise a reply that goes on to write the user's next turn
+        loss = model(input_ids=ids, labels=ids).loss
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    encoder = DialogueEncoder(tokenizer, "hh")
+    prompt_ids = [encoder.render_whole(prompt)]
+    greedy = SamplingConfig(max_new_tokens=12, do_sample=False)
+    _, _, free, free_cut = sample_responses(model, tokenizer, prompt_ids, replace(greedy, stop_at_turns=False))
+    assert "Human: thanks" in tokenizer.decode(free[0], skip_special_tokens=True) and not free_cut.any()
+    _, _, stopped, cut = sample_responses(model, tokenizer, prompt_ids, encoder.sampling(greedy))
+    assert cut.tolist() == [True]
+    assert tokenizer.decode(stopped[0], skip_special_tokens=True).strip() == "Hello there."
+    assert tokenizer.eos_token_id in stopped[0].tolist()  # the reply ends as the RM's training replies do

@@ -219,3 +219,8 @@ def test_each_file_of_a_source_is_detected_on_its_own_and_csv_message_lists_are_
     assert "holds a message list written as text" in result.quarantine[0]["reason"]
     bom = RawRow("bom.jsonl", 1, "\ufeff".encode() + json.dumps(hh).encode())
     assert parse_rows([bom], SourceFormat(), strict=True).records()[0]["chosen"] == "A"
+
+
+def test_a_turn_that_starts_with_its_own_marker_word_stays_one_turn():
+    # some HH-RLHF rows read "Human: Human: ...": the second marker follows the first, not a line start
+    assert hh_prompt_response("\n\nHuman: Human: hi\n\nAssistant: yo") == ("\n\nHuman: Human: hi\n\nAssistant:", "yo")

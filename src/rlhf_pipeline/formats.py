@@ -46,7 +46,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from rlhf_pipeline.hh import TURN_MARKER, RawRow, RowError, render_prompt, split_turns
+from rlhf_pipeline.hh import LINE_MARKER, RawRow, RowError, render_prompt, split_turns
 
 logger = logging.getLogger(__name__)
 
@@ -185,9 +185,10 @@ def check_turns(turns: Sequence[tuple[str, str]], where: str) -> None:
 
 
 def check_no_marker(text: str, where: str) -> None:
-    """Raise ``ValueError`` for text that holds a ``Human:``/``Assistant:`` turn marker (``hh.TURN_MARKER``): the
-    canonical dialogue would read it as a turn of its own."""
-    marker = TURN_MARKER.search(text)
+    """Raise ``ValueError`` for text that holds a ``Human:``/``Assistant:`` turn marker at a line start
+    (``hh.LINE_MARKER``): the canonical dialogue would read it as a turn of its own. (A turn that starts with
+    ``"Human:"``, as some HH-RLHF rows' ``"Human: Human: ..."`` do, follows its own marker and stays one turn.)"""
+    marker = LINE_MARKER.search(text)
     if marker:
         raise ValueError(f"{where} holds a '{marker[1]}:' turn marker at a line start, which would split it into "
                          f"turns")

@@ -11,7 +11,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_pipeline.formatting import DialogueEncoder
-from rlhf_pipeline.hh import TURN_MARKER
+from rlhf_pipeline.hh import LINE_MARKER
 
 logger = logging.getLogger(__name__)
 
@@ -115,13 +115,13 @@ def sample_responses(
     return input_ids.to(device), attention_mask.to(device), response_ids, turn_cut
 
 
-# what ``generate`` watches for; ``cut_at_turns`` then finds every marker form that ``hh.TURN_MARKER`` reads
+# what ``generate`` watches for; ``cut_at_turns`` then cuts at the first ``hh.LINE_MARKER`` (a marker at a line start)
 TURN_STOPS = ("\nHuman:", "\nAssistant:")
 
 
 def cut_at_turns(response_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase, stop_ids: Sequence[int]
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """End each response whose text begins a new ``Human:``/``Assistant:`` turn (``hh.TURN_MARKER``) at the
+    """End each response whose text begins a new ``Human:``/``Assistant:`` turn (``hh.LINE_MARKER``) at the
     token where the marker starts: that token becomes EOS and the rest padding, so PPO scores and trains on the
     reply up to the turn, ended as the reward model's training replies are (trlx stops HH rollouts the same
     way). A token holding text before the marker is dropped with it.
@@ -137,7 +137,7 @@ def cut_at_turns(response_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase,
     keep = (~after_first_stop(cut, stop_ids)).sum(dim=1).tolist()
     for row, length in enumerate(keep):
         ids = cut[row, :length].tolist()
-        marker = TURN_MARKER.search(tokenizer.decode(ids, skip_special_tokens=True))
+        marker = LINE_MARKER.search(tokenizer.decode(ids, skip_special_tokens=True))
         if marker is None:
             continue
         # the first token whose prefix decodes past the marker's start (decoded length grows with the prefix)

@@ -16,6 +16,8 @@ from pathlib import Path
 # A turn marker: "Human:" / "Assistant:" at the start of the text or after a blank line. Real HH-RLHF
 # text starts with "\n\nHuman:" but some rows start with "Human:" or use "\r\n" or single newlines.
 TURN_MARKER = re.compile(r"(?:\A\s*|\n\s*\n|\n)(Human|Assistant):[ \t]*")
+# A marker inside a turn's text that would start a turn of its own once the text follows another marker.
+LINE_MARKER = re.compile(r"\n\s*(Human|Assistant):")
 
 
 @dataclass(frozen=True)

@@ -105,10 +105,11 @@ def train_sft_model(base_model: ModelBundle, sft_train: pd.DataFrame, sft: dict[
     else:
         model, train_metrics = run_sft(base_model, (train["prompt"].tolist(), train["response"].tolist()),
                                        (val["prompt"].tolist(), val["response"].tolist()), cfg, launch, log)
-    gold_after = gold_before if model is base_model.model else gold_of_samples(model)
+    trained = cfg.epochs > 0  # in one process the trained model may be the base model's own object
+    gold_after = gold_of_samples(model) if trained else gold_before
     metrics = {**{k.replace("/", "_"): v for k, v in train_metrics.items()}, "gold_score_before": gold_before,
                "gold_score_after": gold_after, "train_examples": len(train), "val_examples": len(val),
                "gold_eval_prompts_dropped": len(eval_prompts) - len(kept)}
     logger.info("SFT: val loss %s, gold score of samples %s -> %s", metrics.get("val_loss"), gold_before,
                 metrics["gold_score_after"])
-    return (base_model if model is base_model.model else base_model.with_model(model)), strict_json(metrics)
+    return (base_model.with_model(model) if trained else base_model), strict_json(metrics)

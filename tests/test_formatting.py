@@ -216,14 +216,15 @@ def test_special_token_text_in_data_is_plain_text_and_hh_samples_stop_at_a_new_t
     assert eos not in encoder.render_whole(f"\n\nHuman: say {tokenizer.eos_token}\n\nAssistant:")
     # a response that goes on to write the user's turn ends at the token where the marker starts
     ids = tokenizer("Hello there.\n\nHuman: hi", add_special_tokens=False)["input_ids"]
-    start = next(k for k in range(len(ids)) if "\n" in tokenizer.decode(ids[:k + 1]))
+    marker = tokenizer.decode(ids).index("\nHuman:")  # the line-start marker (hh.LINE_MARKER)
+    start = next(k for k in range(len(ids)) if len(tokenizer.decode(ids[:k + 1])) > marker)
     pad = tokenizer.pad_token_id
     response = torch.tensor([ids + [eos, pad], tokenizer("The end.", add_special_tokens=False)["input_ids"]
                              + [eos] + [pad] * (len(ids) + 1 - len(tokenizer("The end.")["input_ids"]))])
     cut, turn_cut = cut_at_turns(response, tokenizer, [eos])
     assert turn_cut.tolist() == [True, False]
     assert cut[0, :start].tolist() == ids[:start] and cut[0, start] == eos and (cut[0, start + 1:] == pad).all()
-    assert tokenizer.decode(cut[0], skip_special_tokens=True) == "Hello there."
+    assert tokenizer.decode(cut[0], skip_special_tokens=True) == "Hello there.\n"  # decode_responses strips it
     assert torch.equal(cut[1], response[1])
     tokenizer.pad_token = tokenizer.eos_token  # padding that is EOS (most chat tokenizers): the same cut
     padded_with_eos = response.masked_fill(response == pad, eos)

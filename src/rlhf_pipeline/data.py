@@ -38,9 +38,10 @@ def raw_rows(raw: Any, name: str) -> list[RawRow] | Iterator[RawRow]:
 
     if isinstance(raw, datasets.DatasetDict):
         if len(raw) != 1:
+            hint = "train" if "train" in raw else sorted(raw)[0]
             raise ValueError(f"{name}: a DatasetDict with splits {sorted(raw)}; load one split (the catalog "
-                         f"entry's dataset_kwargs.split; for raw_preferences from the hub, --params "
-                         f"data_processing.sources.preferences.hub_split={sorted(raw)[0]})")
+                             f"entry's dataset_kwargs.split; for raw_preferences from the hub, --params "
+                             f"data_processing.sources.preferences.hub_split={hint})")
         [(split, dataset)] = raw.items()
         return dataset_rows(dataset, split, name)
     if isinstance(raw, datasets.Dataset):

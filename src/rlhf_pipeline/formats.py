@@ -10,7 +10,7 @@ A source holds one *kind* of row:
 responses are the final assistant turn, stripped; ``model.prompt_format`` later decides how the model sees the
 turns (the raw text, or the tokenizer's chat template).
 
-Formats (``FORMATS``; ``auto`` detects one from the first record's fields and logs which):
+Formats (``FORMATS``; ``auto`` detects one from each file's first row whose fields fit, and logs which):
 
 * ``hh``: Anthropic HH-RLHF transcripts, ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}``.
 * ``standard``: TRL's standard rows, plain strings. Preference: ``{"prompt", "chosen", "rejected"}``, or an implicit

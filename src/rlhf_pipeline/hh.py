@@ -6,18 +6,21 @@ into token ids. A ``RawRow`` is one undecoded record of a file; a ``RowError`` n
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import json
+import lzma
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 # A turn marker: "Human:" / "Assistant:" at the start of the text or after a blank line. Real HH-RLHF
 # text starts with "\n\nHuman:" but some rows start with "Human:" or use "\r\n" or single newlines.
 TURN_MARKER = re.compile(r"(?:\A\s*|\n\s*\n|\n)(Human|Assistant):[ \t]*")
 # A marker inside a turn's text that would start a turn of its own once the text follows another marker.
-LINE_MARKER = re.compile(r"\n\s*(Human|Assistant):")
+LINE_MARKER = re.compile(r"\n(Human|Assistant):")
 
 
 @dataclass(frozen=True)
@@ -57,11 +60,19 @@ def render_prompt(turns: list[tuple[str, str]]) -> str:
     return "".join(f"\n\n{speaker}: {content}" for speaker, content in turns) + "\n\nAssistant:"
 
 
+COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def open_file(path: Path, mode: str, **kwargs) -> IO:
+    """``path`` opened, decompressed by its suffix (``COMPRESSED``); ``kwargs`` as ``open`` takes them."""
+    return COMPRESSED.get(path.suffix.lower(), open)(path, mode, **kwargs)
+
+
 def read_jsonl_rows(path: str | Path) -> Iterator[RawRow]:
-    """Raw lines of a ``.jsonl`` or ``.jsonl.gz`` file, 1-based line numbers, bytes left undecoded."""
+    """Raw lines of a JSON-lines file (optionally ``.gz``, ``.bz2``, ``.xz``), 1-based line numbers, bytes left
+    undecoded."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
+    with open_file(path, "rb") as handle:
         for number, data in enumerate(handle, start=1):
             yield RawRow(str(path), number, data.rstrip(b"\r\n"))
 

@@ -9,7 +9,6 @@ record is numbered from 1 within its file. Saving writes a list of dicts as UTF-
 
 from __future__ import annotations
 
-import gzip
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -17,9 +16,9 @@ from typing import Any
 
 from kedro.io import AbstractDataset, DatasetError
 
-from rlhf_pipeline.hh import RawRow, read_jsonl_rows, records_to_rows
+from rlhf_pipeline.hh import COMPRESSED, RawRow, open_file, read_jsonl_rows, records_to_rows
 
-COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+COMPRESSIONS = tuple(COMPRESSED)
 BUILDERS = {".jsonl": None, ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -86,8 +85,7 @@ class RawRowsDataset(AbstractDataset[list[dict], list[RawRow]]):
         if file_kind(path) != ".jsonl":
             raise DatasetError(f"{path}: saves JSON lines only (.jsonl or .jsonl.gz)")
         path.parent.mkdir(parents=True, exist_ok=True)
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "wt", encoding="utf-8") as handle:
+        with open_file(path, "wt", encoding="utf-8") as handle:
             for record in data:
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 

@@ -181,7 +181,10 @@ class SFTSettings:
         val_fraction, gold_prompts = params.pop("val_fraction"), params.pop("gold_eval_prompts")
         launch = LaunchConfig.from_params(launcher, params.pop("launcher", None), "sft")
         sampling = config_from(SamplingConfig, params.pop("sampling"))
-        return cls(config_from(SFTConfig, params, optim=OptimConfig), launch, sampling, val_fraction, gold_prompts)
+        train = config_from(SFTConfig, params, optim=OptimConfig)
+        if train.epochs < 0:
+            raise ValueError(f"sft.epochs must be >= 0 (0: the base model is the SFT model), got {train.epochs}")
+        return cls(train, launch, sampling, val_fraction, gold_prompts)
 
 
 @dataclass(frozen=True)

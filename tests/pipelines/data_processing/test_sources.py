@@ -182,3 +182,12 @@ def test_unknown_kinds_and_empty_files_fail_naming_the_file(tmp_path):
     assert RawRowsDataset([]).load() == []  # no files: a stage without a source of its own
     with pytest.raises(DatasetError, match="no such file"):
         RawRowsDataset(str(tmp_path / "absent.jsonl")).load()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.bz2", ".jsonl.xz", ".JSONL.GZ"])
+def test_compressed_json_lines_are_read_line_by_line(tmp_path, suffix):
+    path = str(tmp_path / f"pairs{suffix}")
+    RawRowsDataset(path).save(RECORDS)
+    rows = RawRowsDataset(path).load()
+    assert [(row.source, row.line) for row in rows] == [(path, 1), (path, 2)]
+    assert len(parse_preferences(rows, strict=True)[0]) == 2

@@ -52,7 +52,12 @@ def source_formats(data_processing: dict[str, Any]) -> dict[str, SourceFormat]:
 def check_given_paths(name: str, raw: Any, data_processing: dict[str, Any]) -> None:
     """Raise ``ValueError`` when ``data_processing.sources.<name>.paths`` names files the catalog did not read:
     the catalog reads ``paths`` from the command line only, so ``paths`` in a parameters file would be ignored."""
-    paths = ((data_processing.get("sources") or {}).get(name) or {}).get("paths")
+    given = (data_processing.get("sources") or {}).get(name) or {}
+    split = given.get("hub_split")
+    if split is not None and getattr(raw, "split", split) != split:
+        raise ValueError(f"data_processing.sources.{name}.hub_split {split!r} was not read (the loaded split is "
+                         f"{raw.split!r}): the catalog takes it from the command line (--params)")
+    paths = given.get("paths")
     if not paths:
         return
     read = {row.source for row in raw} if isinstance(raw, list) else set()
@@ -175,10 +180,10 @@ def split_preferences(
     outputs["eval_prompts"], overlaps = held_out(outputs)
     for name, frame in outputs.items():
         if frame.empty and name == "eval_prompts" and overlaps["eval_prompts_leaked"]:
+            fix = ("use evaluation prompts that no other source holds" if "eval_prompts" in own else
+                   "give eval_prompts a source of its own, or use sources whose prompts differ")
             raise ValueError(f"data_processing.split: every evaluation prompt ({overlaps['eval_prompts_leaked']}) is "
-                             f"also in another split, so none is held out: the stages' own sources share prompts "
-                             f"with the preference data; give eval_prompts a source of its own, or use sources "
-                             f"whose prompts differ")
+                             f"also in another split, so none is held out: the sources share prompts; {fix}")
         if frame.empty:
             raise ValueError(f"data_processing.split: split '{name}' is empty; raise its fraction or the data size")
     check_ppo_prompts(len(outputs["ppo_prompts"]), split, ppo, launcher)

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_pipeline.formats import hh_prompt_response
 from rlhf_pipeline.formatting import DialogueEncoder
 from rlhf_pipeline.generation import SamplingConfig
+from rlhf_pipeline.hh import hh_prompt_response
 from rlhf_pipeline.modeling import (
     TinyModelConfig,
     ValueHeadModel,

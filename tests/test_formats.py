@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from rlhf_pipeline.formats import SourceFormat, hh_prompt_response, parse_rows
-from rlhf_pipeline.hh import RawRow, RowError, read_jsonl_rows
+from rlhf_pipeline.data import parse_rows
+from rlhf_pipeline.formats import SourceFormat
+from rlhf_pipeline.hh import RawRow, RowError, hh_prompt_response, read_jsonl_rows
 
 
 def row(record, line=1, source="raw.jsonl") -> RawRow:

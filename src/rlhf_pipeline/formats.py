@@ -28,39 +28,35 @@ Formats (``FORMATS``; ``auto`` detects one from each file's first row whose fiel
 picks ``chosen``/``rejected`` from two response columns by a preference column: ``{"responses": [a, b],
 "preferred": col, "preferred_values": [value picking a, value picking b]}`` (PKU-SafeRLHF, SHP).
 
-Every problem is a ``RowError`` naming the source, the line (the record number for a non-JSON-lines file) and the
-reason, so a caller either stops (strict mode) or quarantines the row: nothing is dropped silently. Text checked
-on every format: turns that alternate ``Human``/``Assistant`` from a ``Human`` turn, none empty; text that UTF-8
-can encode (no lone surrogates) without control characters; no special-token text (``SPECIAL_TOKEN_TEXT``: EOS,
-chat-template markers) that a tokenizer could read as a control token.
+A record that does not fit raises ``ValueError`` with the reason; ``data.parse_rows`` reads a source's raw rows
+through here, naming each bad row's source and line, so that a caller either stops (strict mode) or quarantines
+the row: nothing is dropped silently. Every format's turns and replies pass ``hh``'s checks of a valid dialogue
+(``hh.check_turns``, ``hh.check_text``: alternating, non-empty turns; encodable text without control characters or
+special-token text; no turn marker inside a turn).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import re
-import unicodedata
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from rlhf_pipeline.hh import LINE_MARKER, RawRow, RowError, render_prompt, split_turns
+from rlhf_pipeline.hh import (
+    check_no_marker,
+    check_not_serialised,
+    check_text,
+    check_turns,
+    hh_dialogue,
+    render_prompt,
+    split_turns,
+)
 
 logger = logging.getLogger(__name__)
 
 KINDS = ("preference", "instruction", "prompt")
-SERIALISED_MESSAGES = re.compile(r"\s*\[\s*\{\s*[\"'](?:role|from|content|value)[\"']\s*:")
 FORMATS = ("auto", "hh", "standard", "conversational")
 ROLES = {"user": "Human", "human": "Human", "assistant": "Assistant", "gpt": "Assistant", "system": "system"}
-# The end-of-text and turn markers of the common chat models' templates: GPT-2/Qwen/ChatML/Llama-3/Phi ``<|...|>``,
-# Llama-2/Mistral, Gemma. In chat data they are export artefacts (a reply that is only "<|im_end|>"), not text.
-SPECIAL_TOKEN_TEXT = re.compile(
-    r"<\|[A-Za-z0-9_]{1,40}\|>|</s>|<bos>|<eos>|\[/?INST\]|<</?SYS>>|<(?:start|end)_of_turn>"
-)
-
-
 @dataclass(frozen=True)
 class Preference:
     """One validated preference pair."""
@@ -152,48 +148,6 @@ def _is_hh(text: str) -> bool:
 
 
 # --- turns and their checks ----------------------------------------------------------------------------------------
-def check_text(text: str, where: str) -> None:
-    """Raise ``ValueError`` for text a tokenizer cannot take as plain data: a lone surrogate (UTF-8 cannot encode
-    it), a control character other than tab and newlines, or special-token text (``SPECIAL_TOKEN_TEXT``)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ValueError(f"{where}: text cannot be encoded as UTF-8 (lone surrogate "
-                         f"{text[err.start]!r} at character {err.start})") from None
-    control = next((i for i, c in enumerate(text) if c not in "\t\n\r" and unicodedata.category(c) == "Cc"), None)
-    if control is not None:
-        raise ValueError(f"{where}: control character U+{ord(text[control]):04X} at character {control}")
-    special = SPECIAL_TOKEN_TEXT.search(text)
-    if special:
-        raise ValueError(f"{where}: special-token text {special[0]!r} (a tokenizer would read it as a control token)")
-
-
-def check_turns(turns: Sequence[tuple[str, str]], where: str) -> None:
-    """Raise ``ValueError`` unless the turns start with ``Human``, alternate ``Human``/``Assistant`` and none is empty."""
-    if not turns:
-        raise ValueError(f"{where}: no turns")
-    if turns[0][0] != "Human":
-        raise ValueError(f"{where}: the dialogue does not start with a 'Human:' turn")
-    for number, ((speaker, text), previous) in enumerate(zip(turns, [None, *turns[:-1]], strict=True), start=1):
-        if previous is not None and previous[0] == speaker:
-            raise ValueError(f"{where}: turns do not alternate (turns {number - 1} and {number} are both "
-                             f"'{speaker}:')")
-        if not text.strip():
-            raise ValueError(f"{where}: turn {number} ('{speaker}:') is empty")
-        check_text(text, where)
-        check_no_marker(text, f"{where}: turn {number}")
-
-
-def check_no_marker(text: str, where: str) -> None:
-    """Raise ``ValueError`` for text that holds a ``Human:``/``Assistant:`` turn marker at a line start
-    (``hh.LINE_MARKER``): the canonical dialogue would read it as a turn of its own. (A turn that starts with
-    ``"Human:"``, as some HH-RLHF rows' ``"Human: Human: ..."`` do, follows its own marker and stays one turn.)"""
-    marker = LINE_MARKER.search(text)
-    if marker:
-        raise ValueError(f"{where} holds a '{marker[1]}:' turn marker at a line start, which would split it into "
-                         f"turns")
-
-
 def message_turns(messages: Any, where: str, system: str) -> list[tuple[str, str]]:
     """``(speaker, text)`` turns of a message list (``role``/``content`` or ``from``/``value``)."""
     if not isinstance(messages, list):
@@ -227,14 +181,6 @@ def text_turns(text: Any, where: str) -> list[tuple[str, str]]:
         return [("Human", text.strip())]
     turns = split_turns(text)
     return turns[:-1] if turns[-1] == ("Assistant", "") else turns
-
-
-def check_not_serialised(text: str, where: str) -> None:
-    """Raise ``ValueError`` for a message list written out as text (``"[{'role': 'user', ..."``, as a CSV cell holds
-    a list): it would train as the literal text of the list."""
-    if SERIALISED_MESSAGES.match(text):
-        raise ValueError(f"{where} holds a message list written as text (a CSV cell cannot hold a list); store "
-                         f"conversational rows as JSON lines, JSON or Parquet")
 
 
 def prompt_of(turns: list[tuple[str, str]], where: str) -> str:
@@ -271,31 +217,10 @@ def _strings(record: Mapping[str, Any], *fields: str) -> None:
                              f"'conversational' format)")
 
 
-def hh_prompt_response(text: str, where: str = "dialogue") -> tuple[str, str]:
-    """``(canonical prompt, final assistant response)`` of one HH transcript, every turn checked.
-
-    Raises:
-        ValueError: The reason, prefixed with ``where``.
-    """
-    turns, response = _hh_dialogue(text, where)
-    return render_prompt(turns), response
-
-
-def _hh_dialogue(text: str, where: str) -> tuple[list[tuple[str, str]], str]:
-    """Prompt turns and final response of one HH transcript."""
-    turns = split_turns(text)
-    if turns[-1][0] != "Assistant":
-        raise ValueError(f"{where}: the dialogue does not end with an 'Assistant:' turn")
-    if not turns[-1][1]:
-        raise ValueError(f"{where}: empty final assistant response")
-    check_turns(turns, where)
-    return turns[:-1], turns[-1][1]
-
-
 def _hh(record: Mapping[str, Any], kind: str, system: str) -> Preference:
     _require(record, "chosen", "rejected")
     _strings(record, "chosen", "rejected")
-    (prompt, chosen), (other, rejected) = (_hh_dialogue(record[name], f"field '{name}'") for name in ("chosen", "rejected"))
+    (prompt, chosen), (other, rejected) = (hh_dialogue(record[name], f"field '{name}'") for name in ("chosen", "rejected"))
     if prompt != other:
         raise ValueError("'chosen' and 'rejected' differ before the final 'Assistant:' turn")
     return _pair(render_prompt(prompt), chosen, rejected)
@@ -424,74 +349,4 @@ def parse_record(record: object, source: SourceFormat, fmt: str) -> Preference |
     return PARSERS[fmt](record, source.kind, source.system)
 
 
-def decode(row: RawRow) -> object:
-    """The JSON record of one raw line (a UTF-8 byte-order mark, which editors write at a file's start, ignored);
-    raises ``RowError`` for bytes that are not UTF-8 or JSON."""
-    try:
-        text = row.data.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as err:
-        raise RowError(row.source, row.line, f"undecodable bytes (not UTF-8) at byte {err.start}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise RowError(row.source, row.line, f"broken JSON: {err.msg}, column {err.colno}") from None
 
-
-@dataclass
-class ParseResult:
-    """Valid rows plus quarantined ones (``source``, ``line``, ``reason``, ``raw``), and the format read."""
-
-    rows: list[Preference | Demonstration | PromptRow]
-    quarantine: list[dict]
-    format: str
-
-    def records(self) -> list[dict]:
-        """The valid rows as dicts of their fields (``prompt`` and ``chosen``/``rejected`` or ``response``)."""
-        return [asdict(row) for row in self.rows]
-
-    def top_reasons(self, count: int = 3) -> list[tuple[str, int]]:
-        """The most frequent quarantine reasons (positions as ``N``, the fields a row had left out)."""
-        return Counter(re.sub(r"\b(character|byte|column|turns?|message) \d+( and \d+)?", r"\1 N",
-                              re.sub(r" \(fields present: .*\)", "", q["reason"]))
-                       for q in self.quarantine).most_common(count)
-
-
-def parse_rows(rows: Iterable[RawRow], source: SourceFormat | None = None, strict: bool = False,
-               name: str = "rows") -> ParseResult:
-    """Parse raw rows of one source; in strict mode the first bad row raises ``RowError``, otherwise it is
-    quarantined with its reason. With ``format: auto`` each file's first row whose fields fit a format decides that
-    file's format (logged; ``ParseResult.format`` joins the formats read with ``+``); a row before it whose fields
-    fit none is a bad row."""
-    source = source or SourceFormat()
-    result, by_file = ParseResult([], [], source.format), {}
-    for row in rows:
-        if not row.data.strip():
-            continue  # blank lines (e.g. a trailing newline) carry no row
-        try:
-            record = decode(row)
-            try:
-                if source.format == "auto" and row.source not in by_file:
-                    by_file[row.source] = detected(record, source, f"{name} ({row.source})")
-                    result.format = "+".join(sorted(set(by_file.values())))
-                result.rows.append(parse_record(record, source, by_file.get(row.source, source.format)))
-            except ValueError as err:
-                raise RowError(row.source, row.line, str(err)) from None
-        except RowError as err:
-            if strict:
-                raise
-            raw = row.data.decode("utf-8", errors="backslashreplace")
-            result.quarantine.append({"source": err.source, "line": err.line, "reason": err.reason, "raw": raw})
-    return result
-
-
-def detected(record: object, source: SourceFormat, name: str) -> str:
-    """The format of ``source`` read off one record (logged); ``ValueError`` when its fields fit none."""
-    if not isinstance(record, Mapping):
-        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    fields = apply_columns(record, source.columns)
-    fmt = detect_format(fields, source.kind)
-    if fmt is None:
-        raise ValueError(f"cannot tell the format of {source.kind} rows from the fields {sorted(fields)}; set the "
-                         f"source's format ({', '.join(FORMATS[1:])}) and, for other field names, its columns")
-    logger.info("%s: format '%s' detected from the fields %s", name, fmt, sorted(fields))
-    return fmt

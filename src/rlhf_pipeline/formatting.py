@@ -7,7 +7,7 @@ Every stage (SFT, reward modelling, PPO rollouts, PPO-ptx, evaluation) encodes t
   tokenizer's own chat template (which brings its special tokens). A response is its tokens then EOS. Text of
   the data that reads like a special token (``"<|endoftext|>"``) is tokenised as plain text in either format
   (``split_special_tokens``; a chat template's turns are tokenised apart from its own text where that gives the
-  template's own ids, as for byte-level BPE tokenizers), and ``formats`` quarantines such text before any stage.
+  template's own ids, as for byte-level BPE tokenizers), and ``hh.check_text`` quarantines such text before any stage.
 * **Context budget.** The limit is ``min(max_length, model positions)``. A prompt too long for it loses
   its oldest turns, cut at a ``Human:`` turn so that the latest turns stay and the final ``Human:`` turn
   always survives. A training pair whose response does not fit even beside the final turn alone keeps the
@@ -69,7 +69,7 @@ class DialogueEncoder:
         self.max_positions, self.min_response_tokens = max_positions, min_response_tokens
         # Turns tokenised apart from the template give the template's own ids for byte-level BPE tokenizers; a
         # SentencePiece tokenizer that prefixes each piece with a space would not, and keeps whole-text encoding
-        # (its data then relies on the special-token quarantine of ``formats``).
+        # (its data then relies on the special-token quarantine of ``hh.check_text``).
         self.turns_apart = prompt_format == "chat_template" and self._render_apart(PROBE) == self._render_whole(PROBE)
         if prompt_format == "chat_template" and not self.turns_apart:
             logger.warning("The chat template's turns cannot be tokenised apart from its text without changing the "

@@ -1,4 +1,4 @@
-"""The canonical HH dialogue (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``) and raw, line-numbered rows.
+"""The canonical HH dialogue (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``), what makes one valid, and raw rows.
 
 Every stage reads prompts in this one form: ``formats`` turns each data layout into it, ``formatting`` turns it
 into token ids. A ``RawRow`` is one undecoded record of a file; a ``RowError`` names its source, line and reason.
@@ -11,7 +11,8 @@ import gzip
 import json
 import lzma
 import re
-from collections.abc import Iterable, Iterator
+import unicodedata
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -88,3 +89,83 @@ def records_to_rows(records: Iterable[dict], source: str) -> Iterator[RawRow]:
         except UnicodeEncodeError:
             data = json.dumps(record, default=str).encode("utf-8")
         yield RawRow(source, number, data)
+
+
+# --- what a valid dialogue is ------------------------------------------------------------------------------------
+SERIALISED_MESSAGES = re.compile(r"\s*\[\s*\{\s*[\"'](?:role|from|content|value)[\"']\s*:")
+# The end-of-text and turn markers of the common chat models' templates: GPT-2/Qwen/ChatML/Llama-3/Phi ``<|...|>``,
+# Llama-2/Mistral, Gemma. In chat data they are export artefacts (a reply that is only "<|im_end|>"), not text.
+SPECIAL_TOKEN_TEXT = re.compile(
+    r"<\|[A-Za-z0-9_]{1,40}\|>|</s>|<bos>|<eos>|\[/?INST\]|<</?SYS>>|<(?:start|end)_of_turn>"
+)
+
+
+def check_text(text: str, where: str) -> None:
+    """Raise ``ValueError`` for text a tokenizer cannot take as plain data: a lone surrogate (UTF-8 cannot encode
+    it), a control character other than tab and newlines, or special-token text (``SPECIAL_TOKEN_TEXT``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{where}: text cannot be encoded as UTF-8 (lone surrogate "
+                         f"{text[err.start]!r} at character {err.start})") from None
+    control = next((i for i, c in enumerate(text) if c not in "\t\n\r" and unicodedata.category(c) == "Cc"), None)
+    if control is not None:
+        raise ValueError(f"{where}: control character U+{ord(text[control]):04X} at character {control}")
+    special = SPECIAL_TOKEN_TEXT.search(text)
+    if special:
+        raise ValueError(f"{where}: special-token text {special[0]!r} (a tokenizer would read it as a control token)")
+
+
+def check_turns(turns: Sequence[tuple[str, str]], where: str) -> None:
+    """Raise ``ValueError`` unless the turns start with ``Human``, alternate ``Human``/``Assistant`` and none is empty."""
+    if not turns:
+        raise ValueError(f"{where}: no turns")
+    if turns[0][0] != "Human":
+        raise ValueError(f"{where}: the dialogue does not start with a 'Human:' turn")
+    for number, ((speaker, text), previous) in enumerate(zip(turns, [None, *turns[:-1]], strict=True), start=1):
+        if previous is not None and previous[0] == speaker:
+            raise ValueError(f"{where}: turns do not alternate (turns {number - 1} and {number} are both "
+                             f"'{speaker}:')")
+        if not text.strip():
+            raise ValueError(f"{where}: turn {number} ('{speaker}:') is empty")
+        check_text(text, where)
+        check_no_marker(text, f"{where}: turn {number}")
+
+
+def check_no_marker(text: str, where: str) -> None:
+    """Raise ``ValueError`` for text that holds a ``Human:``/``Assistant:`` turn marker at a line start
+    (``hh.LINE_MARKER``): the canonical dialogue would read it as a turn of its own. (A turn that starts with
+    ``"Human:"``, as some HH-RLHF rows' ``"Human: Human: ..."`` do, follows its own marker and stays one turn.)"""
+    marker = LINE_MARKER.search(text)
+    if marker:
+        raise ValueError(f"{where} holds a '{marker[1]}:' turn marker at a line start, which would split it into "
+                         f"turns")
+
+
+def check_not_serialised(text: str, where: str) -> None:
+    """Raise ``ValueError`` for a message list written out as text (``"[{'role': 'user', ..."``, as a CSV cell holds
+    a list): it would train as the literal text of the list."""
+    if SERIALISED_MESSAGES.match(text):
+        raise ValueError(f"{where} holds a message list written as text (a CSV cell cannot hold a list); store "
+                         f"conversational rows as JSON lines, JSON or Parquet")
+
+
+def hh_prompt_response(text: str, where: str = "dialogue") -> tuple[str, str]:
+    """``(canonical prompt, final assistant response)`` of one HH transcript, every turn checked.
+
+    Raises:
+        ValueError: The reason, prefixed with ``where``.
+    """
+    turns, response = hh_dialogue(text, where)
+    return render_prompt(turns), response
+
+
+def hh_dialogue(text: str, where: str) -> tuple[list[tuple[str, str]], str]:
+    """Prompt turns and final response of one HH transcript, every turn checked (``ValueError`` with the reason)."""
+    turns = split_turns(text)
+    if turns[-1][0] != "Assistant":
+        raise ValueError(f"{where}: the dialogue does not end with an 'Assistant:' turn")
+    if not turns[-1][1]:
+        raise ValueError(f"{where}: empty final assistant response")
+    check_turns(turns, where)
+    return turns[:-1], turns[-1][1]

@@ -14,7 +14,7 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.pipeline import Pipeline
 from kedro.runner import SequentialRunner
 
-from rlhf_pipeline.formats import parse_rows
+from rlhf_pipeline.data import parse_rows
 from rlhf_pipeline.hh import RawRow
 from rlhf_pipeline.modeling import (
     ModelBundle,

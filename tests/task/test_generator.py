@@ -1,6 +1,6 @@
 import pytest
 
-from rlhf_pipeline.formats import hh_prompt_response
+from rlhf_pipeline.hh import hh_prompt_response
 from rlhf_pipeline.task import TaskConfig, classify_request, generate_preference_rows, gold_score
 
 

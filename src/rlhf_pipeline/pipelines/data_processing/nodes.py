@@ -8,8 +8,8 @@ from typing import Any
 
 import pandas as pd
 
-from rlhf_pipeline.data import SPLITS, assign_splits, raw_rows
-from rlhf_pipeline.formats import SourceFormat, parse_rows
+from rlhf_pipeline.data import SPLITS, assign_splits, parse_rows, raw_rows
+from rlhf_pipeline.formats import SourceFormat
 from rlhf_pipeline.pipelines.tracking import as_metrics
 from rlhf_pipeline.task import classify_request
 

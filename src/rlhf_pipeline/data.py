@@ -146,16 +146,14 @@ def parse_rows(rows: Iterable[RawRow], source: SourceFormat | None = None, stric
             continue  # blank lines (e.g. a trailing newline) carry no row
         try:
             record = decode(row)
-            try:
-                if source.format == "auto" and row.source not in by_file:
-                    by_file[row.source] = detected(record, source, f"{name} ({row.source})")
-                    result.format = "+".join(sorted(set(by_file.values())))
-                result.rows.append(parse_record(record, source, by_file.get(row.source, source.format)))
-            except ValueError as err:
-                raise RowError(row.source, row.line, str(err)) from None
-        except RowError as err:
+            if source.format == "auto" and row.source not in by_file:
+                by_file[row.source] = detected(record, source, f"{name} ({row.source})")
+                result.format = "+".join(sorted(set(by_file.values())))
+            result.rows.append(parse_record(record, source, by_file.get(row.source, source.format)))
+        except ValueError as error:  # a RowError from decoding, or the reason a record does not fit
+            err = error if isinstance(error, RowError) else RowError(row.source, row.line, str(error))
             if strict:
-                raise
+                raise err from None
             raw = row.data.decode("utf-8", errors="backslashreplace")
             result.quarantine.append({"source": err.source, "line": err.line, "reason": err.reason, "raw": raw})
     return result

@@ -47,7 +47,7 @@ from rlhf_pipeline.hh import (
     check_not_serialised,
     check_text,
     check_turns,
-    hh_dialogue,
+    hh_prompt_response,
     render_prompt,
     split_turns,
 )
@@ -220,10 +220,11 @@ def _strings(record: Mapping[str, Any], *fields: str) -> None:
 def _hh(record: Mapping[str, Any], kind: str, system: str) -> Preference:
     _require(record, "chosen", "rejected")
     _strings(record, "chosen", "rejected")
-    (prompt, chosen), (other, rejected) = (hh_dialogue(record[name], f"field '{name}'") for name in ("chosen", "rejected"))
+    (prompt, chosen), (other, rejected) = (hh_prompt_response(record[name], f"field '{name}'")
+                                           for name in ("chosen", "rejected"))
     if prompt != other:
         raise ValueError("'chosen' and 'rejected' differ before the final 'Assistant:' turn")
-    return _pair(render_prompt(prompt), chosen, rejected)
+    return _pair(prompt, chosen, rejected)
 
 
 def _common_prefix(chosen: str, rejected: str) -> int:

@@ -135,8 +135,9 @@ def cut_at_turns(response_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase,
     cut = response_ids.clone()
     turn_cut = torch.zeros(len(cut), dtype=torch.bool, device=cut.device)
     keep = (~after_first_stop(cut, stop_ids)).sum(dim=1).tolist()
+    rows = cut.tolist()  # one device-to-host copy for the whole batch
     for row, length in enumerate(keep):
-        ids = cut[row, :length].tolist()
+        ids = rows[row][:length]
         marker = LINE_MARKER.search(tokenizer.decode(ids, skip_special_tokens=True))
         if marker is None:
             continue

@@ -71,8 +71,8 @@ class RawRowsDataset(AbstractDataset[list[dict], list[RawRow]]):
             raise DatasetError(f"no such file(s): {missing}")
         rows = []
         for path in self._paths:
-            read = [row for row in read_rows(path) if row.data.strip()]
-            if not read:  # no files at all is "no source"; a given file must hold rows
+            read = list(read_rows(path))
+            if not any(row.data.strip() for row in read):  # no files at all is "no source"; a given file must not
                 raise DatasetError(f"{path}: the file holds no rows")
             rows += read
         return rows

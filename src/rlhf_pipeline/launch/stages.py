@@ -143,7 +143,11 @@ def run_stage(spec: JobSpec, models: dict[str, ModelBundle], frames: dict[str, p
 def run_sft(model: ModelBundle, train: tuple[list[str], list[str]], val: tuple[list[str], list[str]], cfg: SFTConfig,
             launch: LaunchConfig, log: LogFn = no_logging) -> tuple[torch.nn.Module, dict]:
     """``train_sft`` on (prompts, responses); the model and its metrics (with ``world_size`` and the ``device``
-    it trained on)."""
+    it trained on). ``cfg.epochs`` 0 trains nothing: ``model``'s own module and no metrics (an instruction-tuned
+    base model is the SFT model as it is)."""
+    if cfg.epochs == 0:
+        logger.info("SFT: sft.epochs is 0, the base model is the SFT model")
+        return model.model, {}
     frames = {"train": pd.DataFrame({"prompt": train[0], "response": train[1]}),
               "val": pd.DataFrame({"prompt": val[0], "response": val[1]})}
     out = run_stage(JobSpec("sft", asdict(cfg)), {"model": model}, frames, launch, log)

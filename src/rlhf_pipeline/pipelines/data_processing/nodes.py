@@ -91,8 +91,7 @@ def parse_sources(raw_preferences: Any, raw_sft_train: Any, raw_ppo_prompts: Any
             reasons), a format that cannot be told from the fields, an unknown setting, or (strict) a bad row.
         TypeError: A raw source of another type.
     """
-    raws = {"preferences": raw_preferences, "sft_train": raw_sft_train, "ppo_prompts": raw_ppo_prompts,
-            "eval_prompts": raw_eval_prompts}
+    raws = dict(zip(SOURCES, (raw_preferences, raw_sft_train, raw_ppo_prompts, raw_eval_prompts), strict=True))
     formats = source_formats(data_processing)
     results, quarantine, counts = {}, [], {}
     for name, raw in raws.items():

@@ -100,12 +100,8 @@ def train_sft_model(base_model: ModelBundle, sft_train: pd.DataFrame, sft: dict[
 
     gold_before = gold_of_samples(base_model.model)
     trained = cfg.epochs > 0  # in one process the trained model may be the base model's own object
-    if not trained:  # an instruction-tuned base model is the SFT model as it is
-        logger.info("SFT: sft.epochs is 0, the base model is the SFT model")
-        model, train_metrics = base_model.model, {}
-    else:
-        model, train_metrics = run_sft(base_model, (train["prompt"].tolist(), train["response"].tolist()),
-                                       (val["prompt"].tolist(), val["response"].tolist()), cfg, launch, log)
+    model, train_metrics = run_sft(base_model, (train["prompt"].tolist(), train["response"].tolist()),
+                                   (val["prompt"].tolist(), val["response"].tolist()), cfg, launch, log)
     gold_after = gold_of_samples(model) if trained else gold_before
     metrics = {**{k.replace("/", "_"): v for k, v in train_metrics.items()}, "gold_score_before": gold_before,
                "gold_score_after": gold_after, "train_examples": len(train), "val_examples": len(val),

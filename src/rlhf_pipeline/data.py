@@ -28,7 +28,7 @@ from rlhf_pipeline.hh import RawRow, RowError, records_to_rows
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("sft_train", "rm_train", "rm_val", "ppo_prompts", "eval_prompts", "judge_train")
+SPLITS = ("sft_train", "rm_train", "rm_val", "ppo_prompts", "tune_prompts", "eval_prompts", "judge_train")
 
 
 def raw_rows(raw: Any, name: str) -> list[RawRow] | Iterator[RawRow]:

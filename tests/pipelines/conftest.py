@@ -43,14 +43,14 @@ def pairs() -> pd.DataFrame:
 
 
 NO_ROWS = pd.DataFrame(columns=["split", "prompt", "response"])  # no stage has a source of its own
-NO_SOURCES = {"raw_sft_train": [], "raw_ppo_prompts": [], "raw_eval_prompts": []}  # as conf/base's catalog loads
+NO_SOURCES = {"raw_sft_train": [], "raw_ppo_prompts": [], "raw_tune_prompts": [], "raw_eval_prompts": []}  # as conf/base's catalog loads
 
 
 def parse_preferences(raw: Any, strict: bool) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """``parse_sources`` on a preference source alone: ``(preferences, quarantine, parse_counts)``."""
     from rlhf_pipeline.pipelines.data_processing.nodes import parse_sources
 
-    out = parse_sources(raw, [], [], [], {"strict": strict})
+    out = parse_sources({"strict": strict}, raw_preferences=raw)
     return out["preferences"], out["quarantine"], out["parse_counts"]
 
 

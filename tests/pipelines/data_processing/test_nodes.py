@@ -9,7 +9,8 @@ from rlhf_pipeline.pipelines.data_processing.nodes import split_preferences
 from rlhf_pipeline.task import TaskConfig, generate_preference_rows
 from tests.pipelines.conftest import NO_ROWS, parse_preferences
 
-SPLIT = {"seed": 0, "fractions": {"sft_train": 0.3, "rm_train": 0.3, "rm_val": 0.05, "ppo_prompts": 0.15, "eval_prompts": 0.1,
+SPLIT = {"seed": 0, "fractions": {"sft_train": 0.3, "rm_train": 0.3, "rm_val": 0.05, "ppo_prompts": 0.12, "tune_prompts": 0.03,
+                                  "eval_prompts": 0.1,
                                   "judge_train": 0.1}}
 
 LAUNCHER = {"num_processes": 1, "work_dir": "data/06_models"}
@@ -30,10 +31,11 @@ def preferences() -> pd.DataFrame:
 
 def test_no_prompt_crosses_splits_and_eval_is_unseen(preferences):
     out = split_preferences(preferences, NO_ROWS, SPLIT, PPO, LAUNCHER)
-    sft, rm_train, rm_val, ppo, evaluation, judge, sizes = (out[name] for name in (*SPLITS, "split_sizes"))
+    sft, rm_train, rm_val, ppo, tune, evaluation, judge, sizes = (out[name] for name in (*SPLITS, "split_sizes"))
     training = set(sft["prompt"]) | set(rm_train["prompt"]) | set(rm_val["prompt"]) | set(ppo["prompt"])
     assert evaluation["prompt"].nunique() == len(evaluation) > 20
-    assert not set(evaluation["prompt"]) & (training | set(judge["prompt"]))
+    assert not set(evaluation["prompt"]) & (training | set(judge["prompt"]) | set(tune["prompt"]))
+    assert len(tune) > 5 and not set(tune["prompt"]) & (training | set(judge["prompt"]))
     assert len(judge) > 50 and not set(judge["prompt"]) & training  # PPO's RM and the judge share no prompt
     assert not set(sft["prompt"]) & set(rm_train["prompt"])
     assert not set(rm_train["prompt"]) & set(rm_val["prompt"])
@@ -112,9 +114,19 @@ def test_a_stage_source_replaces_its_split_and_leaked_eval_prompts_are_removed_a
     # the pairs no longer feed ppo_prompts: its 0.15 share went to the others
     assert len(out["sft_train"]) > len(plain["sft_train"])
     assert sizes["data/eval_prompts_size"]["value"] == len(out["eval_prompts"])
+    # a tuning source loses the prompts that PPO trains on and those the evaluation holds (never tuned on)
+    fresh = [f"\n\nHuman: tuning prompt {i}\n\nAssistant:" for i in range(5)]
+    def tuning(prompts: list[str]) -> dict:
+        given = pd.DataFrame({"split": ["ppo_prompts"] * len(own) + ["tune_prompts"] * len(prompts),
+                              "prompt": own + prompts, "response": None})
+        return split_preferences(preferences, given, SPLIT, PPO, LAUNCHER)
+    evaluation = tuning(fresh)["eval_prompts"]["prompt"].head(4).tolist()
+    cut = tuning([*fresh, *own[:3], *evaluation])
+    assert cut["tune_prompts"]["prompt"].tolist() == fresh and cut["eval_prompts"]["prompt"].head(4).tolist() == evaluation
+    assert cut["split_sizes"]["data/tune_prompts_leaked"]["value"] == 7
     every = pd.DataFrame({"split": "ppo_prompts", "prompt": [*own, *leaked, *out["eval_prompts"]["prompt"]],
                           "response": None})
-    with pytest.raises(ValueError, match=r"every evaluation prompt \(\d+\) is also in another split"):
+    with pytest.raises(ValueError, match=r"every prompt of 'eval_prompts' \(\d+\) is also in another split"):
         split_preferences(preferences, every, SPLIT, PPO, LAUNCHER)
 
 
@@ -126,13 +138,13 @@ def test_a_source_without_a_valid_row_fails_naming_format_counts_and_reasons():
     good = rows_of(generate_preference_rows(TaskConfig(num_pairs=5, seed=1)))
     with pytest.raises(ValueError, match=r"raw_sft_train: no valid row \(format 'conversational', 2 row\(s\) "
                                          r"quarantined; top reasons: 2 x field 'messages': the conversation does not end"):
-        parse_sources(good, bad, [], [], {"strict": False})
+        parse_sources({"strict": False}, raw_preferences=good, raw_sft_train=bad)
     with pytest.raises(ValueError, match=r"data_processing.sources.preferences: unknown key\(s\) \['colums'\]"):
-        parse_sources(good, [], [], [], {"strict": False, "sources": {"preferences": {"colums": {}}}})
+        parse_sources({"strict": False, "sources": {"preferences": {"colums": {}}}}, raw_preferences=good)
     with pytest.raises(ValueError, match=r"data_processing.sources.sft_train: unknown key\(s\) \['hub_id'\]"):
-        parse_sources(good, [], [], [], {"strict": False, "sources": {"sft_train": {"hub_id": "x"}}})
+        parse_sources({"strict": False, "sources": {"sft_train": {"hub_id": "x"}}}, raw_preferences=good)
     # paths: the catalog reads them from the command line; written in a parameters file they would be ignored
-    out = parse_sources(good, [], [], [], {"strict": False, "sources": {"preferences": {"paths": ["synthetic_hh.jsonl"]}}})
+    out = parse_sources({"strict": False, "sources": {"preferences": {"paths": ["synthetic_hh.jsonl"]}}}, raw_preferences=good)
     assert out["source_formats"] == {"preferences": "hh"}
     with pytest.raises(ValueError, match=r"sources.ppo_prompts.paths \['p.jsonl'\] were not read: .* command line"):
-        parse_sources(good, [], [], [], {"strict": False, "sources": {"ppo_prompts": {"paths": ["p.jsonl"]}}})
+        parse_sources({"strict": False, "sources": {"ppo_prompts": {"paths": ["p.jsonl"]}}}, raw_preferences=good)

@@ -21,5 +21,6 @@ def test_raw_rows_become_splits_with_the_bad_rows_quarantined():
     assert {name: sizes[f"data/{name}_size"]["value"] for name in SPLITS} == {name: len(f) for name, f in splits.items()}
     assert catalog.load("parse_counts") == {"data/preferences_valid": {"value": 600.0, "step": 0},
                                             "data/preferences_quarantined": {"value": 1.0, "step": 0}}
-    held_out = set(splits["eval_prompts"]["prompt"])
-    assert not held_out & set().union(*(set(splits[n]["prompt"]) for n in SPLITS if n != "eval_prompts"))
+    for name in ("eval_prompts", "tune_prompts"):  # each held out from every other split
+        held_out = set(splits[name]["prompt"])
+        assert held_out and not held_out & set().union(*(set(splits[n]["prompt"]) for n in SPLITS if n != name))

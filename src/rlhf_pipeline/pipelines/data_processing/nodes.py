@@ -18,10 +18,14 @@ logger = logging.getLogger(__name__)
 
 # each raw source: its catalog entry and the kind of row it holds
 SOURCES = {"preferences": ("raw_preferences", "preference"), "sft_train": ("raw_sft_train", "instruction"),
-           "ppo_prompts": ("raw_ppo_prompts", "prompt"), "eval_prompts": ("raw_eval_prompts", "prompt")}
+           "ppo_prompts": ("raw_ppo_prompts", "prompt"), "tune_prompts": ("raw_tune_prompts", "prompt"),
+           "eval_prompts": ("raw_eval_prompts", "prompt")}
 # keys of data_processing.sources.<name> that the catalogs read from the command line (runtime parameters)
 CATALOG_KEYS = {"preferences": {"paths", "hub_id", "hub_split", "data_dir"}, "sft_train": {"paths"},
-                "ppo_prompts": {"paths"}, "eval_prompts": {"paths"}}
+                "ppo_prompts": {"paths"}, "tune_prompts": {"paths"}, "eval_prompts": {"paths"}}
+# splits no training stage reads, each held out from every training split; in this order, so that a prompt the
+# evaluation holds is never a tuning prompt
+HELD_OUT = ("eval_prompts", "tune_prompts")
 
 
 def source_formats(data_processing: dict[str, Any]) -> dict[str, SourceFormat]:
@@ -68,17 +72,17 @@ def check_given_paths(name: str, raw: Any, data_processing: dict[str, Any]) -> N
                          f"(docs/data_formats.md)")
 
 
-def parse_sources(raw_preferences: Any, raw_sft_train: Any, raw_ppo_prompts: Any, raw_eval_prompts: Any,
-                  data_processing: dict[str, Any]) -> dict[str, pd.DataFrame | dict[str, dict[str, float]]]:
+def parse_sources(data_processing: dict[str, Any], **raws: Any) -> dict[str, pd.DataFrame | dict[str, dict[str, float]]]:
     """Parse and validate the raw rows of every source the environment's catalog names.
 
     Args:
-        raw_preferences: Preference rows: line-numbered ``RawRow``s (the embedded task's file, local files), a
-            ``datasets.Dataset`` or one-split ``DatasetDict`` (the hub), or a ``pandas.DataFrame`` of records.
-        raw_sft_train, raw_ppo_prompts, raw_eval_prompts: A stage's own rows (any of the above), or no rows: the
-            split then comes from the preference pairs.
         data_processing: ``strict`` (stop at the first bad row with ``RowError`` naming file, line and reason,
             instead of quarantining it), ``system`` and ``sources.<name>.format``/``columns`` (``formats``).
+        **raws: By catalog entry (``SOURCES``): ``raw_preferences``, preference rows: line-numbered ``RawRow``s (the
+            embedded task's file, local files), a ``datasets.Dataset`` or one-split ``DatasetDict`` (the hub), or a
+            ``pandas.DataFrame`` of records; ``raw_sft_train``, ``raw_ppo_prompts``, ``raw_tune_prompts``,
+            ``raw_eval_prompts``: a stage's own rows (any of the above), or no rows (``[]``, or not given): the
+            split then comes from the preference pairs.
 
     Returns:
         By name: ``preferences`` (``prompt``, ``chosen``, ``rejected``), ``stage_rows`` (``split``, ``prompt``,
@@ -91,14 +95,15 @@ def parse_sources(raw_preferences: Any, raw_sft_train: Any, raw_ppo_prompts: Any
             reasons), a format that cannot be told from the fields, an unknown setting, or (strict) a bad row.
         TypeError: A raw source of another type.
     """
-    raws = dict(zip(SOURCES, (raw_preferences, raw_sft_train, raw_ppo_prompts, raw_eval_prompts), strict=True))
+    if unknown := set(raws) - {entry for entry, _ in SOURCES.values()}:
+        raise TypeError(f"parse_sources: unknown source(s) {sorted(unknown)}")
     formats = source_formats(data_processing)
     results, quarantine, counts = {}, [], {}
-    for name, raw in raws.items():
+    for name, (entry, _) in SOURCES.items():
+        raw = raws.get(entry, [])
         check_given_paths(name, raw, data_processing)
         if name != "preferences" and isinstance(raw, list) and not raw:
             continue  # no source of its own
-        entry = SOURCES[name][0]
         result = parse_rows(raw_rows(raw, name=entry), formats[name], data_processing["strict"], name=entry)
         if not result.rows:
             reasons = "; ".join(f"{count} x {reason}" for reason, count in result.top_reasons())
@@ -139,9 +144,10 @@ def split_preferences(
 
     Returns:
         By name: ``sft_train`` (prompt, response), ``rm_train`` and ``rm_val`` (prompt, chosen, rejected),
-        ``ppo_prompts`` and ``eval_prompts`` (unique prompts, with the request category), ``judge_train``
-        (pairs for the evaluation's judge reward model, which PPO never optimises), and ``split_sizes`` (with
-        ``data/eval_prompts_leaked``: evaluation prompts removed because another split holds them, and
+        ``ppo_prompts``, ``tune_prompts`` (the tuning study's) and ``eval_prompts`` (unique prompts, with the request
+        category), ``judge_train`` (pairs for the evaluation's judge reward model, which PPO never optimises), and
+        ``split_sizes`` (with ``data/<split>_leaked``: prompts removed from a held-out split because another split
+        holds them, ``held_out``, and
         ``data/shared_prompts_<a>__<b>`` for two training splits that share prompts, both logged as warnings).
 
     Raises:
@@ -176,39 +182,45 @@ def split_preferences(
         rows = given(name)
         outputs[name] = (rows[["prompt", "response"]].drop_duplicates(ignore_index=True) if name == "sft_train"
                          else prompts_of(rows["prompt"]))
-    outputs["eval_prompts"], overlaps = held_out(outputs)
+    outputs, overlaps = held_out(outputs)
     for name, frame in outputs.items():
-        if frame.empty and name == "eval_prompts" and overlaps["eval_prompts_leaked"]:
-            fix = ("use evaluation prompts that no other source holds" if "eval_prompts" in own else
-                   "give eval_prompts a source of its own, or use sources whose prompts differ")
-            raise ValueError(f"data_processing.split: every evaluation prompt ({overlaps['eval_prompts_leaked']}) is "
+        if frame.empty and overlaps.get(f"{name}_leaked"):
+            fix = (f"use {name} that no other source holds" if name in own else
+                   f"give {name} a source of its own, or use sources whose prompts differ")
+            raise ValueError(f"data_processing.split: every prompt of '{name}' ({overlaps[f'{name}_leaked']}) is "
                              f"also in another split, so none is held out: the sources share prompts; {fix}")
-        if frame.empty:
+        if frame.empty and name == "tune_prompts":  # only the tuning study reads it
+            logger.info("No tuning prompts (data_processing.split.fractions.tune_prompts): the tuning study cannot run")
+        elif frame.empty:
             raise ValueError(f"data_processing.split: split '{name}' is empty; raise its fraction or the data size")
     check_ppo_prompts(len(outputs["ppo_prompts"]), split, ppo, launcher)
     sizes = {f"{name}_size": len(frame) for name, frame in outputs.items()} | overlaps
     return {**outputs, "split_sizes": as_metrics(sizes, "data")}
 
 
-def held_out(outputs: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, dict[str, int]]:
-    """The evaluation prompts that no other split holds, and the counts of shared prompts: ``eval_prompts_leaked``
-    (removed from the evaluation) and ``shared_prompts_<a>__<b>`` for two other splits that share prompts (kept:
-    PPO on the SFT prompts is a choice, not a leak). Each is logged as a warning."""
+def held_out(outputs: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame], dict[str, int]]:
+    """``outputs`` with each ``HELD_OUT`` split (``eval_prompts``, then ``tune_prompts``) cut to the prompts that no
+    training split and no held-out split before it holds, and the counts: ``<split>_leaked`` (prompts removed) and
+    ``shared_prompts_<a>__<b>`` for two training splits that share prompts (kept: PPO on the SFT prompts is a
+    choice, not a leak). Each is logged as a warning."""
     prompts = {name: set(frame["prompt"]) for name, frame in outputs.items()}
-    training = set().union(*(p for name, p in prompts.items() if name != "eval_prompts"))
-    leaked = outputs["eval_prompts"]["prompt"].isin(training)
-    counts = {"eval_prompts_leaked": int(leaked.sum())}
-    if leaked.any():
-        logger.warning("Removed %d evaluation prompt(s) that other splits hold (the evaluation is held out)",
-                       leaked.sum())
-    names = [name for name in SPLITS if name != "eval_prompts"]
+    seen = set().union(*(p for name, p in prompts.items() if name not in HELD_OUT))
+    outputs, counts = dict(outputs), {}
+    for name in HELD_OUT:
+        leaked = outputs[name]["prompt"].isin(seen)
+        counts[f"{name}_leaked"] = int(leaked.sum())
+        if leaked.any():
+            logger.warning("Removed %d prompt(s) of '%s' that other splits hold (it is held out)", leaked.sum(), name)
+        outputs[name] = outputs[name].loc[~leaked].reset_index(drop=True)
+        seen |= set(outputs[name]["prompt"])
+    names = [name for name in SPLITS if name not in HELD_OUT]
     for i, first in enumerate(names):
         for second in names[i + 1:]:
             shared = len(prompts[first] & prompts[second])
             if shared:
                 logger.warning("Splits '%s' and '%s' share %d prompt(s)", first, second, shared)
                 counts[f"shared_prompts_{first}__{second}"] = shared
-    return outputs["eval_prompts"].loc[~leaked].reset_index(drop=True), counts
+    return outputs, counts
 
 
 def check_ppo_prompts(prompts: int, split: dict[str, Any], ppo: dict[str, dict[str, Any]],

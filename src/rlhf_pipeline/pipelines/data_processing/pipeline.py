@@ -1,5 +1,5 @@
 """Wiring of the data_processing pipeline. ``raw_preferences`` (and a stage's own ``raw_sft_train``,
-``raw_ppo_prompts``, ``raw_eval_prompts``) are whatever the environment's catalog names (the embedded task, local
+``raw_ppo_prompts``, ``raw_tune_prompts``, ``raw_eval_prompts``) are whatever the environment's catalog names (the embedded task, local
 files, a hub dataset). The split reads the PPO presets too: a ``ppo_prompts``
 split smaller than a rollout buffer fails here, before any stage trains."""
 
@@ -14,7 +14,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             node(
                 parse_sources,
-                [*(entry for entry, _ in SOURCES.values()), "params:data_processing"],
+                {"data_processing": "params:data_processing", **{entry: entry for entry, _ in SOURCES.values()}},
                 {name: name for name in ("preferences", "stage_rows", "quarantine", "source_formats", "parse_counts")},
                 name="parse_sources_node",
             ),

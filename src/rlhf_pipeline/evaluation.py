@@ -155,18 +155,29 @@ def samples_table(eval_set: EvalSet, **scores: dict[str, list]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def gold_curve(samples: list[dict]) -> dict[int, float]:
-    """Mean gold score of each PPO iteration's kept rollouts (``samples``: dicts with ``step``, ``prompt``,
-    ``response``, as the trainer keeps them); iterations with no prompt the task knows are left out."""
+def rollout_curves(samples: list[dict], judge_model: ModelBundle | None = None,
+                   max_length: int = 0) -> dict[int, dict[str, float]]:
+    """Per PPO iteration, the mean ``gold_score`` and (with a judge, each pair cut to ``max_length`` tokens, NaN where
+    it cannot fit) ``judge_score`` of its kept rollouts (``samples``: dicts with ``step``, ``prompt``, ``response``,
+    as the trainer keeps them); a mean over no known prompt (gold on real data) is NaN."""
     frame = pd.DataFrame(samples)
     if frame.empty:
         return {}
-    frame["gold"] = [gold_score(p, r) for p, r in zip(frame["prompt"], frame["response"], strict=True)]
-    return {int(step): gold for step, gold in frame.groupby("step")["gold"].mean().dropna().items()}
+    prompts, responses = frame["prompt"].tolist(), frame["response"].tolist()
+    frame["gold_score"] = [gold_score(p, r) for p, r in zip(prompts, responses, strict=True)]
+    columns = ["gold_score"]
+    if judge_model is not None:
+        to_rank_device(judge_model.model)
+        frame["judge_score"] = score_responses(judge_model.model, judge_model.encoder(), prompts, responses,
+                                               max_length).tolist()
+        columns.append("judge_score")
+    means = frame.groupby("step")[columns].mean()
+    return {int(step): {column: float(row[column]) for column in columns} for step, row in means.iterrows()}
 
 
 def seed_result(history: pd.DataFrame, samples: list[dict], scores: dict[str, list], sft_scores: dict[str, list],
-                metrics: dict[str, Any], resamples: int, seed: int, level: float) -> dict[str, Any]:
+                metrics: dict[str, Any], resamples: int, seed: int, level: float,
+                judge_model: ModelBundle | None = None, max_length: int = 0) -> dict[str, Any]:
     """One trained policy's result for a study across seeds.
 
     Args:
@@ -174,11 +185,12 @@ def seed_result(history: pd.DataFrame, samples: list[dict], scores: dict[str, li
         scores, sft_scores: Its and SFT's samples and scores on the same prompts (``sample_and_score``).
         metrics: Its metrics against SFT (``compare_with_sft``).
         resamples, seed, level: Of the per-prompt paired bootstrap of each win rate (``stats``).
+        judge_model, max_length: The judge that scores the kept rollouts of every iteration, and its context.
 
     Returns:
         The metrics, each scorer's win-rate interval (``win_rate_vs_sft_<scorer>_low``/``_high``) and ``curves``:
-        per iteration, the training metrics of ``reporting.TRAINING_CURVES`` and the gold score of that
-        iteration's rollouts (``None`` where none exists); strict JSON.
+        per iteration, the training metrics of ``reporting.TRAINING_CURVES`` and the gold and judge scores of that
+        iteration's rollouts (``rollout_curves``; ``None`` where none exists); strict JSON.
     """
     from rlhf_pipeline.stats import paired_bootstrap_win_rate
 
@@ -186,7 +198,7 @@ def seed_result(history: pd.DataFrame, samples: list[dict], scores: dict[str, li
     for scorer in (s for s in SCORERS if s in scores):
         _, low, high = paired_bootstrap_win_rate(scores[scorer], sft_scores[scorer], resamples, seed, level)
         result[f"win_rate_vs_sft_{scorer}_low"], result[f"win_rate_vs_sft_{scorer}_high"] = low, high
-    gold = gold_curve(samples)
-    result["curves"] = [{"step": int(record["step"]), **{k: record.get(k) for k in TRAINING_CURVES if k != "gold_score"},
-                         "gold_score": gold.get(int(record["step"]))} for record in history.to_dict("records")]
+    rollouts = rollout_curves(samples, judge_model, max_length)
+    result["curves"] = [{"step": int(record["step"]), **{k: record.get(k) for k in TRAINING_CURVES},
+                         **rollouts.get(int(record["step"]), {})} for record in history.to_dict("records")]
     return strict_json(result)

@@ -60,9 +60,9 @@ def settings_builders(parameters: dict[str, Any]) -> dict[str, Callable[[dict[st
     def ppo(params: dict[str, Any], variant: str) -> None:
         PPOSettings.from_params(params, launcher, variant)
 
-    def ablation(params: dict[str, Any]) -> None:
-        for row in settings.DYNAMIC_PIPELINES_MAPPING["ablation"]:
-            row_settings(parameters["ppo"], params, launcher, row=row, seed=settings.ABLATION_SEEDS[0])
+    def study(params: dict[str, Any], name: str) -> None:
+        for row in settings.STUDIES[name].rows:
+            row_settings(parameters["ppo"], params, launcher, study=name, row=row, seed=settings.STUDIES[name].seeds[0])
 
     return {
         "sft": lambda params: SFTSettings.from_params(params, launcher),
@@ -71,7 +71,7 @@ def settings_builders(parameters: dict[str, Any]) -> dict[str, Callable[[dict[st
         "data_processing": source_formats,
         "evaluation": lambda params: config_from(SamplingConfig, params["sampling"]),
         "evaluation.judge": lambda params: RewardModelSettings.from_params(params, "evaluation.judge", launcher),
-        "ablation": ablation,
+        **{name: partial(study, name=name) for name in settings.STUDIES},
     }
 
 
@@ -84,7 +84,7 @@ def parameter(parameters: dict[str, Any], key: str) -> Any:
 
 def check_settings(parameters: dict[str, Any], pipeline: Pipeline) -> None:
     """Build the typed configs of every stage whose parameters ``pipeline`` reads (``params:ppo`` covers each
-    ``ppo.<variant>``; the ablation's rows are built from ``params:ablation``).
+    ``ppo.<variant>``; a study's rows are built from ``params:<study>``).
 
     Raises:
         ValueError: A setting a stage would reject, prefixed with its parameter key and file.
@@ -99,8 +99,9 @@ def check_settings(parameters: dict[str, Any], pipeline: Pipeline) -> None:
             build(value)
         except (ValueError, TypeError, KeyError) as error:
             reason = f"missing key {error}" if isinstance(error, KeyError) else str(error)
+            file = "ablation" if key in settings.STUDIES else key.split(".")[0]  # every study's block is in one file
             where = (f"the run's launcher in parameters.yml, or {key}.launcher,"
-                     if reason.startswith(("launcher", "LaunchConfig")) else f"parameters_{key.split('.')[0]}.yml")
+                     if reason.startswith(("launcher", "LaunchConfig")) else f"parameters_{file}.yml")
             raise ValueError(f"parameters '{key}' ({where} of conf/base or the run's environment, or --params): "
                              f"{reason}") from error
 

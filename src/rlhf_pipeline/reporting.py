@@ -15,7 +15,8 @@ import pandas as pd
 if TYPE_CHECKING:
     import matplotlib.pyplot as plt
 
-TRAINING_CURVES = {"reward/raw_score": "RM score", "gold_score": "gold score of the rollouts", "kl/sequence": "KL to SFT",
+TRAINING_CURVES = {"reward/raw_score": "RM score", "gold_score": "gold score of the rollouts",
+                   "judge_score": "judge score of the rollouts", "kl/sequence": "KL to SFT (nats per response)",
                    "response/perplexity": "perplexity", "response/length": "response length (tokens)"}
 SUMMARY_METRICS = ("gold_score", "win_rate_vs_sft_gold", "win_rate_vs_sft_rm", "win_rate_vs_sft_judge", "rm_score",
                    "judge_score", "kl_to_sft", "perplexity", "response_length", "refusal_rate_harmful",
@@ -70,10 +71,20 @@ def pyplot():
     return matplotlib.pyplot
 
 
-def plot_training_curves(curves: pd.DataFrame) -> plt.Figure:
+def seed_band(values: pd.Series, level: float) -> float:
+    """Half-width of the Student-t interval at ``level`` of the mean of ``values`` (seeds); 0 with fewer than two."""
+    from scipy import stats
+
+    values = values.dropna()
+    if len(values) < 2:
+        return 0.0
+    return float(stats.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
+
+
+def plot_training_curves(curves: pd.DataFrame, level: float = 0.95) -> plt.Figure:
     """Training curves over PPO iterations, one line per ``variant``: the mean across its seeds (rows that share
-    ``variant`` and ``step``) with a band of ± one standard deviation. Columns: ``variant``, ``step`` and any of
-    ``TRAINING_CURVES``; a curve with no value at all is left out."""
+    ``variant`` and ``step``) with a band of its Student-t interval at ``level`` (none for one seed). Columns:
+    ``variant``, ``step`` and any of ``TRAINING_CURVES``; a curve with no value at all is left out."""
     charts = pyplot()
     metrics = [m for m in TRAINING_CURVES if m in curves and curves[m].notna().any()]
     names = list(dict.fromkeys(curves["variant"]))
@@ -82,13 +93,12 @@ def plot_training_curves(curves: pd.DataFrame) -> plt.Figure:
     figure, axes = charts.subplots(1, len(metrics), figsize=(4 * len(metrics) + 2, 3.4), squeeze=False)
     for metric, axis in zip(metrics, axes[0], strict=True):
         for name, group in curves.groupby("variant", sort=False):
-            by_step = group.groupby("step")[metric].agg(["mean", "std"]).dropna(subset=["mean"])
+            by_step = group.groupby("step")[metric].agg(["mean", lambda v: seed_band(v, level)]).dropna(subset=["mean"])
             if by_step.empty:
                 continue
-            axis.plot(by_step.index, by_step["mean"], label=name, color=colours.get(name),
-                      linewidth=2.2 if name == names[0] else 1.0)
-            axis.fill_between(by_step.index, by_step["mean"] - by_step["std"].fillna(0),
-                              by_step["mean"] + by_step["std"].fillna(0), color=colours.get(name), alpha=0.12)
+            mean, band = by_step["mean"], by_step.iloc[:, 1]
+            axis.plot(by_step.index, mean, label=name, color=colours.get(name), linewidth=2.2 if name == names[0] else 1.0)
+            axis.fill_between(by_step.index, mean - band, mean + band, color=colours.get(name), alpha=0.12)
         axis.set_title(TRAINING_CURVES[metric])
         axis.set_xlabel("PPO iteration")
     handles, labels = axes[0][0].get_legend_handles_labels()  # the RM score exists for every row
@@ -181,5 +191,92 @@ def plot_gold(summary: pd.DataFrame, runs: pd.DataFrame, sft_gold: float | None)
         axis.legend()
     axis.set_xticks(list(positions), summary["variant"], rotation=30, ha="right")
     axis.set_ylabel("gold score (held-out prompts)")
+    figure.tight_layout()
+    return figure
+
+
+def stability_table(curves: pd.DataFrame, window: float, level: float) -> pd.DataFrame:
+    """Whether each variant holds its best gold score to the end of training (the paper's §5 claim for PPO-max).
+
+    Per (variant, seed): the per-iteration gold score of the rollouts (``curves``: ``variant``, ``seed``, ``step``,
+    ``gold_score``, ``kl/sequence``) averaged over moving windows of ``window`` × the run's iterations; the peak is
+    the best window, with the Student-t interval at ``level`` of its iterations' means; the end is the last
+    window. A seed *holds* when its end lies at or above the low end of its peak's interval, else it *collapses*.
+
+    Returns:
+        Per variant: ``seeds``, the mean and interval across seeds (``_low``/``_high``) of ``peak_gold``,
+        ``end_gold``, ``drop`` (peak − end) and ``end_kl`` (the last window's KL to SFT, nats per response),
+        ``peak_step`` (mean iteration of the peak) and ``seeds_holding``; empty without a gold score.
+    """
+    from scipy import stats
+
+    from rlhf_pipeline.stats import mean_interval
+
+    per_seed = []
+    for (variant, seed), group in curves.groupby(["variant", "seed"], sort=False):
+        group = group.sort_values("step")
+        gold = pd.to_numeric(group["gold_score"], errors="coerce").reset_index(drop=True)
+        width = max(2, round(window * len(group)))
+        means, spreads = gold.rolling(width).mean(), gold.rolling(width).std()
+        if means.notna().sum() == 0:
+            continue
+        peak = means.idxmax()
+        half = stats.t.ppf(0.5 + level / 2, width - 1) * spreads[peak] / math.sqrt(width)
+        kl = pd.to_numeric(group["kl/sequence"], errors="coerce").reset_index(drop=True).rolling(width).mean()
+        per_seed.append({"variant": variant, "seed": seed, "peak_gold": means[peak], "peak_step": group["step"].iloc[peak],
+                         "end_gold": means.iloc[-1], "drop": means[peak] - means.iloc[-1], "end_kl": kl.iloc[-1],
+                         "holds": bool(means.iloc[-1] >= means[peak] - half)})
+    rows = []
+    for variant, group in pd.DataFrame(per_seed).groupby("variant", sort=False) if per_seed else []:
+        row = {"variant": variant, "seeds": len(group), "peak_step": float(group["peak_step"].mean()),
+               "seeds_holding": int(group["holds"].sum())}
+        for metric in ("peak_gold", "end_gold", "drop", "end_kl"):
+            row[metric], row[f"{metric}_low"], row[f"{metric}_high"] = mean_interval(group[metric].tolist(), level)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def stability_markdown(stability: pd.DataFrame, window: float, level: float) -> str:
+    """``stability_table``'s result as the docs show it: mean [interval] across seeds per measure."""
+    if stability.empty:
+        return "No gold score along training: no stability measures.\n"
+
+    def cell(row, metric: str) -> str:
+        if pd.isna(row[f"{metric}_low"]):
+            return f"{row[metric]:.3f}"
+        return f"{row[metric]:.3f} [{row[f'{metric}_low']:.3f}, {row[f'{metric}_high']:.3f}]"
+
+    table = pd.DataFrame([{"variant": row["variant"], "seeds": row["seeds"], "peak gold": cell(row, "peak_gold"),
+                           "peak at iteration": f"{row['peak_step']:.0f}", "end gold": cell(row, "end_gold"),
+                           "drop": cell(row, "drop"), "KL to SFT at end": cell(row, "end_kl"),
+                           "seeds holding": f"{row['seeds_holding']}/{row['seeds']}"} for _, row in stability.iterrows()])
+    note = (f"\nGold score of the rollouts along training, averaged over moving windows of {window:.0%} of the "
+            f"iterations; peak: the best window, end: the last; mean across seeds [{level:.0%} Student-t interval]. A "
+            f"seed holds when its end lies within or above its peak's {level:.0%} interval (over the window's "
+            "iterations).\n")
+    return markdown_table(table) + note
+
+
+def plot_frontier(curves: pd.DataFrame, window: float) -> plt.Figure:
+    """The over-optimisation frontier (Gao et al. 2022): gold score of the rollouts against √KL to SFT along
+    training, one line per ``variant`` (the mean across seeds per iteration, averaged over moving windows of
+    ``window`` × its iterations), from its first window (dot) to its last (square)."""
+    charts = pyplot()
+    figure, axis = charts.subplots(figsize=(6.4, 4.4))
+    palette = charts.get_cmap("tab20").colors
+    for index, (variant, group) in enumerate(curves.groupby("variant", sort=False)):
+        by_step = group.groupby("step")[["gold_score", "kl/sequence"]].mean().apply(pd.to_numeric, errors="coerce")
+        width = max(2, round(window * len(by_step)))
+        smooth = by_step.rolling(width).mean().dropna()
+        if smooth.empty:
+            continue
+        x, y = smooth["kl/sequence"].clip(lower=0.0) ** 0.5, smooth["gold_score"]
+        colour = (palette[0::2] + palette[1::2])[index % 20]
+        axis.plot(x, y, color=colour, label=variant, linewidth=2.2 if index == 0 else 1.2)
+        axis.scatter([x.iloc[0]], [y.iloc[0]], color=colour, marker="o", s=14)
+        axis.scatter([x.iloc[-1]], [y.iloc[-1]], color=colour, marker="s", s=18)
+    axis.set_xlabel("√KL to SFT (√nats per response)")
+    axis.set_ylabel("gold score of the rollouts")
+    axis.legend(fontsize=7)
     figure.tight_layout()
     return figure

@@ -83,15 +83,16 @@ def row_result(settings: PPOSettings, history: pd.DataFrame, samples: list[dict]
 
 
 def summarise_study(parameters: dict[str, Any], evaluation: dict[str, Any], sft_scores: dict[str, list],
-                    sft_metrics: dict[str, Any], *, study: str, **outputs: Any) -> dict[str, Any]:
+                    sft_metrics: dict[str, Any], ppo: dict[str, Any], launcher: dict[str, Any], *, study: str,
+                    **results: dict[str, Any] | None) -> dict[str, Any]:
     """A study's tables and figures from every stored (row, seed).
 
     Args:
         parameters, evaluation: The study's parameters (``base``, ``level``, ``window``) and the evaluation's.
         sft_scores, sft_metrics: SFT's samples and its own evaluation on the study's prompts.
+        ppo, launcher: The presets and the run's launcher, which each stored result's settings are checked against.
         study: Its name (``settings.STUDIES``).
-        **outputs: ``result__<row>__seed_<seed>`` (``None``: not stored yet) and ``settings__<row>__seed_<seed>``
-            of every (row, seed).
+        **results: ``result__<row>__seed_<seed>`` of every (row, seed) (``None``: not stored yet).
 
     Returns:
         ``runs`` and ``curves`` (one row per (row, seed), and per training step), ``summary`` (mean and interval
@@ -107,13 +108,16 @@ def summarise_study(parameters: dict[str, Any], evaluation: dict[str, Any], sft_
     """
     from rlhf_pipeline import reporting
 
-    stored = {key.removeprefix("result__"): value for key, value in outputs.items() if key.startswith("result__")}
-    missing = [key.replace("__", ".") for key, result in stored.items() if result is None]
-    results = {key: result for key, result in stored.items() if result is not None}
+    missing = [key.removeprefix("result__").replace("__", ".") for key, result in results.items() if result is None]
+    results = {key: result for key, result in results.items() if result is not None}
     if not results:
         raise ValueError(f"{study}: no (row, seed) result is stored yet; run kedro run --pipeline {study}")
-    stale = [key.replace("__", ".") for key, result in results.items()
-             if result["key"] != settings_key(outputs[f"settings__{key}"], sft_scores, evaluation, parameters)]
+
+    def run_settings(result: dict[str, Any]) -> PPOSettings:
+        return row_settings(ppo, parameters, launcher, study=study, row=result["variant"], seed=result["seed"])
+
+    stale = [f"{result['variant']}.seed_{result['seed']}" for result in results.values()
+             if result["key"] != settings_key(run_settings(result), sft_scores, evaluation, parameters)]
     if stale:
         paths = " ".join(f"data/07_model_output/{study}/{s.replace('.', '/')}/result.json" for s in stale)
         raise ValueError(f"stored {study} results from other settings or models: "

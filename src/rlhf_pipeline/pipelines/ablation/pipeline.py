@@ -1,10 +1,11 @@
 """Wiring of a study (the ablation, the long run, the tuning grid; ``settings.STUDIES``): every row × seed is a
 namespace ``<study>.<row>.seed_<seed>`` holding the ppo pipeline's training node and the evaluation pipeline's
 policy evaluation, between the row's settings and its stored result; one (row, seed) finishes before the next
-starts, and one summary reads them all. SFT's evaluation on the study's prompts is the namespace ``<study>.sft``.
+starts, and one summary reads them all. SFT's evaluation on the study's prompts (stored) is the namespace
+``<study>.baseline``.
 The pipeline registry hands the two pipelines' pieces in, so this package imports neither.
 
-Part of a grid runs alone: ``kedro run --pipeline <study> --namespaces <study>.sft,<study>.<row>.seed_<seed>``,
+Part of a grid runs alone: ``kedro run --pipeline <study> --namespaces <study>.baseline,<study>.<row>.seed_<seed>``,
 then ``--nodes summarise_<study>_node`` summarises what is stored and names what is missing."""
 
 from kedro.pipeline import Node, Pipeline, node
@@ -20,7 +21,7 @@ def row_pipeline(study: str, row: str, seed: int, training: Node, policy_evaluat
                  previous: str | None) -> Pipeline:
     """One (row, seed): settings -> PPO training -> evaluation against SFT -> the stored result; after
     ``previous`` (the stored result of the (row, seed) before it) when given."""
-    shared = {"eval_set": f"{study}.sft.eval_set", "sft_scores": f"{study}.sft.scores"}
+    shared = {"eval_set": f"{study}.baseline.eval_set", "sft_scores": f"{study}.baseline.scores"}
     return Pipeline([
         node(bound(row_settings, study=study, row=row, seed=seed),
              ["params:ppo", f"params:{study}", "params:launcher", *([previous] if previous else [])], "settings",
@@ -43,17 +44,17 @@ def create_pipeline(study: str, rows: list[str], seeds: list[int], prompts: str,
     keys = [f"{row}.seed_{seed}" for row in rows for seed in seeds]
     results = [f"{study}.{key}.result" for key in keys]
     return Pipeline([
-        Pipeline([prompt_set, *policy_evaluation.nodes], namespace=f"{study}.sft",
-                 inputs={"eval_prompts": prompts, "policy": "sft_model", "sft_scores": f"{study}.sft.scores",
+        Pipeline([prompt_set, *policy_evaluation.nodes], namespace=f"{study}.baseline",
+                 inputs={"eval_prompts": prompts, "policy": "sft_model", "sft_scores": f"{study}.baseline.scores",
                          **{name: name for name in ("sft_model", "reward_model", "judge_model")}},
                  parameters={"params:evaluation", f"params:{study}.evaluation"}),
         *(row_pipeline(study, row, seed, training, policy_evaluation, previous)
           for (row, seed), previous in zip([(r, s) for r in rows for s in seeds], [None, *results[:-1]], strict=True)),
         node(bound(summarise_study, study=study),
-             {"parameters": f"params:{study}", "evaluation": "params:evaluation", "sft_scores": f"{study}.sft.scores",
-              "sft_metrics": f"{study}.sft.metrics",
-              **{f"result__{key.replace('.', '__')}": f"{study}.{key}.result" for key in keys},
-              **{f"settings__{key.replace('.', '__')}": f"{study}.{key}.settings" for key in keys}},
+             {"parameters": f"params:{study}", "evaluation": "params:evaluation", "sft_scores": f"{study}.baseline.scores",
+              "sft_metrics": f"{study}.baseline.metrics",
+              "ppo": "params:ppo", "launcher": "params:launcher",
+              **{f"result__{key.replace('.', '__')}": f"{study}.{key}.result" for key in keys}},
              {name: f"{study}.{name}" for name in ("runs", "curves", "summary", "stability", "markdown", "curves_plot",
                                                    "gold_plot", "frontier_plot")}
              | {"metrics": f"{study}_mlflow_metrics"}, name=f"summarise_{study}_node"),

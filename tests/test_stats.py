@@ -1,4 +1,4 @@
-"""Intervals of the ablation study against hand-worked numbers and independent implementations."""
+"""Intervals and stability measures of the studies against hand-worked numbers and independent implementations."""
 
 import math
 
@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
+import pandas as pd
+
+from rlhf_pipeline.reporting import plot_frontier, stability_markdown, stability_table
 from rlhf_pipeline.stats import difference_interval, mean_interval, paired_bootstrap_win_rate
 
 
@@ -43,3 +46,35 @@ def test_paired_bootstrap_of_a_win_rate():
     outcome = [1.0, 0.0] * 200
     rate, low, high = paired_bootstrap_win_rate(outcome, [0.5] * 400, resamples=4000)
     assert rate == 0.5 and (high - low) == pytest.approx(2 * 1.96 * 0.025, abs=0.008)
+
+
+def stability_curves() -> pd.DataFrame:
+    steps = list(range(1, 11))
+    gold = {0: [0, 0, 0, 0, 1, 1, 1, 1, 0, 0],  # rises, then falls back to where it began
+            1: [0.4, 0.6] * 5}  # flat around 0.5
+    return pd.DataFrame([{"variant": "a", "seed": seed, "step": step, "gold_score": g, "kl/sequence": step / 10}
+                         for seed, values in gold.items() for step, g in zip(steps, values, strict=True)])
+
+
+def test_stability_finds_each_seeds_peak_window_and_whether_its_end_holds():
+    table = stability_table(stability_curves(), window=0.2, level=0.95).set_index("variant")  # windows of 2
+    row = table.loc["a"]
+    # 0.75 ± 12.706205 x 0.353553 / √2 = 0.75 ± 3.17655. seed 0: the best window is steps 5-6 (mean 1, no spread), the last 0: drop 1, it collapses. seed 1: every
+    # window's mean is 0.5 (sd 0.1414 over 2: half-width t(0.975, 1) 12.706 x 0.1 = 1.27): it holds.
+    assert (row["seeds"], row["seeds_holding"], row["peak_step"]) == (2, 1, (6 + 2) / 2)
+    assert row["peak_gold"] == pytest.approx(0.75) and row["end_gold"] == pytest.approx(0.25)
+    assert row["drop"] == pytest.approx(0.5) and row["end_kl"] == pytest.approx(0.95)
+    assert row["peak_gold_high"] - row["peak_gold"] == pytest.approx(12.706205 * 0.353553 / math.sqrt(2), rel=1e-5)
+    text = stability_markdown(table.reset_index(), 0.2, 0.95)
+    assert "| a | 2 | 0.750 [-2.427, 3.927] | 4 | 0.250 [-2.927, 3.427] | 0.500 [-5.853, 6.853] | 0.950" in text
+    assert "| 1/2 |" in text and "windows of 20% of the iterations" in text
+
+
+def test_the_frontier_draws_mean_gold_against_root_kl_in_moving_windows():
+    figure = plot_frontier(stability_curves(), window=0.2)
+    line = figure.axes[0].lines[0]
+    gold = pd.Series([0.2, 0.3, 0.2, 0.3, 0.7, 0.8, 0.7, 0.8, 0.2, 0.3])  # the mean of the two seeds per step
+    kl = pd.Series([step / 10 for step in range(1, 11)])
+    np.testing.assert_allclose(line.get_ydata(), gold.rolling(2).mean().dropna())
+    np.testing.assert_allclose(line.get_xdata(), np.sqrt(kl.rolling(2).mean().dropna()))
+    assert line.get_label() == "a"

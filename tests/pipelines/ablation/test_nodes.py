@@ -1,6 +1,7 @@
-"""The ablation study: rows composed from presets, a small study run over an in-memory catalog (the ppo
-pipeline's training node and the evaluation's nodes per row and seed), resuming from stored results, refusing
-stale ones, the summary's intervals and marks, the gold curve, and TRL scoring with our reward model."""
+"""The studies: rows composed from presets, a small study run over an in-memory catalog (the ppo pipeline's
+training node and the evaluation's nodes per row and seed), resuming from stored results, refusing stale ones,
+summarising part of a grid, the summary's intervals and marks, the rollout curves, and TRL scoring with our reward
+model."""
 
 import math
 
@@ -10,12 +11,14 @@ import torch
 from kedro.framework.project import settings
 from kedro_datasets.json import JSONDataset
 
+from rlhf_pipeline.datasets import StoredResultDataset
+
 from rlhf_pipeline.baselines.trl_ppo import TRLScoreModel
-from rlhf_pipeline.evaluation import gold_curve
+from rlhf_pipeline.evaluation import rollout_curves
 from rlhf_pipeline.formatting import DialogueEncoder
 from rlhf_pipeline.modeling import TinyModelConfig, ValueHeadModel, build_tiny_model, train_tokenizer
 from rlhf_pipeline.pipeline_registry import register_pipelines
-from rlhf_pipeline.pipelines.ablation.nodes import row_parameters, summarise_ablation
+from rlhf_pipeline.pipelines.ablation.nodes import row_parameters, summarise_study
 from rlhf_pipeline.pipelines.ablation.pipeline import create_pipeline
 from rlhf_pipeline.pipelines.evaluation.pipeline import policy_evaluation, prompt_set
 from rlhf_pipeline.pipelines.ppo.pipeline import training
@@ -35,25 +38,30 @@ ABLATION = {"base": "ppo_max", "iterations": 40, "level": 0.95, "bootstrap_resam
 
 
 def test_a_row_is_its_preset_with_the_rows_overrides_and_the_studys_budget():
-    params = row_parameters(PPO, ABLATION, "hot", 2)
+    params = row_parameters(PPO, ABLATION, "ablation", "hot", 2)
     assert params["sampling"] == {"max_new_tokens": 48, "temperature": 1.0}  # nested keys merge, not replace
     assert params["kl_coef"] == 0.2 and params["iterations"] == 40 and params["seed"] == 2
     assert params["launcher"] == {"num_processes": 1}
     assert params["sample_every"] == 1 and params["sample_count"] == 8  # every rollout, for the gold curve
-    vanilla = row_parameters(PPO, {**ABLATION, "iterations": None}, "vanilla", 0)
+    vanilla = row_parameters(PPO, {**ABLATION, "iterations": None}, "ablation", "vanilla", 0)
     assert vanilla["kl_coef"] == 0.0 and vanilla["iterations"] == 80
     with pytest.raises(ValueError, match=r"ablation.variants.typo.preset: 'ppo_maxx'"):
-        row_parameters(PPO, ABLATION, "typo", 0)
-    with pytest.raises(ValueError, match=r"ablation.variants: no row 'cold'"):
-        row_parameters(PPO, ABLATION, "cold", 0)
-    with pytest.raises(ValueError, match=r"ablation: unknown key\(s\) \['grid', 'seeds'\].*declared in settings.py"):
-        row_parameters(PPO, {**ABLATION, "grid": ["hot"], "seeds": [0]}, "hot", 0)
+        row_parameters(PPO, ABLATION, "ablation", "typo", 0)
+    with pytest.raises(ValueError, match=r"tuning.variants: no row 'cold'"):
+        row_parameters(PPO, ABLATION, "tuning", "cold", 0)
+    with pytest.raises(ValueError, match=r"ablation: unknown key\(s\) \['grid', 'seeds'\].*STUDIES\['ablation'\]"):
+        row_parameters(PPO, {**ABLATION, "grid": ["hot"], "seeds": [0]}, "ablation", "hot", 0)
 
 
-def test_the_study_instantiates_the_ppo_and_evaluation_nodes_per_row_and_seed():
+def test_each_study_instantiates_the_ppo_and_evaluation_nodes_per_row_and_seed_on_its_prompts():
     pipelines = register_pipelines()
+    for name, declared in settings.STUDIES.items():
+        assert {"sft_model", "reward_model", "judge_model", declared.prompts} <= pipelines[name].inputs()
+        assert {f"params:{name}", f"{name}.baseline.scores", *(f"{name}.{row}.seed_{seed}.result" for row in
+                declared.rows for seed in declared.seeds)} <= pipelines[name].all_outputs() | pipelines[name].inputs()
+    assert "eval_prompts" not in pipelines["tuning"].inputs()  # tuning never reads the evaluation's prompts
     study = {node.name for node in pipelines["ablation"].nodes}
-    rows, seeds = settings.DYNAMIC_PIPELINES_MAPPING["ablation"], settings.ABLATION_SEEDS
+    rows, seeds = settings.STUDIES["ablation"].rows, settings.STUDIES["ablation"].seeds
     for row in rows:
         for seed in seeds:
             assert {f"ablation.{row}.seed_{seed}.{name}" for name in (
@@ -65,17 +73,17 @@ def test_the_study_instantiates_the_ppo_and_evaluation_nodes_per_row_and_seed():
     runs = [f"ablation.{row}.seed_{seed}" for row in rows for seed in seeds]
     for earlier, later in zip(runs, runs[1:], strict=False):  # one (row, seed) stored before the next trains: one policy in memory
         assert order.index(f"{earlier}.row_result_node") < order.index(f"{later}.train_ppo_node")
-    assert not any(n.name.startswith("ablation") for n in pipelines["__default__"].nodes)
+    assert not any(n.name.startswith(tuple(settings.STUDIES)) for n in pipelines["__default__"].nodes)
     assert set(pipelines["__default__"].nodes) == set().union(*(set(p.nodes) for name, p in pipelines.items()
-                                                                 if name not in ("__default__", "ablation")))
+                                                                 if name != "__default__" and name not in settings.STUDIES))
 
 
 @pytest.fixture(scope="module")
 def study(tokenizer, pairs, tmp_path_factory):
     """Two rows x one seed at two iterations, results stored as JSON files (the catalog's result cache)."""
     folder = tmp_path_factory.mktemp("ablation")
-    pipeline = create_pipeline(training(), policy_evaluation(), prompt_set("params:ablation.evaluation"),
-                               ["ppo_max", "no_kl"], [0])
+    pipeline = create_pipeline("ablation", ["ppo_max", "no_kl"], [0], "eval_prompts", training(), policy_evaluation(),
+                               prompt_set("params:ablation.evaluation"))
     params = parameters({"launcher": {"work_dir": str(folder / "work")}})
     data = {"sft_model": tiny(tokenizer, 0), "reward_model": tiny(tokenizer, 1, True), "judge_model": tiny(tokenizer, 2, True),
             "ppo_prompts": prompts_of(pairs.iloc[:150]), "sft_train": pairs.iloc[150:].rename(columns={"chosen": "response"}),
@@ -83,7 +91,7 @@ def study(tokenizer, pairs, tmp_path_factory):
             "eval_prompts": prompts_of(pairs.iloc[200:])}
 
     def files():
-        return {f"ablation.{row}.seed_0.result": JSONDataset(filepath=str(folder / row / "result.json"))
+        return {f"ablation.{row}.seed_0.result": StoredResultDataset(filepath=str(folder / row / "result.json"))
                 for row in ("ppo_max", "no_kl")}
 
     return pipeline, data, params, files, folder, run(pipeline, data, params, files())
@@ -91,10 +99,10 @@ def study(tokenizer, pairs, tmp_path_factory):
 
 def test_each_row_and_seed_is_trained_evaluated_and_stored(study):
     _, _, params, _, folder, catalog = study
-    runs, curves, summary = (catalog.load(name) for name in ("ablation_runs", "ablation_curves", "ablation_summary"))
+    runs, curves, summary = (catalog.load(name) for name in ("ablation.runs", "ablation.curves", "ablation.summary"))
     assert runs["variant"].tolist() == ["ppo_max", "no_kl"] and runs["seed"].tolist() == [0, 0]
     assert curves.groupby("variant", sort=False)["step"].apply(list).tolist() == [[1, 2], [1, 2]]
-    assert curves["gold_score"].notna().all()  # every iteration's rollouts scored by gold
+    assert curves["gold_score"].notna().all() and curves["judge_score"].notna().all()  # every rollout scored
     assert ((runs["win_rate_vs_sft_gold_low"] <= runs["win_rate_vs_sft_gold"])
             & (runs["win_rate_vs_sft_gold"] <= runs["win_rate_vs_sft_gold_high"])).all()
     assert summary.set_index("variant").loc["no_kl", "gold_score"] == pytest.approx(runs.iloc[1]["gold_score"])
@@ -102,7 +110,7 @@ def test_each_row_and_seed_is_trained_evaluated_and_stored(study):
     no_kl = catalog.load("ablation.no_kl.seed_0.settings")
     assert no_kl.train.kl_coef == 0.0 and no_kl.train.iterations == params["ablation"]["iterations"] == 2
     assert no_kl.checkpoint_dir.startswith(str(folder / "work" / "ablation" / "no_kl" / "seed_0"))
-    assert "| no_kl | 1 | " in catalog.load("ablation_markdown")
+    assert "| no_kl | 1 | " in catalog.load("ablation.markdown")
 
 
 def test_a_rerun_with_only_missing_outputs_reads_the_stored_results(study):
@@ -112,7 +120,7 @@ def test_a_rerun_with_only_missing_outputs_reads_the_stored_results(study):
     summary = {"ablation_mlflow_metrics": JSONDataset(filepath=str(folder / "again.json"))}
     again = run(pipeline, data, params, {**files(), **summary}, only_missing_outputs=True)
     assert {row: (folder / row / "result.json").stat().st_mtime_ns for row in stored} == stored
-    assert again.load("ablation_summary").equals(first.load("ablation_summary"))
+    assert again.load("ablation.summary").equals(first.load("ablation.summary"))
     changed = parameters({"launcher": {"work_dir": str(folder / "work")},
                           "ablation": {"variants": {"no_kl": {"kl_coef": 0.0, "clip_eps": 0.3}}}})
     summary = {"ablation_mlflow_metrics": JSONDataset(filepath=str(folder / "changed.json"))}
@@ -153,23 +161,27 @@ def test_summary_gives_intervals_across_seeds_and_marks_differences_beyond_them(
     assert "| ppo_max | 3 | -0.500 [-0.748, -0.252] |" in text
 
 
-def test_summary_refuses_a_result_stored_from_other_settings(study):
-    *_, catalog = study
+def test_summary_refuses_a_result_stored_from_other_settings_and_names_those_not_stored(study):
+    *_, params, _, _, catalog = study
     result = catalog.load("ablation.no_kl.seed_0.result")
-    settings_ = catalog.load("ablation.no_kl.seed_0.settings")
-    evaluation, ablation = parameters()["evaluation"], parameters()["ablation"]
-    sft_scores = catalog.load("ablation.sft.scores")
-    summarise_ablation(ablation, evaluation, sft_scores, {"gold_score": -1.0}, result__no_kl__seed_0=result,
-                       settings__no_kl__seed_0=settings_)
-    for changed in ({"evaluation": {**evaluation, "max_prompts": 3}}, {"ablation": {**ablation, "level": 0.9}},
+    evaluation, ablation = params["evaluation"], params["ablation"]
+    sft_scores = catalog.load("ablation.baseline.scores")
+    fixed = {"sft_metrics": {"gold_score": -1.0}, "ppo": params["ppo"], "launcher": params["launcher"], "study": "ablation"}
+    out = summarise_study(ablation, evaluation, sft_scores, **fixed, result__no_kl__seed_0=result,
+                          result__ppo_max__seed_0=None)
+    assert out["runs"]["variant"].tolist() == ["no_kl"]
+    assert out["markdown"].endswith("Not stored yet (left out): ppo_max.seed_0.\n")
+    with pytest.raises(ValueError, match=r"ablation: no \(row, seed\) result is stored yet"):
+        summarise_study(ablation, evaluation, sft_scores, **fixed, result__no_kl__seed_0=None)
+    for changed in ({"evaluation": {**evaluation, "max_prompts": 3}}, {"parameters": {**ablation, "level": 0.9}},
+                    {"parameters": {**ablation, "variants": {**ablation["variants"], "no_kl": {"kl_coef": 0.01}}}},
                     {"sft_scores": {**sft_scores, "responses": ["another SFT model"] * len(sft_scores["responses"])}}):
-        arguments = {"ablation": ablation, "evaluation": evaluation, "sft_scores": sft_scores, **changed}
+        arguments = {"parameters": ablation, "evaluation": evaluation, "sft_scores": sft_scores, **changed}
         with pytest.raises(ValueError, match=r"other settings or models: ablation.no_kl.seed_0.result"):
-            summarise_ablation(**arguments, sft_metrics={"gold_score": -1.0}, result__no_kl__seed_0=result,
-                               settings__no_kl__seed_0=settings_)
+            summarise_study(**arguments, **fixed, result__no_kl__seed_0=result)
 
 
-def test_gold_curve_averages_each_iterations_rollouts():
+def test_rollout_curves_average_each_iterations_gold_and_judge_scores(tokenizer):
     harmful = "\n\nHuman: How do I steal a car?\n\nAssistant:"
     samples = [{"step": 1, "prompt": harmful, "response": "Sure, here is how."},
                {"step": 1, "prompt": harmful, "response": "I'm sorry, but I can't help with that."},
@@ -178,7 +190,13 @@ def test_gold_curve_averages_each_iterations_rollouts():
 
     refusal, compliance = gold_score(harmful, samples[1]["response"]), gold_score(harmful, samples[0]["response"])
     assert refusal > compliance
-    assert gold_curve(samples) == {1: pytest.approx((refusal + compliance) / 2), 2: pytest.approx(refusal)}
+    judge = tiny(tokenizer, 2, True)
+    judged = score_responses(judge.model, judge.encoder(), [harmful] * 3, [s["response"] for s in samples], 64).tolist()
+    assert rollout_curves(samples) == {1: {"gold_score": pytest.approx((refusal + compliance) / 2)},
+                                       2: {"gold_score": pytest.approx(refusal)}}
+    assert rollout_curves(samples, judge, 64) == {
+        1: {"gold_score": pytest.approx((refusal + compliance) / 2), "judge_score": pytest.approx(sum(judged[:2]) / 2)},
+        2: {"gold_score": pytest.approx(refusal), "judge_score": pytest.approx(judged[2])}}
 
 
 def test_trl_scores_with_our_reward_model():

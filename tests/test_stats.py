@@ -3,10 +3,9 @@
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats
-
-import pandas as pd
 
 from rlhf_pipeline.reporting import plot_frontier, stability_markdown, stability_table
 from rlhf_pipeline.stats import difference_interval, mean_interval, paired_bootstrap_win_rate

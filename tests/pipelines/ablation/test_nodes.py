@@ -11,9 +11,8 @@ import torch
 from kedro.framework.project import settings
 from kedro_datasets.json import JSONDataset
 
-from rlhf_pipeline.datasets import StoredResultDataset
-
 from rlhf_pipeline.baselines.trl_ppo import TRLScoreModel
+from rlhf_pipeline.datasets import StoredResultDataset
 from rlhf_pipeline.evaluation import rollout_curves
 from rlhf_pipeline.formatting import DialogueEncoder
 from rlhf_pipeline.modeling import TinyModelConfig, ValueHeadModel, build_tiny_model, train_tokenizer

@@ -253,7 +253,7 @@ def test_ablation_study(project_copy):
     kedro(project_copy, "run", "--pipeline", "ablation", "--env", "test")
     reporting = project_copy / "data/08_reporting/ablation"
     summary = pd.read_csv(reporting / "summary.csv").set_index("variant")
-    rows, seeds = settings.DYNAMIC_PIPELINES_MAPPING["ablation"], settings.ABLATION_SEEDS
+    rows, seeds = settings.STUDIES["ablation"].rows, settings.STUDIES["ablation"].seeds
     assert summary.index.tolist() == rows and (summary["seeds"] == len(seeds)).all()
     runs, curves = pd.read_csv(reporting / "runs.csv"), pd.read_csv(reporting / "curves.csv")
     for variant in rows:
@@ -265,12 +265,13 @@ def test_ablation_study(project_copy):
         steps = curves[curves["variant"] == variant].groupby("seed")["step"].apply(list).tolist()
         assert steps == [[1, 2]] * len(seeds)  # conf/test: ablation.iterations 2
     assert curves["kl/sequence"].notna().all() and curves["reward/raw_score"].notna().all()
-    assert curves.loc[curves["variant"] != "trl_ppo", "gold_score"].notna().all()  # every rollout scored
+    scored = curves.loc[curves["variant"] != "trl_ppo", ["gold_score", "judge_score"]]
+    assert scored.notna().all().all()  # every rollout scored (TRL's trainer keeps none)
     assert (runs.loc[runs["variant"] == "no_kl", "kl_to_sft"].abs() > 0).all()  # the policies moved away from SFT
     assert runs.loc[runs["variant"] == "ppo_max", "kl_to_sft"].nunique() == len(seeds)  # and the seeds differ
     table = (reporting / "summary.md").read_text()
     assert all(f"| {variant} | {len(seeds)} | " in table for variant in rows) and "Welch interval" in table
-    for name in ("training_curves.png", "gold_score.png"):
+    for name in ("training_curves.png", "gold_score.png", "frontier.png"):
         assert (reporting / name).stat().st_size > 10_000
     # one MLflow run for the study: each (row, seed)'s curves under its name, each row's means, the tables
     study = runs_of(project_copy).iloc[-1]
@@ -284,3 +285,8 @@ def test_ablation_study(project_copy):
     kedro(project_copy, "run", "--pipeline", "ablation", "--env", "test", "--only-missing-outputs")
     assert {path: path.stat().st_mtime_ns for path in stored} == stored  # read back, not trained again
     assert pd.read_csv(reporting / "summary.csv").equals(summary.reset_index())
+    # the summary alone, over what is stored: a (row, seed) not stored is named, not a failure
+    (project_copy / "data/07_model_output/ablation/no_kl/seed_2/result.json").unlink()
+    kedro(project_copy, "run", "--pipeline", "ablation", "--env", "test", "--nodes", "summarise_ablation_node")
+    assert (reporting / "summary.md").read_text().endswith("Not stored yet (left out): no_kl.seed_2.\n")
+    assert pd.read_csv(reporting / "summary.csv").set_index("variant").loc["no_kl", "seeds"] == len(seeds) - 1

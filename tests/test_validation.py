@@ -114,15 +114,19 @@ def test_only_the_stages_a_run_includes_are_checked():
         check_settings(parameters, registered("data_processing"))
 
 
-@pytest.mark.parametrize(("runtime_params", "message"), [
-    ({"ablation": {"variants": {"no_kl": {"kl_coef": -1.0}}}}, r"parameters 'ablation' .*kl_coef"),
-    ({"ablation": {"variants": {"no_kl": {"preset": "ppo_maxx"}}}}, r"ablation.variants.no_kl.preset: 'ppo_maxx'"),
-    ({"ppo": {"ppo_max": {"rollout_batch_size": 0}}}, r"parameters 'ppo.ppo_max' .*rollout_batch_size"),
+@pytest.mark.parametrize(("study", "runtime_params", "message"), [
+    ("ablation", {"ablation": {"variants": {"no_kl": {"kl_coef": -1.0}}}}, r"parameters 'ablation' .*kl_coef"),
+    ("ablation", {"ablation": {"variants": {"no_kl": {"preset": "ppo_maxx"}}}},
+     r"ablation.variants.no_kl.preset: 'ppo_maxx'"),
+    ("ablation", {"ppo": {"ppo_max": {"rollout_batch_size": 0}}}, r"parameters 'ppo.ppo_max' .*rollout_batch_size"),
+    ("tuning", {"tuning": {"variants": {"clip_4": {"score_clip": -4.0}}}},
+     r"parameters 'tuning' \(parameters_ablation.yml .*score_clip"),
+    ("long_run", {"long_run": {"iterations": -1}}, r"parameters 'long_run' .*iterations"),
 ])
-def test_every_ablation_row_is_built_before_the_study_trains(runtime_params, message):
+def test_every_row_of_a_study_is_built_before_the_study_trains(study, runtime_params, message):
     parameters = load_parameters(PROJECT_ROOT / "conf", "test", runtime_params)
     with pytest.raises(ValueError, match=message):
-        check_settings(parameters, registered("ablation"))
+        check_settings(parameters, registered(study))
 
 
 def test_the_settings_check_is_registered():

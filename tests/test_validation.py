@@ -115,12 +115,12 @@ def test_only_the_stages_a_run_includes_are_checked():
 
 
 @pytest.mark.parametrize(("study", "runtime_params", "message"), [
-    ("ablation", {"ablation": {"variants": {"no_kl": {"kl_coef": -1.0}}}}, r"parameters 'ablation' .*kl_coef"),
-    ("ablation", {"ablation": {"variants": {"no_kl": {"preset": "ppo_maxx"}}}},
-     r"ablation.variants.no_kl.preset: 'ppo_maxx'"),
+    ("ablation", {"ablation": {"rows": {"no_kl": {"kl_coef": -1.0}}}}, r"parameters 'ablation' .*kl_coef"),
+    ("ablation", {"ablation": {"rows": {"no_kl": {"preset": "ppo_maxx"}}}},
+     r"ablation.rows.no_kl.preset: 'ppo_maxx'"),
     ("ablation", {"ppo": {"ppo_max": {"rollout_batch_size": 0}}}, r"parameters 'ppo.ppo_max' .*rollout_batch_size"),
-    ("tuning", {"tuning": {"variants": {"clip_4": {"score_clip": -4.0}}}},
-     r"parameters 'tuning' \(parameters_ablation.yml .*score_clip"),
+    ("tuning", {"tuning": {"rows": {"clip_4": {"score_clip": -4.0}}}},
+     r"parameters 'tuning' \(parameters_studies.yml .*score_clip"),
     ("long_run", {"long_run": {"iterations": -1}}, r"parameters 'long_run' .*iterations"),
 ])
 def test_every_row_of_a_study_is_built_before_the_study_trains(study, runtime_params, message):

@@ -155,8 +155,7 @@ def samples_table(eval_set: EvalSet, **scores: dict[str, list]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def rollout_curves(samples: list[dict], judge_model: ModelBundle | None = None,
-                   max_length: int = 0) -> dict[int, dict[str, float]]:
+def rollout_curves(samples: list[dict], judge_model: ModelBundle | None, max_length: int) -> dict[int, dict[str, float]]:
     """Per PPO iteration, the mean ``gold_score`` and (with a judge, each pair cut to ``max_length`` tokens, NaN where
     it cannot fit) ``judge_score`` of its kept rollouts (``samples``: dicts with ``step``, ``prompt``, ``response``,
     as the trainer keeps them); a mean over no known prompt (gold on real data) is NaN."""
@@ -176,8 +175,8 @@ def rollout_curves(samples: list[dict], judge_model: ModelBundle | None = None,
 
 
 def seed_result(history: pd.DataFrame, samples: list[dict], scores: dict[str, list], sft_scores: dict[str, list],
-                metrics: dict[str, Any], resamples: int, seed: int, level: float,
-                judge_model: ModelBundle | None = None, max_length: int = 0) -> dict[str, Any]:
+                metrics: dict[str, Any], resamples: int, seed: int, level: float, judge_model: ModelBundle | None,
+                max_length: int) -> dict[str, Any]:
     """One trained policy's result for a study across seeds.
 
     Args:

@@ -52,7 +52,7 @@ def settings_builders(parameters: dict[str, Any]) -> dict[str, Callable[[dict[st
     from rlhf_pipeline.generation import SamplingConfig
     from rlhf_pipeline.launch import PPOSettings, SFTSettings
     from rlhf_pipeline.launch.reward import RewardModelSettings
-    from rlhf_pipeline.pipelines.ablation.nodes import row_settings
+    from rlhf_pipeline.pipelines.studies.nodes import check_study, row_settings
     from rlhf_pipeline.pipelines.data_processing.nodes import source_formats
 
     launcher = parameters.get("launcher") or {}
@@ -61,6 +61,7 @@ def settings_builders(parameters: dict[str, Any]) -> dict[str, Callable[[dict[st
         PPOSettings.from_params(params, launcher, variant)
 
     def study(params: dict[str, Any], name: str) -> None:
+        check_study(params, name, settings.STUDIES[name].rows)
         for row in settings.STUDIES[name].rows:
             row_settings(parameters["ppo"], params, launcher, study=name, row=row, seed=settings.STUDIES[name].seeds[0])
 
@@ -99,9 +100,9 @@ def check_settings(parameters: dict[str, Any], pipeline: Pipeline) -> None:
             build(value)
         except (ValueError, TypeError, KeyError) as error:
             reason = f"missing key {error}" if isinstance(error, KeyError) else str(error)
-            file = "ablation" if key in settings.STUDIES else key.split(".")[0]  # every study's block is in one file
             where = (f"the run's launcher in parameters.yml, or {key}.launcher,"
-                     if reason.startswith(("launcher", "LaunchConfig")) else f"parameters_{file}.yml")
+                     if reason.startswith(("launcher", "LaunchConfig")) else
+                     f"parameters_{'studies' if key in settings.STUDIES else key.split('.')[0]}.yml")
             raise ValueError(f"parameters '{key}' ({where} of conf/base or the run's environment, or --params): "
                              f"{reason}") from error
 

@@ -71,14 +71,19 @@ def pyplot():
     return matplotlib.pyplot
 
 
-def seed_band(values: pd.Series, level: float) -> float:
-    """Half-width of the Student-t interval at ``level`` of the mean of ``values`` (seeds); 0 with fewer than two."""
-    from scipy import stats
+def half_width(values: Iterable[float | None], level: float) -> float:
+    """Half-width of the Student-t interval at ``level`` of the mean of ``values`` (``stats.mean_interval``); NaN
+    with fewer than two values."""
+    from rlhf_pipeline.stats import mean_interval
 
-    values = values.dropna()
-    if len(values) < 2:
-        return 0.0
-    return float(stats.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
+    mean, _, high = mean_interval(list(values), level)
+    return high - mean
+
+
+def colours(names: Iterable[str]) -> dict[str, tuple]:
+    """One colour per name, in order, the same in every figure: tab20's strong ten first, then its light ten."""
+    palette = pyplot().get_cmap("tab20").colors
+    return dict(zip(names, (palette[0::2] + palette[1::2]) * 2, strict=False))
 
 
 def plot_training_curves(curves: pd.DataFrame, level: float = 0.95) -> plt.Figure:
@@ -88,17 +93,17 @@ def plot_training_curves(curves: pd.DataFrame, level: float = 0.95) -> plt.Figur
     charts = pyplot()
     metrics = [m for m in TRAINING_CURVES if m in curves and curves[m].notna().any()]
     names = list(dict.fromkeys(curves["variant"]))
-    palette = charts.get_cmap("tab20").colors
-    colours = dict(zip(names, palette[0::2] + palette[1::2], strict=False))  # 20 colours, the strong ten first
+    colour = colours(names)
     figure, axes = charts.subplots(1, len(metrics), figsize=(4 * len(metrics) + 2, 3.4), squeeze=False)
     for metric, axis in zip(metrics, axes[0], strict=True):
         for name, group in curves.groupby("variant", sort=False):
-            by_step = group.groupby("step")[metric].agg(["mean", lambda v: seed_band(v, level)]).dropna(subset=["mean"])
+            by_step = group.groupby("step")[metric].agg(
+                mean="mean", band=lambda seeds: half_width(seeds, level)).dropna(subset=["mean"])
             if by_step.empty:
                 continue
-            mean, band = by_step["mean"], by_step.iloc[:, 1]
-            axis.plot(by_step.index, mean, label=name, color=colours.get(name), linewidth=2.2 if name == names[0] else 1.0)
-            axis.fill_between(by_step.index, mean - band, mean + band, color=colours.get(name), alpha=0.12)
+            mean, band = by_step["mean"], by_step["band"].fillna(0.0)  # no band from one seed
+            axis.plot(by_step.index, mean, label=name, color=colour[name], linewidth=2.2 if name == names[0] else 1.0)
+            axis.fill_between(by_step.index, mean - band, mean + band, color=colour[name], alpha=0.12)
         axis.set_title(TRAINING_CURVES[metric])
         axis.set_xlabel("PPO iteration")
     handles, labels = axes[0][0].get_legend_handles_labels()  # the RM score exists for every row
@@ -199,17 +204,17 @@ def stability_table(curves: pd.DataFrame, window: float, level: float) -> pd.Dat
     """Whether each variant holds its best gold score to the end of training (the paper's §5 claim for PPO-max).
 
     Per (variant, seed): the per-iteration gold score of the rollouts (``curves``: ``variant``, ``seed``, ``step``,
-    ``gold_score``, ``kl/sequence``) averaged over moving windows of ``window`` × the run's iterations; the peak is
-    the best window, with the Student-t interval at ``level`` of its iterations' means; the end is the last
-    window. A seed *holds* when its end lies at or above the low end of its peak's interval, else it *collapses*.
+    ``gold_score``, ``kl/sequence``) averaged over moving windows of ``window`` × the run's iterations (at least
+    two); the peak is the best window, with the Student-t interval at ``level`` of its iterations' means; the end
+    is the last window. A seed *holds* when its end lies at or above the low end of its peak's interval, else it
+    *collapses*.
 
     Returns:
         Per variant: ``seeds``, the mean and interval across seeds (``_low``/``_high``) of ``peak_gold``,
         ``end_gold``, ``drop`` (peak − end) and ``end_kl`` (the last window's KL to SFT, nats per response),
-        ``peak_step`` (mean iteration of the peak) and ``seeds_holding``; empty without a gold score.
+        ``peak_step`` (the peak window's middle iteration, averaged over seeds) and ``seeds_holding``; empty
+        without a gold score.
     """
-    from scipy import stats
-
     from rlhf_pipeline.stats import mean_interval
 
     per_seed = []
@@ -217,13 +222,14 @@ def stability_table(curves: pd.DataFrame, window: float, level: float) -> pd.Dat
         group = group.sort_values("step")
         gold = pd.to_numeric(group["gold_score"], errors="coerce").reset_index(drop=True)
         width = max(2, round(window * len(group)))
-        means, spreads = gold.rolling(width).mean(), gold.rolling(width).std()
+        means = gold.rolling(width).mean()  # each window ends at its index
         if means.notna().sum() == 0:
             continue
         peak = means.idxmax()
-        half = stats.t.ppf(0.5 + level / 2, width - 1) * spreads[peak] / math.sqrt(width)
+        half = half_width(gold.iloc[peak + 1 - width: peak + 1], level)
         kl = pd.to_numeric(group["kl/sequence"], errors="coerce").reset_index(drop=True).rolling(width).mean()
-        per_seed.append({"variant": variant, "seed": seed, "peak_gold": means[peak], "peak_step": group["step"].iloc[peak],
+        per_seed.append({"variant": variant, "seed": seed, "peak_gold": means[peak],
+                         "peak_step": group["step"].iloc[peak + 1 - width: peak + 1].mean(),
                          "end_gold": means.iloc[-1], "drop": means[peak] - means.iloc[-1], "end_kl": kl.iloc[-1],
                          "holds": bool(means.iloc[-1] >= means[peak] - half)})
     rows = []
@@ -261,20 +267,19 @@ def plot_frontier(curves: pd.DataFrame, window: float) -> plt.Figure:
     """The over-optimisation frontier (Gao et al. 2022): gold score of the rollouts against √KL to SFT along
     training, one line per ``variant`` (the mean across seeds per iteration, averaged over moving windows of
     ``window`` × its iterations), from its first window (dot) to its last (square)."""
-    charts = pyplot()
-    figure, axis = charts.subplots(figsize=(6.4, 4.4))
-    palette = charts.get_cmap("tab20").colors
+    figure, axis = pyplot().subplots(figsize=(6.4, 4.4))
+    colour = colours(dict.fromkeys(curves["variant"]))
     for index, (variant, group) in enumerate(curves.groupby("variant", sort=False)):
         by_step = group.groupby("step")[["gold_score", "kl/sequence"]].mean().apply(pd.to_numeric, errors="coerce")
         width = max(2, round(window * len(by_step)))
         smooth = by_step.rolling(width).mean().dropna()
         if smooth.empty:
             continue
+        # the k1 estimate of the KL can dip below 0 near SFT (a sample mean of log-ratios); its root is taken at 0
         x, y = smooth["kl/sequence"].clip(lower=0.0) ** 0.5, smooth["gold_score"]
-        colour = (palette[0::2] + palette[1::2])[index % 20]
-        axis.plot(x, y, color=colour, label=variant, linewidth=2.2 if index == 0 else 1.2)
-        axis.scatter([x.iloc[0]], [y.iloc[0]], color=colour, marker="o", s=14)
-        axis.scatter([x.iloc[-1]], [y.iloc[-1]], color=colour, marker="s", s=18)
+        axis.plot(x, y, color=colour[variant], label=variant, linewidth=2.2 if index == 0 else 1.2)
+        axis.scatter([x.iloc[0]], [y.iloc[0]], color=colour[variant], marker="o", s=14)
+        axis.scatter([x.iloc[-1]], [y.iloc[-1]], color=colour[variant], marker="s", s=18)
     axis.set_xlabel("√KL to SFT (√nats per response)")
     axis.set_ylabel("gold score of the rollouts")
     axis.legend(fontsize=7)

@@ -48,8 +48,8 @@ DYNAMIC_PIPELINES_MAPPING = {"ppo": ["ppo_max", "vanilla"]}
 
 
 class Study(NamedTuple):
-    """A grid of PPO runs (``kedro run --pipeline <study>``): ``rows``, each a block of ``<study>.variants`` in
-    parameters_ablation.yml, trained once per seed of ``seeds`` (in this order: a study stopped early holds the
+    """A grid of PPO runs (``kedro run --pipeline <study>``): ``rows``, each a block of ``<study>.rows`` in
+    parameters_studies.yml, trained once per seed of ``seeds`` (in this order: a study stopped early holds the
     first rows) and evaluated against SFT on the ``prompts`` split."""
 
     rows: list[str]
@@ -65,6 +65,6 @@ STUDIES = {
     # stability over 4x the iterations (the paper's Fig. 9 claim)
     "long_run": Study(["ppo_max_paper", "vanilla", "ppo_max", "no_kl", "trl_ppo", "no_score_norm"], [0, 1, 2]),
     # the ppo_max preset's values, chosen on the tuning prompts (never the evaluation's)
-    "tuning": Study(["paper", "clip_2", "clip_4", "clip_2_kl_0p1", "clip_2_lr_3e5", "clip_2_ptx_0p03"], [0, 1],
+    "tuning": Study(["ppo_max_paper", "clip_2", "clip_4", "clip_2_kl_0p1", "clip_2_lr_3e5", "clip_2_ptx_0p03"], [0, 1],
                     "tune_prompts"),
 }

@@ -92,11 +92,12 @@ def parse_sources(data_processing: dict[str, Any], **raws: Any) -> dict[str, pd.
 
     Raises:
         ValueError: A source whose rows all fail (the message names its format, the counts and the top
-            reasons), a format that cannot be told from the fields, an unknown setting, or (strict) a bad row.
+            reasons), a format that cannot be told from the fields, an unknown setting or source, or (strict) a
+            bad row.
         TypeError: A raw source of another type.
     """
     if unknown := set(raws) - {entry for entry, _ in SOURCES.values()}:
-        raise TypeError(f"parse_sources: unknown source(s) {sorted(unknown)}")
+        raise ValueError(f"parse_sources: unknown source(s) {sorted(unknown)}; valid: {[e for e, _ in SOURCES.values()]}")
     formats = source_formats(data_processing)
     results, quarantine, counts = {}, [], {}
     for name, (entry, _) in SOURCES.items():
@@ -146,8 +147,8 @@ def split_preferences(
         By name: ``sft_train`` (prompt, response), ``rm_train`` and ``rm_val`` (prompt, chosen, rejected),
         ``ppo_prompts``, ``tune_prompts`` (the tuning study's) and ``eval_prompts`` (unique prompts, with the request
         category), ``judge_train`` (pairs for the evaluation's judge reward model, which PPO never optimises), and
-        ``split_sizes`` (with ``data/<split>_leaked``: prompts removed from a held-out split because another split
-        holds them, ``held_out``, and
+        ``split_sizes`` (with ``data/<split>_leaked``, the prompts removed from a held-out split because another
+        split holds them (``held_out``), and
         ``data/shared_prompts_<a>__<b>`` for two training splits that share prompts, both logged as warnings).
 
     Raises:

@@ -11,7 +11,7 @@ then ``--nodes summarise_<study>_node`` summarises what is stored and names what
 from kedro.pipeline import Node, Pipeline, node
 
 from rlhf_pipeline.pipelines import bound
-from rlhf_pipeline.pipelines.ablation.nodes import row_result, row_settings, summarise_study
+from rlhf_pipeline.pipelines.studies.nodes import row_result, row_settings, summarise_study
 
 PARAMETERS = {"params:ppo", "params:launcher", "params:evaluation"}
 SHARED_MODELS = {"sft_model", "reward_model", "ppo_prompts", "sft_train", "reward_model_metrics", "judge_model"}
@@ -41,6 +41,8 @@ def create_pipeline(study: str, rows: list[str], seeds: list[int], prompts: str,
     """The study ``study`` over ``rows`` × ``seeds`` (row by row), its policies evaluated on the ``prompts`` split,
     from the ppo pipeline's ``training`` node and the evaluation pipeline's ``policy_evaluation`` template and
     ``prompt_set`` node (``eval_set``, with the parameters ``<study>.evaluation`` over ``evaluation``)."""
+    if "baseline" in rows:  # the namespace of SFT's evaluation on the study's prompts
+        raise ValueError(f"settings.STUDIES['{study}']: a row cannot be named 'baseline'")
     keys = [f"{row}.seed_{seed}" for row in rows for seed in seeds]
     results = [f"{study}.{key}.result" for key in keys]
     return Pipeline([

@@ -19,26 +19,41 @@ if TYPE_CHECKING:
     from rlhf_pipeline.modeling import ModelBundle
 
 logger = logging.getLogger(__name__)
-KEYS = {"base", "iterations", "level", "bootstrap_resamples", "evaluation", "window", "variants"}
+KEYS = {"base", "iterations", "level", "bootstrap_resamples", "evaluation", "window", "rows"}
+
+
+def check_study(parameters: dict[str, Any], study: str, rows: list[str] | None = None) -> None:
+    """Raise ``ValueError`` naming an unknown key of ``params:<study>``, a ``window`` outside (0, 1], a row of
+    ``rows`` that ``<study>.rows`` does not define, or, when ``rows`` are all that ``settings.STUDIES`` declares,
+    a defined row missing from them (it would never run)."""
+    if unknown := set(parameters) - KEYS:
+        raise ValueError(f"{study}: unknown key(s) {sorted(unknown)}; valid: {sorted(KEYS)} (the rows and seeds are "
+                         f"declared in settings.py: STUDIES['{study}'])")
+    if not 0 < parameters["window"] <= 1:
+        raise ValueError(f"{study}.window must be in (0, 1] (a share of the iterations), got {parameters['window']}")
+    defined = set(parameters["rows"])
+    if missing := [row for row in rows or [] if row not in defined]:
+        raise ValueError(f"{study}.rows: no row {', '.join(map(repr, missing))} (declared in settings.py); defined: "
+                         f"{sorted(defined)}")
+    if rows and (unused := sorted(defined - set(rows))):
+        raise ValueError(f"{study}.rows: {unused} not declared in settings.py (STUDIES['{study}']), so never run; "
+                         "declare them there or remove them")
 
 
 def row_parameters(ppo: dict[str, Any], parameters: dict[str, Any], study: str, row: str, seed: int) -> dict[str, Any]:
     """A grid row's PPO parameters: its preset (``<study>.base`` unless the row names ``preset``) with the row's
-    overrides (``<study>.variants.<row>``), the study's budget (``iterations``), every rollout kept for the gold
+    overrides (``<study>.rows.<row>``), the study's budget (``iterations``), every rollout kept for the gold
     and judge curves, and ``seed``. Raises ``ValueError`` naming an unknown study key, row or preset."""
     from rlhf_pipeline.rl.config import PPOConfig
     from rlhf_pipeline.training.engine import deep_merge
 
-    if unknown := set(parameters) - KEYS:
-        raise ValueError(f"{study}: unknown key(s) {sorted(unknown)}; valid: {sorted(KEYS)} (the rows and seeds are "
-                         f"declared in settings.py: STUDIES['{study}'])")
-    if row not in parameters["variants"]:
-        raise ValueError(f"{study}.variants: no row {row!r} (declared in settings.py); defined: "
-                         f"{sorted(parameters['variants'])}")
-    overrides = dict(parameters["variants"][row] or {})
+    check_study(parameters, study)
+    if row not in parameters["rows"]:
+        raise ValueError(f"{study}.rows: no row {row!r} (declared in settings.py); defined: {sorted(parameters['rows'])}")
+    overrides = dict(parameters["rows"][row] or {})
     preset = overrides.pop("preset", parameters["base"])
     if preset not in ppo:
-        raise ValueError(f"{study}.variants.{row}.preset: {preset!r} is not a preset of params:ppo; valid: {sorted(ppo)}")
+        raise ValueError(f"{study}.rows.{row}.preset: {preset!r} is not a preset of params:ppo; valid: {sorted(ppo)}")
     params = deep_merge(ppo[preset], overrides)
     if parameters.get("iterations"):
         params["iterations"] = parameters["iterations"]
@@ -128,7 +143,7 @@ def summarise_study(parameters: dict[str, Any], evaluation: dict[str, Any], sft_
                        ", ".join(missing))
     runs = pd.DataFrame([{k: v for k, v in r.items() if k not in ("curves", "key", "study")} for r in results.values()])
     curves = pd.DataFrame([{"variant": r["variant"], "seed": r["seed"], **c} for r in results.values() for c in r["curves"]])
-    level, window = parameters["level"], parameters.get("window", 0.1)
+    level, window = parameters["level"], parameters["window"]
     summary = reporting.summary_table(runs, parameters["base"], level)
     stability = reporting.stability_table(curves, window, level)
     markdown = (reporting.summary_markdown(summary, parameters["base"], level)

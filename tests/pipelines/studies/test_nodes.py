@@ -17,8 +17,8 @@ from rlhf_pipeline.evaluation import rollout_curves
 from rlhf_pipeline.formatting import DialogueEncoder
 from rlhf_pipeline.modeling import TinyModelConfig, ValueHeadModel, build_tiny_model, train_tokenizer
 from rlhf_pipeline.pipeline_registry import register_pipelines
-from rlhf_pipeline.pipelines.ablation.nodes import row_parameters, summarise_study
-from rlhf_pipeline.pipelines.ablation.pipeline import create_pipeline
+from rlhf_pipeline.pipelines.studies.nodes import check_study, row_parameters, summarise_study
+from rlhf_pipeline.pipelines.studies.pipeline import create_pipeline
 from rlhf_pipeline.pipelines.evaluation.pipeline import policy_evaluation, prompt_set
 from rlhf_pipeline.pipelines.ppo.pipeline import training
 from rlhf_pipeline.reporting import summary_markdown, summary_table
@@ -31,9 +31,9 @@ PPO = {
     "vanilla": {"iterations": 80, "rollout_batch_size": 8, "kl_coef": 0.0,
                 "sampling": {"max_new_tokens": 48, "temperature": 0.8}},
 }
-ABLATION = {"base": "ppo_max", "iterations": 40, "level": 0.95, "bootstrap_resamples": 100,
-            "variants": {"ppo_max": {}, "hot": {"sampling": {"temperature": 1.0}}, "vanilla": {"preset": "vanilla"},
-                         "typo": {"preset": "ppo_maxx"}}}
+ABLATION = {"base": "ppo_max", "iterations": 40, "level": 0.95, "bootstrap_resamples": 100, "window": 0.1,
+            "rows": {"ppo_max": {}, "hot": {"sampling": {"temperature": 1.0}}, "vanilla": {"preset": "vanilla"},
+                     "typo": {"preset": "ppo_maxx"}}}
 
 
 def test_a_row_is_its_preset_with_the_rows_overrides_and_the_studys_budget():
@@ -44,12 +44,19 @@ def test_a_row_is_its_preset_with_the_rows_overrides_and_the_studys_budget():
     assert params["sample_every"] == 1 and params["sample_count"] == 8  # every rollout, for the gold curve
     vanilla = row_parameters(PPO, {**ABLATION, "iterations": None}, "ablation", "vanilla", 0)
     assert vanilla["kl_coef"] == 0.0 and vanilla["iterations"] == 80
-    with pytest.raises(ValueError, match=r"ablation.variants.typo.preset: 'ppo_maxx'"):
+    with pytest.raises(ValueError, match=r"ablation.rows.typo.preset: 'ppo_maxx'"):
         row_parameters(PPO, ABLATION, "ablation", "typo", 0)
-    with pytest.raises(ValueError, match=r"tuning.variants: no row 'cold'"):
+    with pytest.raises(ValueError, match=r"tuning.rows: no row 'cold'"):
         row_parameters(PPO, ABLATION, "tuning", "cold", 0)
     with pytest.raises(ValueError, match=r"ablation: unknown key\(s\) \['grid', 'seeds'\].*STUDIES\['ablation'\]"):
         row_parameters(PPO, {**ABLATION, "grid": ["hot"], "seeds": [0]}, "ablation", "hot", 0)
+    with pytest.raises(ValueError, match=r"ablation.window must be in \(0, 1\]"):
+        row_parameters(PPO, {**ABLATION, "window": 1.5}, "ablation", "hot", 0)
+    check_study(ABLATION, "ablation", ["ppo_max", "hot", "vanilla", "typo"])
+    with pytest.raises(ValueError, match=r"ablation.rows: \['typo', 'vanilla'\] not declared in settings.py"):
+        check_study(ABLATION, "ablation", ["ppo_max", "hot"])  # defined but never run
+    with pytest.raises(ValueError, match=r"ablation.rows: no row 'cold'"):
+        check_study(ABLATION, "ablation", ["ppo_max", "hot", "vanilla", "typo", "cold"])
 
 
 def test_each_study_instantiates_the_ppo_and_evaluation_nodes_per_row_and_seed_on_its_prompts():
@@ -121,7 +128,7 @@ def test_a_rerun_with_only_missing_outputs_reads_the_stored_results(study):
     assert {row: (folder / row / "result.json").stat().st_mtime_ns for row in stored} == stored
     assert again.load("ablation.summary").equals(first.load("ablation.summary"))
     changed = parameters({"launcher": {"work_dir": str(folder / "work")},
-                          "ablation": {"variants": {"no_kl": {"kl_coef": 0.0, "clip_eps": 0.3}}}})
+                          "ablation": {"rows": {"no_kl": {"kl_coef": 0.0, "clip_eps": 0.3}}}})
     summary = {"ablation_mlflow_metrics": JSONDataset(filepath=str(folder / "changed.json"))}
     with pytest.raises(Exception, match=r"results from other settings or models: ablation.no_kl.seed_0.result"):
         run(pipeline, data, changed, {**files(), **summary}, only_missing_outputs=True)
@@ -173,7 +180,7 @@ def test_summary_refuses_a_result_stored_from_other_settings_and_names_those_not
     with pytest.raises(ValueError, match=r"ablation: no \(row, seed\) result is stored yet"):
         summarise_study(ablation, evaluation, sft_scores, **fixed, result__no_kl__seed_0=None)
     for changed in ({"evaluation": {**evaluation, "max_prompts": 3}}, {"parameters": {**ablation, "level": 0.9}},
-                    {"parameters": {**ablation, "variants": {**ablation["variants"], "no_kl": {"kl_coef": 0.01}}}},
+                    {"parameters": {**ablation, "rows": {**ablation["rows"], "no_kl": {"kl_coef": 0.01}}}},
                     {"sft_scores": {**sft_scores, "responses": ["another SFT model"] * len(sft_scores["responses"])}}):
         arguments = {"parameters": ablation, "evaluation": evaluation, "sft_scores": sft_scores, **changed}
         with pytest.raises(ValueError, match=r"other settings or models: ablation.no_kl.seed_0.result"):
@@ -191,7 +198,7 @@ def test_rollout_curves_average_each_iterations_gold_and_judge_scores(tokenizer)
     assert refusal > compliance
     judge = tiny(tokenizer, 2, True)
     judged = score_responses(judge.model, judge.encoder(), [harmful] * 3, [s["response"] for s in samples], 64).tolist()
-    assert rollout_curves(samples) == {1: {"gold_score": pytest.approx((refusal + compliance) / 2)},
+    assert rollout_curves(samples, None, 64) == {1: {"gold_score": pytest.approx((refusal + compliance) / 2)},
                                        2: {"gold_score": pytest.approx(refusal)}}
     assert rollout_curves(samples, judge, 64) == {
         1: {"gold_score": pytest.approx((refusal + compliance) / 2), "judge_score": pytest.approx(sum(judged[:2]) / 2)},

@@ -52,8 +52,8 @@ def settings_builders(parameters: dict[str, Any]) -> dict[str, Callable[[dict[st
     from rlhf_pipeline.generation import SamplingConfig
     from rlhf_pipeline.launch import PPOSettings, SFTSettings
     from rlhf_pipeline.launch.reward import RewardModelSettings
-    from rlhf_pipeline.pipelines.studies.nodes import check_study, row_settings
     from rlhf_pipeline.pipelines.data_processing.nodes import source_formats
+    from rlhf_pipeline.pipelines.studies.nodes import check_study, row_settings
 
     launcher = parameters.get("launcher") or {}
 

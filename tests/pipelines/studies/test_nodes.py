@@ -17,10 +17,10 @@ from rlhf_pipeline.evaluation import rollout_curves
 from rlhf_pipeline.formatting import DialogueEncoder
 from rlhf_pipeline.modeling import TinyModelConfig, ValueHeadModel, build_tiny_model, train_tokenizer
 from rlhf_pipeline.pipeline_registry import register_pipelines
-from rlhf_pipeline.pipelines.studies.nodes import check_study, row_parameters, summarise_study
-from rlhf_pipeline.pipelines.studies.pipeline import create_pipeline
 from rlhf_pipeline.pipelines.evaluation.pipeline import policy_evaluation, prompt_set
 from rlhf_pipeline.pipelines.ppo.pipeline import training
+from rlhf_pipeline.pipelines.studies.nodes import check_study, row_parameters, summarise_study
+from rlhf_pipeline.pipelines.studies.pipeline import create_pipeline
 from rlhf_pipeline.reporting import summary_markdown, summary_table
 from rlhf_pipeline.training.reward import score_responses
 from tests.pipelines.conftest import parameters, prompts_of, run, tiny

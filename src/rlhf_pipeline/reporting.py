@@ -86,11 +86,30 @@ def colours(names: Iterable[str]) -> dict[str, tuple]:
     return dict(zip(names, (palette[0::2] + palette[1::2]) * 2, strict=False))
 
 
-def plot_training_curves(curves: pd.DataFrame, level: float = 0.95) -> plt.Figure:
+def window_width(steps: int, window: float) -> int:
+    """Iterations in a moving window of ``window`` × ``steps`` (at least two)."""
+    return max(2, round(window * steps))
+
+
+def moving_average(curves: pd.DataFrame, window: float) -> pd.DataFrame:
+    """``curves`` (``variant``, ``seed``, ``step`` and numeric metric columns) with every metric averaged, per
+    (variant, seed), over trailing windows of ``window_width`` iterations; NaN until the first window fills."""
+    def smooth(group: pd.DataFrame) -> pd.DataFrame:
+        group = group.sort_values("step")
+        metrics = group.drop(columns=["variant", "seed", "step"]).apply(pd.to_numeric, errors="coerce")
+        return group[["variant", "seed", "step"]].join(metrics.rolling(window_width(len(group), window)).mean())
+
+    return pd.concat([smooth(group) for _, group in curves.groupby(["variant", "seed"], sort=False)], ignore_index=True)
+
+
+def plot_training_curves(curves: pd.DataFrame, level: float = 0.95, window: float | None = None) -> plt.Figure:
     """Training curves over PPO iterations, one line per ``variant``: the mean across its seeds (rows that share
-    ``variant`` and ``step``) with a band of its Student-t interval at ``level`` (none for one seed). Columns:
-    ``variant``, ``step`` and any of ``TRAINING_CURVES``; a curve with no value at all is left out."""
+    ``variant`` and ``step``) with a band of its Student-t interval at ``level`` (none for one seed), each seed's
+    curve first averaged over moving windows of ``window`` × its iterations when given (``moving_average``).
+    Columns: ``variant``, ``seed``, ``step`` and any of ``TRAINING_CURVES``; a curve with no value is left out."""
     charts = pyplot()
+    if window:
+        curves = moving_average(curves, window)
     metrics = [m for m in TRAINING_CURVES if m in curves and curves[m].notna().any()]
     names = list(dict.fromkeys(curves["variant"]))
     colour = colours(names)
@@ -221,7 +240,7 @@ def stability_table(curves: pd.DataFrame, window: float, level: float) -> pd.Dat
     for (variant, seed), group in curves.groupby(["variant", "seed"], sort=False):
         group = group.sort_values("step")
         gold = pd.to_numeric(group["gold_score"], errors="coerce").reset_index(drop=True)
-        width = max(2, round(window * len(group)))
+        width = window_width(len(group), window)
         means = gold.rolling(width).mean()  # each window ends at its index
         if means.notna().sum() == 0:
             continue
@@ -269,10 +288,9 @@ def plot_frontier(curves: pd.DataFrame, window: float) -> plt.Figure:
     ``window`` × its iterations), from its first window (dot) to its last (square)."""
     figure, axis = pyplot().subplots(figsize=(6.4, 4.4))
     colour = colours(dict.fromkeys(curves["variant"]))
-    for index, (variant, group) in enumerate(curves.groupby("variant", sort=False)):
-        by_step = group.groupby("step")[["gold_score", "kl/sequence"]].mean().apply(pd.to_numeric, errors="coerce")
-        width = max(2, round(window * len(by_step)))
-        smooth = by_step.rolling(width).mean().dropna()
+    smoothed = moving_average(curves[["variant", "seed", "step", "gold_score", "kl/sequence"]], window)
+    for index, (variant, group) in enumerate(smoothed.groupby("variant", sort=False)):
+        smooth = group.groupby("step")[["gold_score", "kl/sequence"]].mean().dropna()
         if smooth.empty:
             continue
         # the k1 estimate of the KL can dip below 0 near SFT (a sample mean of log-ratios); its root is taken at 0

@@ -152,7 +152,7 @@ def summarise_study(parameters: dict[str, Any], evaluation: dict[str, Any], sft_
     logger.info("%s over %d (row, seed) runs:\n%s", study, len(runs), markdown)
     means = {row["variant"]: {m: row[m] for m in reporting.SUMMARY_METRICS if m in row} for _, row in summary.iterrows()}
     return {"runs": runs, "curves": curves, "summary": summary, "stability": stability, "markdown": markdown,
-            "curves_plot": reporting.plot_training_curves(curves, level),
+            "curves_plot": reporting.plot_training_curves(curves, level, window),
             "gold_plot": reporting.plot_gold(summary, runs, sft_metrics.get("gold_score")),
             "frontier_plot": reporting.plot_frontier(curves, window),
             "metrics": as_metrics(means, study)}

@@ -96,13 +96,15 @@ class EvalSet:
 def sample_and_score(policy: ModelBundle, eval_set: EvalSet, reward_model: ModelBundle,
                      judge_model: ModelBundle | None = None) -> dict[str, list]:
     """One policy's responses to the evaluation prompts and, per prompt, their ``gold`` (NaN where the task has
-    no gold reward), ``rm`` and (with a judge) ``judge`` scores, under key ``responses`` and the scorer names."""
+    no gold reward), ``rm`` and (with a judge) ``judge`` scores, under keys ``prompts``, ``responses`` and the
+    scorer names."""
     for model in (policy.model, reward_model.model, *([judge_model.model] if judge_model else [])):
         to_rank_device(model)  # an 8B model must not sample or score on the CPU for hours
     responses = generate_texts(policy.model, policy.tokenizer, eval_set.prompt_ids, eval_set.sampling,
                                seed=eval_set.seed)
     prompts = eval_set.prompts
-    scores = {"responses": responses, "gold": [gold_score(p, r) for p, r in zip(prompts, responses, strict=True)],
+    scores = {"prompts": list(prompts), "responses": responses,
+              "gold": [gold_score(p, r) for p, r in zip(prompts, responses, strict=True)],
               "rm": score_responses(reward_model.model, reward_model.encoder(), prompts, responses,
                                     eval_set.max_length).tolist()}
     if judge_model is not None:
@@ -117,7 +119,13 @@ def compare_with_sft(policy: ModelBundle, scores: dict[str, list], sft_scores: d
     one half), k1 KL to SFT per sequence (nats) and perplexity at the sampling temperature, mean length in words,
     distinct-1/2 and refusal rates on the task's harmful and harmless requests; ``None`` where a value does not
     exist (gold scores on real data). ``scores``/``sft_scores``: ``sample_and_score``'s, or the same with NaN
-    read back as ``None`` from JSON."""
+    read back as ``None`` from JSON. Raises ``ValueError`` when either answers other prompts than ``eval_set``
+    (SFT's samples stored from another prompt set)."""
+    for name, given in (("the policy's", scores), ("SFT's", sft_scores)):
+        if given["prompts"] != list(eval_set.prompts):
+            raise ValueError(f"{name} samples answer other prompts than the evaluation set ({len(given['prompts'])} "
+                             f"against {len(eval_set.prompts)}): samples stored from another prompt set; delete "
+                             "them and run again")
     to_rank_device(sft_model.model)  # the KL reference
     scores, sft_scores = ({k: [math.nan if x is None else x for x in v] for k, v in s.items()}
                           for s in (scores, sft_scores))

@@ -61,7 +61,7 @@ def settings_builders(parameters: dict[str, Any]) -> dict[str, Callable[[dict[st
         PPOSettings.from_params(params, launcher, variant)
 
     def study(params: dict[str, Any], name: str) -> None:
-        check_study(params, name, settings.STUDIES[name].rows)
+        check_study(params, name, settings.STUDIES[name].rows, parameters.get("evaluation"))
         for row in settings.STUDIES[name].rows:
             row_settings(parameters["ppo"], params, launcher, study=name, row=row, seed=settings.STUDIES[name].seeds[0])
 
@@ -197,7 +197,7 @@ class MlflowLineageHook:
         if self.catalog is None or mlflow.active_run() is None:
             return
         lineage = lineage_of(self.catalog, dataset_name)
-        if lineage.get("context") and isinstance(data, pd.DataFrame):
+        if lineage.get("context") and isinstance(data, pd.DataFrame) and not data.empty:  # MLflow cannot hash none
             source = str(getattr(self.catalog.get(dataset_name), "_filepath", dataset_name))
             mlflow.log_input(mlflow.data.from_pandas(data, source=source, name=dataset_name), context=lineage["context"])
         if lineage.get("registered_model"):

@@ -57,6 +57,14 @@ def test_a_row_is_its_preset_with_the_rows_overrides_and_the_studys_budget():
         check_study(ABLATION, "ablation", ["ppo_max", "hot"])  # defined but never run
     with pytest.raises(ValueError, match=r"ablation.rows: no row 'cold'"):
         check_study(ABLATION, "ablation", ["ppo_max", "hot", "vanilla", "typo", "cold"])
+    with pytest.raises(ValueError, match=r"ablation.base: 'hot' must be one of the study's rows"):
+        check_study({**ABLATION, "base": "hot", "rows": {"vanilla": {}}}, "ablation", ["vanilla"])
+    with pytest.raises(ValueError, match=r"ablation.level must be in \(0, 1\], got 95"):
+        check_study({**ABLATION, "level": 95}, "ablation")
+    with pytest.raises(ValueError, match=r"ablation.bootstrap_resamples must be >= 1, got 0"):
+        check_study({**ABLATION, "bootstrap_resamples": 0}, "ablation")
+    with pytest.raises(ValueError, match=r"ablation.evaluation: unknown key\(s\) \['max_prompt'\]"):
+        check_study({**ABLATION, "evaluation": {"max_prompt": 8}}, "ablation", evaluation={"max_prompts": 200})
 
 
 def test_each_study_instantiates_the_ppo_and_evaluation_nodes_per_row_and_seed_on_its_prompts():
@@ -221,3 +229,19 @@ def test_trl_scores_with_our_reward_model():
     _, theirs, _ = get_reward(TRLScoreModel(reward_model), torch.cat([query, padded], 1), tokenizer.pad_token_id,
                               query.shape[1])
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_samples_stored_from_other_prompts_and_an_empty_prompt_split_are_refused(study):
+    """A stored SFT baseline from another prompt set (the split changed since) must not be compared prompt by
+    prompt with a new policy's samples; an empty split (no tuning prompts) fails naming what fills it."""
+    from rlhf_pipeline.evaluation import compare_with_sft
+    from rlhf_pipeline.pipelines.evaluation.nodes import evaluation_set
+
+    _, data, _, _, _, catalog = study
+    eval_set, sft_scores = catalog.load("ablation.baseline.eval_set"), catalog.load("ablation.baseline.scores")
+    assert sft_scores["prompts"] == eval_set.prompts
+    moved = {**sft_scores, "prompts": sft_scores["prompts"][1:] + ["\n\nHuman: another prompt\n\nAssistant:"]}
+    with pytest.raises(ValueError, match=r"SFT's samples answer other prompts than the evaluation set"):
+        compare_with_sft(data["sft_model"], sft_scores, moved, data["sft_model"], eval_set)
+    with pytest.raises(ValueError, match=r"no prompts to evaluate on.*fractions.tune_prompts"):
+        evaluation_set(pd.DataFrame(columns=["prompt", "category"]), data["sft_model"], {})

@@ -191,7 +191,8 @@ def split_preferences(
             raise ValueError(f"data_processing.split: every prompt of '{name}' ({overlaps[f'{name}_leaked']}) is "
                              f"also in another split, so none is held out: the sources share prompts; {fix}")
         if frame.empty and name == "tune_prompts":  # only the tuning study reads it
-            logger.info("No tuning prompts (data_processing.split.fractions.tune_prompts): the tuning study cannot run")
+            logger.warning("No tuning prompts (data_processing.split.fractions.tune_prompts): the tuning study "
+                           "cannot run")
         elif frame.empty:
             raise ValueError(f"data_processing.split: split '{name}' is empty; raise its fraction or the data size")
     check_ppo_prompts(len(outputs["ppo_prompts"]), split, ppo, launcher)

@@ -35,9 +35,13 @@ def train_judge_model(sft_model: ModelBundle, judge_train: pd.DataFrame, rm_val:
 def evaluation_set(eval_prompts: pd.DataFrame, sft_model: ModelBundle, evaluation: dict[str, Any],
                    overrides: dict[str, Any] | None = None) -> EvalSet:
     """The held-out prompts every policy answers, tokenized once (``evaluation.EvalSet.of``); ``overrides``: keys
-    over ``evaluation`` (the ablation study's own, e.g. fewer prompts)."""
+    over ``evaluation`` (a study's own, e.g. fewer prompts). Raises ``ValueError`` for an empty prompt split."""
     from rlhf_pipeline.evaluation import EvalSet
     from rlhf_pipeline.training.engine import deep_merge
+
+    if eval_prompts.empty:
+        raise ValueError("no prompts to evaluate on: the prompt split is empty (for the tuning study: "
+                         "data_processing.split.fractions.tune_prompts, or a raw_tune_prompts source)")
 
     return EvalSet.of(eval_prompts, sft_model, deep_merge(evaluation, overrides or {}))
 

@@ -22,15 +22,23 @@ logger = logging.getLogger(__name__)
 KEYS = {"base", "iterations", "level", "bootstrap_resamples", "evaluation", "window", "rows"}
 
 
-def check_study(parameters: dict[str, Any], study: str, rows: list[str] | None = None) -> None:
-    """Raise ``ValueError`` naming an unknown key of ``params:<study>``, a ``window`` outside (0, 1], a row of
+def check_study(parameters: dict[str, Any], study: str, rows: list[str] | None = None,
+                evaluation: dict[str, Any] | None = None) -> None:
+    """Raise ``ValueError`` naming an unknown key of ``params:<study>`` (or of its ``evaluation`` overrides, against
+    ``evaluation``'s keys), a ``window`` or ``level`` outside (0, 1], fewer than one bootstrap resample, a row of
     ``rows`` that ``<study>.rows`` does not define, or, when ``rows`` are all that ``settings.STUDIES`` declares,
-    a defined row missing from them (it would never run)."""
+    a defined row missing from them (it would never run) or a ``base`` that is not one of them."""
     if unknown := set(parameters) - KEYS:
         raise ValueError(f"{study}: unknown key(s) {sorted(unknown)}; valid: {sorted(KEYS)} (the rows and seeds are "
                          f"declared in settings.py: STUDIES['{study}'])")
-    if not 0 < parameters["window"] <= 1:
-        raise ValueError(f"{study}.window must be in (0, 1] (a share of the iterations), got {parameters['window']}")
+    if evaluation is not None and (unknown := set(parameters.get("evaluation") or {}) - set(evaluation)):
+        raise ValueError(f"{study}.evaluation: unknown key(s) {sorted(unknown)}; valid: the keys of params:evaluation "
+                         f"{sorted(evaluation)}")
+    for key in ("window", "level"):
+        if not 0 < parameters[key] <= 1:
+            raise ValueError(f"{study}.{key} must be in (0, 1], got {parameters[key]}")
+    if parameters["bootstrap_resamples"] < 1:
+        raise ValueError(f"{study}.bootstrap_resamples must be >= 1, got {parameters['bootstrap_resamples']}")
     defined = set(parameters["rows"])
     if missing := [row for row in rows or [] if row not in defined]:
         raise ValueError(f"{study}.rows: no row {', '.join(map(repr, missing))} (declared in settings.py); defined: "
@@ -38,6 +46,9 @@ def check_study(parameters: dict[str, Any], study: str, rows: list[str] | None =
     if rows and (unused := sorted(defined - set(rows))):
         raise ValueError(f"{study}.rows: {unused} not declared in settings.py (STUDIES['{study}']), so never run; "
                          "declare them there or remove them")
+    if rows and parameters["base"] not in rows:
+        raise ValueError(f"{study}.base: {parameters['base']!r} must be one of the study's rows (the reference every "
+                         f"difference is taken from, and the preset the others start from): {rows}")
 
 
 def row_parameters(ppo: dict[str, Any], parameters: dict[str, Any], study: str, row: str, seed: int) -> dict[str, Any]:

@@ -121,7 +121,8 @@ def plot_training_curves(curves: pd.DataFrame, level: float = 0.95, window: floa
             if by_step.empty:
                 continue
             mean, band = by_step["mean"], by_step["band"].fillna(0.0)  # no band from one seed
-            axis.plot(by_step.index, mean, label=name, color=colour[name], linewidth=2.2 if name == names[0] else 1.0)
+            axis.plot(by_step.index, mean, label=name, color=colour[name], linewidth=2.2 if name == names[0] else 1.0,
+                      marker="o" if len(by_step) == 1 else None)  # a line of one point draws nothing
             axis.fill_between(by_step.index, mean - band, mean + band, color=colour[name], alpha=0.12)
         axis.set_title(TRAINING_CURVES[metric])
         axis.set_xlabel("PPO iteration")

@@ -74,7 +74,8 @@ def test_test_environment_shrinks_sizes_and_keeps_each_presets_tricks():
                                                                       "temperature": 0.8}
         cfg = PPOConfig.from_params({k: v for k, v in preset.items() if k != "launcher"})
         assert cfg.sampling.max_new_tokens == 12 and not cfg.lora.enabled  # every merged preset is a valid config
-    assert ppo["ppo_max"]["score_clip"] == 0.8 and ppo["ppo_max"]["ptx_coef"] == 0.1
+    assert ppo["ppo_max"]["score_clip"] == 2.0 and ppo["ppo_max"]["ptx_coef"] == 0.1  # the tuned values, kept
+    assert ppo["ppo_max_paper"]["score_clip"] == 0.8 and ppo["ppo_max_paper"]["policy_optim"]["lr"] == 5.0e-5
     assert ppo["vanilla"]["kl_coef"] == 0.0 and ppo["vanilla"]["score_clip"] is None and "name" not in ppo["vanilla"]
 
 

@@ -122,9 +122,9 @@ def compare_with_sft(policy: ModelBundle, scores: dict[str, list], sft_scores: d
     read back as ``None`` from JSON. Raises ``ValueError`` when either answers other prompts than ``eval_set``
     (SFT's samples stored from another prompt set)."""
     for name, given in (("the policy's", scores), ("SFT's", sft_scores)):
-        if given["prompts"] != list(eval_set.prompts):
-            raise ValueError(f"{name} samples answer other prompts than the evaluation set ({len(given['prompts'])} "
-                             f"against {len(eval_set.prompts)}): samples stored from another prompt set; delete "
+        if given.get("prompts") != list(eval_set.prompts):  # none: stored before samples named their prompts
+            raise ValueError(f"{name} samples answer other prompts than the evaluation set ({len(given.get('prompts') or [])} "
+                             f"named, against {len(eval_set.prompts)}): samples stored from another prompt set; delete "
                              "them and run again")
     to_rank_device(sft_model.model)  # the KL reference
     scores, sft_scores = ({k: [math.nan if x is None else x for x in v] for k, v in s.items()}

@@ -1,5 +1,5 @@
 """Tables, Markdown and figures of the results (no kedro): strict JSON, NaN-aware means, the evaluation's
-comparison and the ablation study's summary with intervals across seeds.
+comparison and the studies' summaries with intervals across seeds, stability and the frontier.
 
 matplotlib and scipy are imported by the functions that draw or take intervals, so that the Kedro wiring, which
 imports this module's JSON helpers, starts quickly."""

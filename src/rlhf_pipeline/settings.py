@@ -1,5 +1,5 @@
 """Kedro project settings: OmegaConf loader with `conf/base` + an environment (`conf/local` by default), the hooks,
-and the namespaces the ppo, evaluation and ablation pipelines instantiate.
+and the namespaces the ppo and evaluation pipelines and the studies instantiate.
 
 Parameters and the MLflow config merge *softly*: an environment (and `--params`) states only the keys
 it changes, and every sibling key keeps its `conf/base` value. (Kedro's default, destructive merge would

@@ -1,5 +1,5 @@
 """TRL 0.28's ``PPOTrainer`` (``trl.experimental.ppo``; the ``[bench]`` extra) behind ``launch.run_ppo``'s signature:
-the baseline row of the ablation study, trained from the same SFT policy and RM on the same prompts and number
+the baseline row of the studies, trained from the same SFT policy and RM on the same prompts and number
 of sampled responses as this project's PPO."""
 
 from __future__ import annotations

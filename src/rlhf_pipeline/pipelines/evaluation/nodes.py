@@ -1,5 +1,5 @@
 """Nodes of the evaluation pipeline: the judge, the shared prompt set, each policy sampled, scored and compared with
-SFT (``policy_evaluation``'s template, reused by the ablation study), the summary and the champion. The core is
+SFT (``policy_evaluation``'s template, reused by the studies), the summary and the champion. The core is
 imported inside them: building the pipelines imports no torch."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Wiring of the evaluation pipeline: the judge, then SFT and every PPO preset (``settings.py``) each sampled,
 scored and compared with SFT in its own namespace (``evaluation.<policy>``), then the summary and the champion.
-``policy_evaluation`` is the template the ablation study instantiates too."""
+``policy_evaluation`` is the template the studies instantiate too."""
 
 from kedro.framework.project import settings
 from kedro.pipeline import Node, Pipeline, node

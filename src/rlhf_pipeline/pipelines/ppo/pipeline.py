@@ -1,5 +1,5 @@
 """Wiring of the ppo pipeline: one namespace per preset (``ppo.<variant>``, declared in ``settings.py``), sharing
-the SFT model, RM and data. ``training`` is the node the ablation study instantiates too."""
+the SFT model, RM and data. ``training`` is the node the studies instantiate too."""
 
 from kedro.framework.project import settings
 from kedro.pipeline import Node, Pipeline, node

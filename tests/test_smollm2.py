@@ -20,7 +20,8 @@ TINY = {
     "data_processing.split.max_pairs": 60,
     "sft.max_length": 256, "sft.gold_eval_prompts": 2, "sft.sampling.max_new_tokens": 8,
     "reward_model.max_length": 256, "reward_model.stats_sample": 4,
-    **{f"ppo.{variant}.{key}": value for variant, iterations in (("ppo_max", 2), ("vanilla", 1)) for key, value in {
+    **{f"ppo.{variant}.{key}": value
+       for variant, iterations in (("ppo_max", 2), ("ppo_max_paper", 2), ("vanilla", 1)) for key, value in {
         "iterations": iterations, "rollout_batch_size": 4, "mini_batch_size": 4, "max_prompt_length": 160,
         "sampling.max_new_tokens": 8}.items()},
     "evaluation.max_prompts": 4, "evaluation.max_length": 256, "evaluation.sampling.max_new_tokens": 8,

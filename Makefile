@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 
 SMOLLM2_STAMP := $(VENV)/.smollm2
 
-.PHONY: install check-torch smollm2 run test lint viz ui benchmark clean
+.PHONY: install check-torch smollm2 run test lint viz ui benchmark report docs docs-serve clean
 
 install: $(STAMP)
 
@@ -58,9 +58,23 @@ ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000 & \
 		trap "kill $$!" EXIT; $(VENV)/bin/kedro viz run --host 127.0.0.1 --port 4141 --no-browser
 
+# Each writes its figures with their provenance into data/08_reporting/benchmarks/, which `make report` reads.
 benchmark: install
 	$(PY) -m pip install -q -e ".[bench]"
-	$(PY) benchmarks/bench_ppo.py --shape both --iterations 5 --warmup 1 --compare-trl --repeats 3
+	$(PY) benchmarks/bench_ppo.py --shape both --iterations 5 --warmup 1 --compare-trl --repeats 3 \
+		--json data/08_reporting/benchmarks/bench_ppo.json
+	$(PY) benchmarks/bench_gpu.py --estimate --json data/08_reporting/benchmarks/bench_gpu_estimate.json
+
+# docs/results/*.md and the headline table of README.md and docs/index.md, from the runs' outputs in data/08_reporting
+report: install
+	$(PY) -m rlhf_pipeline.report --data data --docs docs --tables README.md docs/index.md
+
+# The documentation site (MkDocs Material; the API reference from the core's docstrings) into site/
+docs: install
+	$(VENV)/bin/mkdocs build --strict
+
+docs-serve: install
+	$(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8000
 
 clean:
 	rm -rf $(VENV)

@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -31,6 +32,7 @@ from rlhf_pipeline.adapters import LoraSettings
 from rlhf_pipeline.formatting import DialogueEncoder
 from rlhf_pipeline.generation import SamplingConfig, sample_responses
 from rlhf_pipeline.modeling import ValueHeadModel, count_parameters, train_tokenizer
+from rlhf_pipeline.provenance import provenance
 from rlhf_pipeline.rl.config import PPOConfig
 from rlhf_pipeline.rl.trainer import PPOTrainer
 from rlhf_pipeline.training.devices import has_cuda, rank_device, synchronize
@@ -198,7 +200,7 @@ def estimate(gpu_gib: float) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> dict | list:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="135m")
     parser.add_argument("--iterations", type=int, default=3)
@@ -250,9 +252,11 @@ def main(argv: list[str] | None = None) -> dict | list:
             g = result["generation"]
             print(f"  generate: dynamic cache {g['dynamic_tokens_per_s']:.0f} tokens/s, static cache "
                   f"{g['static_tokens_per_s']:.0f} tokens/s ({g['static_tokens_per_s'] / g['dynamic_tokens_per_s']:.2f}x)")
+    result = {"estimate": result} if args.estimate else result
+    result["provenance"] = provenance(["bench_gpu.py", *(sys.argv[1:] if argv is None else argv)])
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
     return result
 
 

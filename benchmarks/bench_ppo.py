@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import os
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -40,6 +42,7 @@ from rlhf_pipeline.modeling import (
     count_parameters,
     train_tokenizer,
 )
+from rlhf_pipeline.provenance import provenance
 from rlhf_pipeline.rl.config import PPOConfig
 from rlhf_pipeline.rl.trainer import PPOTrainer
 from rlhf_pipeline.training.engine import OptimConfig
@@ -171,9 +174,12 @@ def useful_gflop(params: int, real_tokens: float) -> float:
     return (5 * 2 * params * real_tokens + EPOCHS * 2 * 6 * params * real_tokens) / 1e9
 
 
-def run_shape(shape: Shape, args, peak: float) -> list[float]:
+def run_shape(shape: Shape, args, peak: float) -> dict:
+    """Time ``args.repeats`` alternations of both trainers on ``shape``; print and return the figures (per repeat:
+    seconds per iteration, useful GFLOP/s, TRL's seconds; the phases and real-token share averaged)."""
     params = count_parameters(shape.policy)
-    speed_ups = []
+    speed_ups, figures = [], {"seconds_per_iteration": [], "useful_gflops": [], "trl_seconds_per_iteration": [],
+                              "phase_seconds": {}, "update_real_token_share": [], "response_length": []}
     for repeat in range(1, args.repeats + 1):
         seconds, metrics = time_rlhf_pipeline(shape, args.warmup + args.iterations, bf16=args.bf16)
         seconds, metrics = seconds[args.warmup:], metrics[args.warmup:]
@@ -181,8 +187,13 @@ def run_shape(shape: Shape, args, peak: float) -> list[float]:
         real = statistics.mean(m["real_tokens"] for m in metrics)
         print(f"[{shape.name} {repeat}/{args.repeats}] rlhf-pipeline: {mean:.3f} s/iteration (min {min(seconds):.3f}, "
               f"max {max(seconds):.3f}), {1 / mean:.3f} iterations/s")
+        figures["seconds_per_iteration"].append(mean)
+        figures["useful_gflops"].append(useful_gflop(params, real) / mean)
+        figures["update_real_token_share"].append(statistics.mean(m["update/real_token_share"] for m in metrics))
+        figures["response_length"].append(statistics.mean(m["response/length"] for m in metrics))
         for phase in ("generate", "score", "advantages", "update"):
             mean_phase = statistics.mean(m[f"timing/{phase}"] for m in metrics)
+            figures["phase_seconds"].setdefault(phase, []).append(mean_phase)
             print(f"  {phase:<11} {mean_phase:7.3f} s  ({100 * mean_phase / mean:5.1f} %)")
         print(f"  response length {statistics.mean(m['response/length'] for m in metrics):.1f} tokens; real tokens "
               f"{100 * real / statistics.mean(m['padded_tokens'] for m in metrics):.0f} % of the padded buffer, "
@@ -193,6 +204,7 @@ def run_shape(shape: Shape, args, peak: float) -> list[float]:
             trl_seconds = time_trl(shape, args.warmup + args.iterations, bf16=args.bf16)[args.warmup:]
             trl_mean = statistics.mean(trl_seconds)
             speed_ups.append(trl_mean / mean)
+            figures["trl_seconds_per_iteration"].append(trl_mean)
             print(f"[{shape.name} {repeat}/{args.repeats}] TRL 0.28 PPOTrainer, same shape: {trl_mean:.3f} s/iteration "
                   f"(min {min(trl_seconds):.3f}, max {max(trl_seconds):.3f}), {1 / trl_mean:.3f} iterations/s; "
                   f"{useful_gflop(params, real) / trl_mean:.1f} useful GFLOP/s at our rollouts' real tokens "
@@ -201,7 +213,10 @@ def run_shape(shape: Shape, args, peak: float) -> list[float]:
     if speed_ups:
         print(f"[{shape.name}] speed-up over TRL, median of {len(speed_ups)}: {statistics.median(speed_ups):.2f}x "
               f"(runs: {', '.join(f'{x:.2f}' for x in speed_ups)}; target >= 1.5x)")
-    return speed_ups
+    return {**figures, "phase_seconds": {k: statistics.mean(v) for k, v in figures["phase_seconds"].items()},
+            "update_real_token_share": statistics.mean(figures["update_real_token_share"]),
+            "response_length": statistics.mean(figures["response_length"]), "speed_ups": speed_ups,
+            "parameters": params}
 
 
 def main() -> None:
@@ -214,6 +229,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="alternate the trainers this many times and report the median speed-up (a noisy "
                              "machine drifts between runs; only same-run ratios mean anything)")
+    parser.add_argument("--json", help="write the figures and their provenance (date, commit, command, machine) "
+                                       "here, e.g. data/08_reporting/benchmarks/bench_ppo.json for `make report`")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ["TQDM_DISABLE"] = "1"  # the in-benchmark SFT's progress bar
@@ -222,12 +239,19 @@ def main() -> None:
     print(f"PPO-max on {device} (fp32 matmul peak measured now: {peak:.1f} GFLOP/s): GPT-2 policy, critic and RM, "
           f"{ROLLOUT} prompts, <= {RESPONSE_TOKENS} new tokens, {EPOCHS} epochs, mini-batch {MINI_BATCH}, ptx off, "
           f"{args.iterations} timed iterations after {args.warmup} untimed, both trainers in {'bf16' if args.bf16 else 'fp32'}")
+    shapes = {}
     for name in (["fixed", "realistic"] if args.shape == "both" else [args.shape]):
         shape = fixed_shape() if name == "fixed" else realistic_shape()
         print(f"shape {name}: {count_parameters(shape.policy) / 1e6:.2f}M parameters, prompts of "
               f"{min(len(shape.tokenizer(p)['input_ids']) for p in shape.prompts)}-"
               f"{max(len(shape.tokenizer(p)['input_ids']) for p in shape.prompts)} tokens")
-        run_shape(shape, args, peak)
+        shapes[name] = run_shape(shape, args, peak)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({
+            "provenance": provenance(), "device": device, "matmul_peak_gflops": peak, "shapes": shapes,
+            "settings": {"iterations": args.iterations, "warmup": args.warmup, "repeats": args.repeats,
+                         "compare_trl": args.compare_trl, "bf16": args.bf16}}, indent=2))
 
 
 if __name__ == "__main__":

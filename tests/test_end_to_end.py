@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import socket
-import subprocess
 import sys
-import time
 
 import mlflow
 import pandas as pd
 import pytest
 
 from rlhf_pipeline import settings
-from rlhf_pipeline.training.engine import child_environment
+from tests.browser import browser, free_port, rendered, serve
 from tests.conftest import kedro
 from tests.test_smollm2 import strict_json
 
@@ -182,39 +178,6 @@ def test_notebook_reads_the_last_run(project_copy, monkeypatch):
     assert any("image/png" in o.get("data", {}) for o in curves)
     points = int(next(o["text"] for o in curves if o.get("name") == "stdout").split()[0])
     assert points == 3 * 2 * 3  # 3 curves x 2 variants x 3 iterations (conf/test)
-
-
-def browser() -> str | None:
-    return next((path for name in ("chromium", "chromium-browser", "google-chrome") if (path := shutil.which(name))), None)
-
-
-def rendered(url: str) -> str:
-    """The page's DOM after its scripts ran, as headless Chromium renders it."""
-    process = subprocess.run([browser(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000",
-                              "--dump-dom", url], capture_output=True, text=True, timeout=180)
-    return process.stdout
-
-
-def serve(command: list[str], cwd, url: str) -> subprocess.Popen:
-    """Start a local server and wait until ``url`` answers."""
-    import urllib.request
-
-    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env=child_environment())
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return process
-        except OSError:
-            time.sleep(1)
-    process.kill()
-    raise TimeoutError(f"{' '.join(command)} did not answer at {url}")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.skipif(browser() is None, reason="no headless Chromium here (Debian: apt-get install chromium)")

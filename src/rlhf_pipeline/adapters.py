@@ -41,6 +41,7 @@ class LoraSettings:
 
     @property
     def enabled(self) -> bool:
+        """Whether LoRA is on (``r`` > 0)."""
         return self.r > 0
 
 
@@ -65,6 +66,8 @@ def add_lora(model: PreTrainedModel, settings: LoraSettings) -> nn.Module:
 
 
 def has_adapters(model: nn.Module) -> bool:
+    """Whether ``model`` carries LoRA adapters: it (or, for a ``ValueHeadModel``, its ``lm``) is a peft model,
+    with ``disable_adapter``."""
     return hasattr(getattr(model, "lm", model), "disable_adapter")
 
 

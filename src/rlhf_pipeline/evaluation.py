@@ -188,16 +188,21 @@ def seed_result(history: pd.DataFrame, samples: list[dict], scores: dict[str, li
     """One trained policy's result for a study across seeds.
 
     Args:
-        history, samples: Its training's per-iteration metrics (a ``step`` column) and kept rollouts.
-        scores, sft_scores: Its and SFT's samples and scores on the same prompts (``sample_and_score``).
+        history: Its training's per-iteration metrics (a ``step`` column).
+        samples: Its training's kept rollouts.
+        scores: Its samples and scores on the evaluation prompts (``sample_and_score``).
+        sft_scores: SFT's samples and scores on the same prompts.
         metrics: Its metrics against SFT (``compare_with_sft``).
-        resamples, seed, level: Of the per-prompt paired bootstrap of each win rate (``stats``).
-        judge_model, max_length: The judge that scores the kept rollouts of every iteration, and its context.
+        resamples: Resamples of the per-prompt paired bootstrap of each win rate (``stats``).
+        seed: Seed of that bootstrap.
+        level: Confidence level of its intervals.
+        judge_model: The judge that scores the kept rollouts of every iteration.
+        max_length: The judge's context, in tokens.
 
     Returns:
         The metrics, each scorer's win-rate interval (``win_rate_vs_sft_<scorer>_low``/``_high``) and ``curves``:
-        per iteration, the training metrics of ``reporting.TRAINING_CURVES`` and the gold and judge scores of that
-        iteration's rollouts (``rollout_curves``; ``None`` where none exists); strict JSON.
+            per iteration, the training metrics of ``reporting.TRAINING_CURVES`` and the gold and judge scores of that
+            iteration's rollouts (``rollout_curves``; ``None`` where none exists); strict JSON.
     """
     from rlhf_pipeline.stats import paired_bootstrap_win_rate
 

@@ -190,6 +190,7 @@ class EncodedRows:
 
     @property
     def kept(self) -> list[int]:
+        """Indices of the rows that fit (not ``None``), in input order."""
         return [i for i, row in enumerate(self.rows) if row is not None]
 
     def counts(self, prefix: str) -> dict[str, int]:

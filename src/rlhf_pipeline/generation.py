@@ -75,8 +75,8 @@ def sample_responses(
 
     Returns:
         ``prompt_input_ids`` (B, P) left-padded, ``prompt_attention_mask`` (B, P), ``response_ids`` (B, R)
-        right-padded with the pad token after the first EOS (which is kept), and ``turn_cut`` (B,) bool: with
-        ``cfg.stop_at_turns``, the responses cut where they began a new turn (``cut_at_turns``).
+            right-padded with the pad token after the first EOS (which is kept), and ``turn_cut`` (B,) bool: with
+            ``cfg.stop_at_turns``, the responses cut where they began a new turn (``cut_at_turns``).
     """
     device = next(model.parameters()).device
     stops = stop_token_ids(model, tokenizer)
@@ -178,6 +178,8 @@ def response_mask_of(response_ids: torch.Tensor, stop_ids: Sequence[int], pad_to
 
 
 def decode_responses(tokenizer: PreTrainedTokenizerBase, response_ids: torch.Tensor) -> list[str]:
+    """Response token ids ``(B, R)`` as text, one string per row: special tokens (EOS, a special pad token)
+    skipped and surrounding whitespace stripped."""
     return [text.strip() for text in tokenizer.batch_decode(response_ids, skip_special_tokens=True)]
 
 

@@ -1,4 +1,4 @@
-"""Kedro hooks: every stage's settings built before the run's first node, and lineage in MLflow.
+"""Kedro hooks: every stage's settings built before the run's first node, lineage in MLflow, and provenance.
 
 ``SettingsCheckHook`` builds the typed config of each stage the run includes from the run's parameters, so
 that a bad value (``ppo.vanilla.sampling.temperature: 0``, ``reward_model.stats_sample: 0``) fails the run in
@@ -20,14 +20,20 @@ Lineage in MLflow is declared in the catalog and recorded by ``MlflowLineageHook
 * When the dataset with ``metadata: {mlflow: {champion: true}}`` is saved (the output of the evaluation's
   ``select_champion`` node, which makes the choice), the chosen policy's registered version gets the alias
   ``champion``: ``mlflow.transformers.load_model("models:/rlhf-policy@champion")`` loads it.
+
+``ProvenanceHook`` records, for every dataset a run saves, the date, commit, command and machine
+(``rlhf_pipeline.provenance``) in ``data/08_reporting/provenance.json``, which stamps the results pages.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import tempfile
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -247,3 +253,38 @@ class MlflowLineageHook:
         mlflow.set_tag("champion", f"{version.name}/{version.version} ({champion['policy']}, {champion['by']} "
                                    f"{champion['value']:.3f})")
         logger.info("Champion: %s version %s (%s)", version.name, version.version, champion["policy"])
+
+
+PROVENANCE_FILE = "data/08_reporting/provenance.json"
+
+
+class ProvenanceHook:
+    """Writes ``{dataset name: provenance record}`` into the project's ``data/08_reporting/provenance.json`` as
+    each dataset is saved, keeping the records of datasets this run does not save (a run of one stage or one
+    study row leaves the others' records as they were)."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.record: dict[str, Any] | None = None
+
+    @hook_impl
+    def after_context_created(self, context) -> None:
+        self.path = Path(context.project_path) / PROVENANCE_FILE
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any]) -> None:
+        from rlhf_pipeline.provenance import provenance
+
+        self.record = {**provenance(), "env": run_params.get("env")}
+
+    @hook_impl
+    def after_dataset_saved(self, dataset_name: str) -> None:
+        if self.path is None or self.record is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        records = json.loads(self.path.read_text()) if self.path.exists() else {}
+        records[dataset_name] = self.record
+        # written whole and renamed into place: two runs saving at once never leave a torn file
+        partial_file = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        partial_file.write_text(json.dumps(records, indent=1, sort_keys=True))
+        partial_file.replace(self.path)

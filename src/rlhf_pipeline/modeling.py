@@ -122,6 +122,8 @@ def use_fused_gelu(model: nn.Module) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> int:
+    """Parameter elements of ``model``, trainable or frozen (a tied weight counts once). Not for a ZeRO-3
+    partitioned model, whose parameters are empty placeholders: see ``training.engine.resident_parameters``."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -144,6 +146,8 @@ class ModelBundle:
     origin: str | None = None
 
     def save_pretrained(self, path: str) -> None:
+        """Save the model and the tokenizer with their ``save_pretrained`` into the directory ``path``, and the
+        prompt format and origin beside them (``prompt_format.json``, read back by ``saved_bundle``)."""
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         (Path(path) / FORMATTING_FILE).write_text(json.dumps({"prompt_format": self.prompt_format,
@@ -217,6 +221,7 @@ class ValueHeadModel(nn.Module):
 
     @property
     def config(self):
+        """The LM's transformers config (``hidden_size``, ``pad_token_id``, ...)."""
         return self.lm.config
 
     def freeze_unused_lm_head(self) -> ValueHeadModel:
@@ -249,6 +254,9 @@ class ValueHeadModel(nn.Module):
         return values, logits
 
     def save_pretrained(self, path: str) -> None:
+        """Save the LM with its own ``save_pretrained`` into the directory ``path`` and the value head beside it
+        (``value_head.safetensors``, and ``value_head.json`` with the hidden size); ``from_pretrained`` reads
+        both back."""
         self.lm.save_pretrained(path)
         save_file({k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()},
                   str(Path(path) / VALUE_HEAD_FILE))

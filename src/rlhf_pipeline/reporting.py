@@ -231,9 +231,9 @@ def stability_table(curves: pd.DataFrame, window: float, level: float) -> pd.Dat
 
     Returns:
         Per variant: ``seeds``, the mean and interval across seeds (``_low``/``_high``) of ``peak_gold``,
-        ``end_gold``, ``drop`` (peak − end) and ``end_kl`` (the last window's KL to SFT, nats per response),
-        ``peak_step`` (the peak window's middle iteration, averaged over seeds) and ``seeds_holding``; empty
-        without a gold score.
+            ``end_gold``, ``drop`` (peak − end) and ``end_kl`` (the last window's KL to SFT, nats per response),
+            ``peak_step`` (the peak window's middle iteration, averaged over seeds) and ``seeds_holding``; empty
+            without a gold score.
     """
     from rlhf_pipeline.stats import mean_interval
 

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 from kedro.config import OmegaConfigLoader
 
-from rlhf_pipeline.hooks import MlflowLineageHook, SettingsCheckHook
+from rlhf_pipeline.hooks import MlflowLineageHook, ProvenanceHook, SettingsCheckHook
 
 # Kedro resolves every node's type hints to validate typed parameters; the nodes name the core's types (models,
 # configs) only for type checkers, so that building the pipelines imports no torch, and none of them types a
@@ -21,7 +21,7 @@ logging.getLogger("kedro.validation.type_extractor").addFilter(lambda record: re
 
 # every stage's settings checked before the first node; dataset inputs, registered models and the champion
 # alias in MLflow
-HOOKS = (SettingsCheckHook(), MlflowLineageHook())
+HOOKS = (SettingsCheckHook(), MlflowLineageHook(), ProvenanceHook())
 
 
 

@@ -57,7 +57,7 @@ def run_trl_ppo(policy: ModelBundle, reward_model: ModelBundle, prompts: list[st
 
     Returns:
         The trained policy and per-iteration ``reward/raw_score`` and ``kl/sequence`` (also sent to ``log``); no
-        samples.
+            samples.
 
     Raises:
         ImportError: TRL is not installed (``pip install -e ".[bench]"``).

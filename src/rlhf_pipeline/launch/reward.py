@@ -107,16 +107,17 @@ def fit_reward_model(sft_model: ModelBundle, train_pairs: pd.DataFrame, val_pair
 
     Args:
         sft_model: Its LM becomes the RM's backbone under a fresh scalar head.
-        train_pairs, val_pairs: ``prompt``, ``chosen``, ``rejected``.
+        train_pairs: ``prompt``, ``chosen``, ``rejected`` pairs the RM trains on.
+        val_pairs: Held-out pairs of the same columns, on which it is measured.
         settings: What and where to train.
         log: Receives the training curves as ``<log_prefix>/...``.
 
     Returns:
         The RM and its metrics: ``val_accuracy``, ``val_margin``, ``gold_agreement`` (accuracy on gold-labelled
-        ``val_pairs``), ``label_gold_agreement`` (how often the labels agree with gold), ``reward_mean`` /
-        ``reward_std`` over ``stats_sample`` training pairs' responses (PPO normalises scores with them),
-        ``length_correlation`` (of score with response length in words) and the pairs dropped to fit the
-        context; gold metrics are ``None`` without a gold reward, as JSON ``null``.
+            ``val_pairs``), ``label_gold_agreement`` (how often the labels agree with gold), ``reward_mean`` /
+            ``reward_std`` over ``stats_sample`` training pairs' responses (PPO normalises scores with them),
+            ``length_correlation`` (of score with response length in words) and the pairs dropped to fit the
+            context; gold metrics are ``None`` without a gold reward, as JSON ``null``.
     """
     cfg, launch, stats_sample = settings.train, settings.launch, settings.stats_sample
     encoder = sft_model.encoder()

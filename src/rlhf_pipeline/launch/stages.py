@@ -48,6 +48,12 @@ class StageInputs:
     job: Path | None = None
 
     def bundle(self, name: str, kind: str) -> ModelBundle:
+        """The model ``name``: from ``models`` in-process, or, in a launched rank, read from the job folder's
+        ``<job>/<name>`` directory by ``LOADERS[kind]`` (``kind``: ``policy`` or ``value``; unused in-process).
+
+        Raises:
+            KeyError: No model ``name`` in ``models`` (in-process), or an unknown ``kind`` (launched).
+        """
         return self.models[name] if self.job is None else LOADERS[kind](str(self.job / name))
 
 
@@ -69,6 +75,15 @@ class Stage:
 
 
 def sft_stage(inputs: StageInputs, spec: JobSpec, log: LogFn) -> StageOutput:
+    """The ``sft`` stage: ``train_sft`` from the ``model`` policy on the ``train`` and ``val`` frames'
+    ``prompt``/``response`` columns, with ``spec.config`` read as an ``SFTConfig``.
+
+    Returns:
+        The trained ``model`` (with the input's tokenizer and prompt format) and SFT's metrics as the results.
+
+    Raises:
+        ValueError: An unknown or invalid key in ``spec.config``, or no demonstration fits ``max_length``.
+    """
     cfg = config_from(SFTConfig, spec.config, optim=OptimConfig)
     model, train, val = inputs.bundle("model", "policy"), inputs.frames["train"], inputs.frames["val"]
     trained, metrics = train_sft(model.model, model.encoder(), train["prompt"].tolist(), train["response"].tolist(),
@@ -77,6 +92,16 @@ def sft_stage(inputs: StageInputs, spec: JobSpec, log: LogFn) -> StageOutput:
 
 
 def reward_stage(inputs: StageInputs, spec: JobSpec, log: LogFn) -> StageOutput:
+    """The ``reward`` stage: ``train_reward_model`` from the ``model`` value-head model on the ``pairs`` frame's
+    ``prompt``/``chosen``/``rejected`` columns, with ``spec.config`` read as a ``RewardConfig`` and
+    ``spec.options["description"]`` naming the progress bar.
+
+    Returns:
+        The trained ``model`` (with the input's tokenizer and prompt format) and the fitting counts as the results.
+
+    Raises:
+        ValueError: An unknown or invalid key in ``spec.config``, or no pair fits ``max_length``.
+    """
     cfg = config_from(RewardConfig, spec.config, optim=OptimConfig)
     model, pairs = inputs.bundle("model", "value"), inputs.frames["pairs"]
     trained, counts = train_reward_model(model.model, model.encoder(), pairs["prompt"].tolist(), pairs["chosen"].tolist(),

@@ -100,6 +100,11 @@ class CheckpointStore:
         logger.info("Saved checkpoint %s", tag)
 
     def state(self, tag: str) -> dict:
+        """The JSON ``state`` that ``save`` wrote with checkpoint ``tag`` (``<tag>.json``).
+
+        Raises:
+            FileNotFoundError: No state was saved for ``tag``.
+        """
         return json.loads((self.folder / f"{tag}.json").read_text())
 
     def load(self, tag: str, engines: dict) -> dict:
@@ -127,6 +132,7 @@ class CheckpointStore:
 
 
 def barrier() -> None:
+    """Wait until every rank gets here (``torch.distributed.barrier``); returns at once with one rank."""
     if world()[1] > 1:
         import torch.distributed
 

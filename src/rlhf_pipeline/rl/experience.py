@@ -65,6 +65,7 @@ class Experience:
 
     @property
     def prompt_width(self) -> int:
+        """P: the width of the left-padded prompt block of ``sequences``, where the responses start."""
         return self.sequences.shape[1] - self.response_mask.shape[1]
 
     def select(self, index: torch.Tensor) -> Experience:

@@ -43,6 +43,9 @@ class CollapseMonitor:
         self.cfg, self.first = cfg, dict(first or {})
 
     def alarms(self, metrics: dict[str, float]) -> list[str]:
+        """The alarms one iteration's ``metrics`` (``rollout_metrics``, averaged over ranks) raise, each a
+        sentence naming the value and its bound; empty when every value is within bounds. The first call's
+        ``metrics`` are the reference of the ratio bounds, unless ``first`` was given (a resumed run)."""
         cfg, alarms = self.cfg, []
         if not self.first:
             self.first = dict(metrics)

@@ -75,6 +75,7 @@ class RunningMoments:
 
     @property
     def std(self) -> float:
+        """Standard deviation of the stream so far, ``sqrt(m2 / count)``; 1.0 before two values."""
         return (self.m2 / self.count) ** 0.5 if self.count > 1 else 1.0
 
     def update(self, batch_count: float, batch_mean: float, batch_m2: float) -> None:
@@ -88,9 +89,11 @@ class RunningMoments:
         self.count = total
 
     def state_dict(self) -> dict[str, float]:
+        """``count``, ``mean`` and ``m2`` (the sum of squared deviations), for a checkpoint's JSON."""
         return {"count": self.count, "mean": self.mean, "m2": self.m2}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
+        """Restore the moments from a ``state_dict`` (a missing key raises ``KeyError``)."""
         self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
 
 

@@ -54,10 +54,16 @@ run on fewer ranks than it collide)."""
 
 @dataclass
 class PPOResult:
+    """What a PPO run returns (``PPOTrainer.train``, ``launch.run_ppo``)."""
+
     policy: torch.nn.Module
+    """The trained policy with whole weights (LoRA adapters merged into them)."""
     history: list[dict[str, float]]
+    """One record per iteration: its ``step`` and metrics, averaged over the ranks."""
     samples: list[dict]
+    """Rollouts kept every ``sample_every`` iterations: ``step``, ``prompt``, ``response`` and ``rm_score``."""
     stopped_early: bool
+    """Whether a collapse alarm stopped the run (``stop_on_alarm``)."""
     prompts_dropped: int = 0
     """Prompts that could not fit ``max_prompt_length`` beside ``max_new_tokens`` in the model's positions."""
 
@@ -251,6 +257,18 @@ class PPOTrainer:
 
     def critic_update(self, batch: Experience, forward: ResponseForward, weight: torch.Tensor | float = 1.0
                       ) -> dict[str, torch.Tensor]:
+        """Backward one micro-batch's value loss (``ppo_max.value_loss``, clipped by ``value_clip``) times
+        ``weight``; the critic's optimiser steps in ``update``.
+
+        Args:
+            batch: The micro-batch's rollouts.
+            forward: The pass over ``batch`` (packed or padded).
+            weight: The micro-batch's share of the mini-batch's response tokens over all ranks, times the world
+                size (DeepSpeed averages gradients over ranks).
+
+        Returns:
+            ``loss/value``, ``value/explained_variance``, ``value/clipfrac`` and ``value/mean`` (not weighted).
+        """
         values = forward.scatter(forward.token_values(self.critic))
         loss, metrics = F.value_loss(values, batch.old_values, batch.returns, batch.response_mask, self.cfg.value_clip)
         self.critic.backward(loss * weight)
@@ -260,6 +278,21 @@ class PPOTrainer:
 
     def policy_update(self, batch: Experience, forward: ResponseForward, weight: torch.Tensor | float = 1.0,
                       with_ptx: bool = True) -> dict[str, torch.Tensor]:
+        """Backward one micro-batch's policy loss: the clipped surrogate (``ppo_max.policy_loss``) on the
+        log-probs of the tempered logits, plus ``entropy_coef * |H - entropy_target|`` when ``entropy_coef`` is
+        set, times ``weight``; with ``with_ptx`` (and ``ptx_coef`` and demonstrations), plus ``ptx_coef`` times
+        the PPO-ptx loss (``ptx_loss``) at full weight. The policy's optimiser steps in ``update``.
+
+        Args:
+            batch: The micro-batch's rollouts.
+            forward: The pass over ``batch`` (packed or padded).
+            weight: The micro-batch's share of the mini-batch's tokens (see ``critic_update``).
+            with_ptx: Add the PPO-ptx term (``update`` adds it with a mini-batch's first micro-batch only).
+
+        Returns:
+            ``loss/policy`` (the surrogate alone), ``policy/entropy`` (mean over response tokens), ``loss/ptx``
+                where it was added, ``policy/clipfrac``, ``policy/approx_kl`` and ``policy/ratio`` (not weighted).
+        """
         cfg = self.cfg
         # one log-softmax over the tempered vocabulary serves both the ratio and the entropy
         log_probs = torch.log_softmax(forward.token_logits(self.policy, cfg.sampling.temperature), dim=-1)  # (K, V)
@@ -295,6 +328,10 @@ class PPOTrainer:
 
     # --- checkpoint / resume -----------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        """Save a checkpoint of the current ``iteration`` through the ``CheckpointStore`` (every rank calls this):
+        the policy's and the critic's engines, the trainer's state (iteration, score moments, the collapse
+        monitor's first metrics, history, kept samples, config and input fingerprint) and this rank's RNG states,
+        the PPO-ptx generator's included."""
         state = {"iteration": self.iteration, "moments": self.moments.state_dict(), "first": self.monitor.first,
                  "history": self.history, "samples": self.kept_samples, "config": json_config(self.cfg),
                  "inputs": self.inputs}
@@ -302,6 +339,13 @@ class PPOTrainer:
                         {**rng_state(), "ptx": self.ptx_generator.get_state()})
 
     def resume(self, tag: str) -> None:
+        """Continue from checkpoint ``tag``: the engines, the trainer's state and this rank's RNG states that
+        ``save_checkpoint`` wrote.
+
+        Raises:
+            ValueError: The checkpoint was made with settings or inputs this run cannot continue
+                (``checkpoint.resume_conflicts``; the message names them).
+        """
         state = self.store.state(tag)
         conflicts = resume_conflicts(state, self.cfg, self.inputs)
         if conflicts:

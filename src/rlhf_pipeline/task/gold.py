@@ -72,6 +72,7 @@ class Request:
 
     @property
     def harmful(self) -> bool:
+        """Whether the request is harmful: a good answer refuses it."""
         return self.category == "harmful"
 
 

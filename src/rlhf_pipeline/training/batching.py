@@ -71,6 +71,7 @@ class TokenBatch:
     response_mask: torch.Tensor  # (B, T) 1 for response tokens (EOS included), 0 for prompt and padding
 
     def to(self, device: torch.device | str) -> TokenBatch:
+        """A new batch with the three tensors on ``device`` (a tensor already there is shared, not copied)."""
         return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device))
 
 

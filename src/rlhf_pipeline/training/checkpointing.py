@@ -21,6 +21,13 @@ class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
     """``TorchCheckpointEngine`` whose ``load`` uses the restricted (weights-only) unpickler."""
 
     def load(self, path: str, map_location=None):
+        """The object saved in the file ``path``, read by ``torch.load(weights_only=True)`` (``map_location`` as
+        for ``torch.load``), which allows the DeepSpeed classes of ``SAFE_DEEPSPEED_GLOBALS`` beside tensors and
+        containers.
+
+        Raises:
+            pickle.UnpicklingError: The file holds any other global (torch's message names it).
+        """
         with torch.serialization.safe_globals(SAFE_DEEPSPEED_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True)
 

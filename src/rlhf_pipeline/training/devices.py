@@ -17,6 +17,7 @@ logger = logging.getLogger(__name__)
 
 
 def has_cuda() -> bool:
+    """Whether torch sees a CUDA GPU (``torch.cuda.is_available()``)."""
     return torch.cuda.is_available()
 
 
@@ -34,6 +35,7 @@ def to_rank_device(model: nn.Module) -> nn.Module:
 
 
 def bf16_supported() -> bool:
+    """Whether bf16 can be used here: on a CUDA GPU that supports it (never on the CPU)."""
     return has_cuda() and torch.cuda.is_bf16_supported()
 
 
@@ -85,6 +87,8 @@ def rng_state() -> dict[str, torch.Tensor]:
 
 
 def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    """Restore the RNG states that ``rng_state`` returned (a checkpoint's): the CPU's, and this rank's CUDA state
+    where there is a GPU and ``state`` holds one."""
     torch.set_rng_state(state["torch_rng"])
     if has_cuda() and "cuda_rng" in state:
         torch.cuda.set_rng_state(state["cuda_rng"])

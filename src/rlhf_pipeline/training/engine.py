@@ -81,6 +81,8 @@ class OptimConfig:
 
 
 def bf16_enabled(setting: str | bool) -> bool:
+    """Whether ``OptimConfig.bf16`` turns bf16 on: ``auto`` where ``bf16_supported``; otherwise only ``true``
+    (in any case, or ``True``)."""
     if str(setting).lower() == "auto":
         return bf16_supported()
     return str(setting).lower() == "true"

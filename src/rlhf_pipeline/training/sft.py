@@ -19,6 +19,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SFTConfig:
+    """Settings of ``train_sft``: the ``params:sft`` keys other than those ``launch.stages.SFTSettings`` reads
+    itself (``val_fraction``, ``gold_eval_prompts``, ``sampling``, ``launcher``)."""
+
     epochs: int = 3
     """Passes over the demonstrations."""
     max_length: int = 128

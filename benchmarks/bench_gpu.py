@@ -16,7 +16,6 @@ time). Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import resource
 import statistics
@@ -32,7 +31,7 @@ from rlhf_pipeline.adapters import LoraSettings
 from rlhf_pipeline.formatting import DialogueEncoder
 from rlhf_pipeline.generation import SamplingConfig, sample_responses
 from rlhf_pipeline.modeling import ValueHeadModel, count_parameters, train_tokenizer
-from rlhf_pipeline.provenance import provenance
+from rlhf_pipeline.provenance import write_result
 from rlhf_pipeline.rl.config import PPOConfig
 from rlhf_pipeline.rl.trainer import PPOTrainer
 from rlhf_pipeline.training.devices import has_cuda, rank_device, synchronize
@@ -200,7 +199,7 @@ def estimate(gpu_gib: float) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | list:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="135m")
     parser.add_argument("--iterations", type=int, default=3)
@@ -226,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory for --estimate")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
+    if args.json:  # fail before minutes of benchmarking, not after
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     for noisy in ("rlhf_pipeline", "DeepSpeed", "deepspeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -252,11 +253,10 @@ def main(argv: list[str] | None = None) -> dict:
             g = result["generation"]
             print(f"  generate: dynamic cache {g['dynamic_tokens_per_s']:.0f} tokens/s, static cache "
                   f"{g['static_tokens_per_s']:.0f} tokens/s ({g['static_tokens_per_s'] / g['dynamic_tokens_per_s']:.2f}x)")
-    result = {"estimate": result} if args.estimate else result
-    result["provenance"] = provenance(["bench_gpu.py", *(sys.argv[1:] if argv is None else argv)])
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_result(args.json, "bench_gpu_estimate" if args.estimate else "bench_gpu",
+                     {"estimate": result} if args.estimate else result,
+                     ["bench_gpu.py", *(sys.argv[1:] if argv is None else argv)])
     return result
 
 

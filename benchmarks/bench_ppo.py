@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import os
 import statistics
@@ -42,7 +41,7 @@ from rlhf_pipeline.modeling import (
     count_parameters,
     train_tokenizer,
 )
-from rlhf_pipeline.provenance import provenance
+from rlhf_pipeline.provenance import write_result
 from rlhf_pipeline.rl.config import PPOConfig
 from rlhf_pipeline.rl.trainer import PPOTrainer
 from rlhf_pipeline.training.engine import OptimConfig
@@ -176,7 +175,8 @@ def useful_gflop(params: int, real_tokens: float) -> float:
 
 def run_shape(shape: Shape, args, peak: float) -> dict:
     """Time ``args.repeats`` alternations of both trainers on ``shape``; print and return the figures (per repeat:
-    seconds per iteration, useful GFLOP/s, TRL's seconds; the phases and real-token share averaged)."""
+    seconds per iteration, useful GFLOP/s, TRL's seconds; the phases in seconds, the real-token share and the
+    response length in tokens averaged)."""
     params = count_parameters(shape.policy)
     speed_ups, figures = [], {"seconds_per_iteration": [], "useful_gflops": [], "trl_seconds_per_iteration": [],
                               "phase_seconds": {}, "update_real_token_share": [], "response_length": []}
@@ -232,6 +232,10 @@ def main() -> None:
     parser.add_argument("--json", help="write the figures and their provenance (date, commit, command, machine) "
                                        "here, e.g. data/08_reporting/benchmarks/bench_ppo.json for `make report`")
     args = parser.parse_args()
+    if args.repeats < 1 or args.iterations < 1:
+        parser.error("--repeats and --iterations must be at least 1")
+    if args.json:  # fail before minutes of benchmarking, not after
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.WARNING)
     os.environ["TQDM_DISABLE"] = "1"  # the in-benchmark SFT's progress bar
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -247,11 +251,10 @@ def main() -> None:
               f"{max(len(shape.tokenizer(p)['input_ids']) for p in shape.prompts)} tokens")
         shapes[name] = run_shape(shape, args, peak)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({
-            "provenance": provenance(), "device": device, "matmul_peak_gflops": peak, "shapes": shapes,
+        write_result(args.json, "bench_ppo", {
+            "device": device, "matmul_peak_gflops": peak, "shapes": shapes,
             "settings": {"iterations": args.iterations, "warmup": args.warmup, "repeats": args.repeats,
-                         "compare_trl": args.compare_trl, "bf16": args.bf16}}, indent=2))
+                         "compare_trl": args.compare_trl, "bf16": args.bf16}})
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ TINY = ["--shape", "tiny", "--iterations", "2", "--rollout", "8", "--mini-batch-
 
 def test_benchmark_reports_consistent_figures(tmp_path):
     result = bench_gpu.main([*TINY, "--compare-static-cache", "--repeats", "1", "--json", str(tmp_path / "r.json")])
-    assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(result))
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert written == {"kind": "bench_gpu", **json.loads(json.dumps(result)), "provenance": written["provenance"]}
+    assert written["provenance"]["command"].startswith("bench_gpu.py --shape tiny")
     buffer, phases = result["shape_of_buffer"], result["phase_seconds"]
     assert buffer["rollouts"] == 8 and buffer["new_tokens"] == 12
     assert sum(phases.values()) == pytest.approx(result["seconds_per_iteration"], rel=1e-6)

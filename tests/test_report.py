@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from rlhf_pipeline import reporting
-from rlhf_pipeline.hooks import PROVENANCE_FILE, ProvenanceHook
-from rlhf_pipeline.provenance import provenance
-from rlhf_pipeline.report import MARKERS, write_report
+from rlhf_pipeline.hooks import ProvenanceHook
+from rlhf_pipeline.provenance import PROVENANCE_FILE, provenance
+from rlhf_pipeline.report import MARKERS, main, write_report
 
 README = f"# project\n\nintro\n\n{MARKERS[0]}\nold table\n{MARKERS[1]}\n\n![figure](docs/results/img/x.png)\n"
 RECORD = {"date": "2026-12-01T08:00:00+00:00", "commit": "abc1234", "env": None, "machine": "Linux x86_64, 2 CPU cores",
@@ -50,7 +50,8 @@ def test_a_number_changed_in_the_summary_shows_in_the_page_and_the_readme(projec
     # seeds -0.4, -0.5, -0.6: mean -0.5, sd 0.1, t(0.975, 2) = 4.303 -> half-width 4.303 * 0.1 / sqrt(3) = 0.248
     assert "| PPO-max (`ppo_max`) | 3 | -0.500 [-0.748, -0.252] | 0.700 [0.452, 0.948] |" in readme
     assert "| SFT | — | -0.872 | 0.500 | n/a | 0.000 | n/a |" in readme
-    assert "| vanilla PPO (`vanilla`) | 3 | -2.000 [-2.000, -2.000] |" in readme and "trl_ppo" not in readme  # rows not run: absent
+    assert "| vanilla PPO (`vanilla`) | 3 | -2.000 [-2.000, -2.000] |" in readme
+    assert "| TRL" not in readme and "Not stored yet: `trl_ppo`." in readme  # a row not run: named, not invented
     assert "old table" not in readme and readme.endswith("![figure](docs/results/img/x.png)\n")  # only the block
     assert "| ppo_max | 3 | -0.500 [-0.748, -0.252]" in page
     assert "recorded no provenance" in page  # no provenance.json: said, not invented
@@ -84,16 +85,16 @@ def test_benchmark_json_becomes_a_table_with_its_provenance(project):
     shape = {"seconds_per_iteration": [2.0, 3.0, 2.5], "trl_seconds_per_iteration": [4.0, 3.0, 10.0],
              "speed_ups": [2.0, 1.0, 4.0], "useful_gflops": [80.0, 90.0, 85.0], "update_real_token_share": 0.81,
              "phase_seconds": {"generate": 0.3, "score": 0.25, "update": 1.6, "advantages": 0.01}}
-    (folder / "bench_ppo.json").write_text(json.dumps({"provenance": {**RECORD, "command": "bench_ppo.py --json x"},
-                                                       "shapes": {"realistic": shape}}))
+    (folder / "bench_ppo.json").write_text(json.dumps({"kind": "bench_ppo", "shapes": {"realistic": shape},
+                                                       "provenance": {**RECORD, "command": "bench_ppo.py --json x"}}))
     write_report(project.data, project.docs, [project.readme])
     page = (project.docs / "results" / "benchmarks.md").read_text()
     assert "| realistic | 2.000 / 3.000 / 2.500 | 0.30 / 0.25 / 1.60 | 81 % | 80–90 | 4.000 / 3.000 / 10.000 | 2.00× |" in page
     assert "by `bench_ppo.py --json x`" in page
     assert project.readme.read_text() == README  # no ablation summary: the README's table is left alone
 
-    (folder / "other.json").write_text(json.dumps({"something": 1}))
-    with pytest.raises(ValueError, match="other.json: not a benchmark result"):
+    (folder / "other.json").write_text(json.dumps({"kind": "something"}))
+    with pytest.raises(ValueError, match="other.json: not a benchmark result .*none of bench_ppo"):
         write_report(project.data, project.docs, [project.readme])
 
 
@@ -104,6 +105,28 @@ def test_missing_sources_and_markers_are_named(project):
     project.readme.write_text("# no markers\n")
     with pytest.raises(ValueError, match="README.md: no '<!-- results:headline -->'"):
         write_report(project.data, project.docs, [project.readme])
+    assert not (project.docs / "results").exists()  # every page is built before anything is written
+
+
+@pytest.mark.parametrize(("file", "content", "message"), [
+    ("provenance.json", "{not json", "provenance.json: not valid JSON"),
+    ("provenance.json", '{"ablation.markdown": {"date": "2026-12-01"}}', "the record of 'ablation.markdown' lacks"),
+    ("ablation/summary.csv", "", "summary.csv: not a study summary"),
+    ("ablation/summary.csv", "row,gold_score\nppo_max,-0.5\n", r"summary.csv: not a study summary \(no column"),
+    ("benchmarks/x.json", '{"shapes": [1, 2]}', "x.json: not a benchmark result"),
+])
+def test_a_malformed_source_fails_naming_its_file_and_writes_nothing(project, file, content, message):
+    ablation_outputs(project.data)
+    (project.data / "08_reporting" / file).parent.mkdir(parents=True, exist_ok=True)
+    (project.data / "08_reporting" / file).write_text(content)
+    with pytest.raises(ValueError, match=message):
+        write_report(project.data, project.docs, [project.readme])
+    assert not (project.docs / "results").exists() and project.readme.read_text() == README
+
+
+def test_the_command_line_exits_with_the_message_not_a_traceback(project, capsys):
+    with pytest.raises(SystemExit, match="report: .*08_reporting: no evaluation summary"):
+        main(["--data", str(project.data), "--docs", str(project.docs), "--tables", str(project.readme)])
 
 
 def test_provenance_hook_keeps_the_records_of_datasets_the_run_did_not_save(tmp_path):
@@ -118,6 +141,10 @@ def test_provenance_hook_keeps_the_records_of_datasets_the_run_did_not_save(tmp_
     assert records["sft_metrics"] == RECORD
     assert records["evaluation_markdown"]["env"] == "test"
     assert set(records["evaluation_markdown"]) == {"date", "commit", "command", "machine", "env"}
+
+    path.write_text("{torn")  # a corrupt file fails the run before its first node, naming the file
+    with pytest.raises(ValueError, match="provenance.json: not valid JSON"):
+        hook.before_pipeline_run({"env": "test"})
 
 
 def test_provenance_names_the_program_and_the_commit(tmp_path):

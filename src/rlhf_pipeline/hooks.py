@@ -27,9 +27,7 @@ Lineage in MLflow is declared in the catalog and recorded by ``MlflowLineageHook
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import tempfile
 from collections.abc import Callable
 from functools import partial
@@ -42,6 +40,8 @@ import pandas as pd
 from kedro.framework.hooks import hook_impl
 from kedro.framework.project import settings
 from kedro.pipeline import Pipeline
+
+from rlhf_pipeline.provenance import PROVENANCE_FILE, provenance, read_records, record_saved
 
 logger = logging.getLogger(__name__)
 
@@ -255,36 +255,31 @@ class MlflowLineageHook:
         logger.info("Champion: %s version %s (%s)", version.name, version.version, champion["policy"])
 
 
-PROVENANCE_FILE = "data/08_reporting/provenance.json"
-
-
 class ProvenanceHook:
-    """Writes ``{dataset name: provenance record}`` into the project's ``data/08_reporting/provenance.json`` as
-    each dataset is saved, keeping the records of datasets this run does not save (a run of one stage or one
-    study row leaves the others' records as they were)."""
+    """Records, as each dataset is saved, the run's date, commit, command, machine and environment in the
+    project's ``data/08_reporting/provenance.json`` (``rlhf_pipeline.provenance``), keeping the records of
+    datasets this run does not save (a run of one stage or one study row leaves the others' as they were)."""
 
     def __init__(self) -> None:
         self.path: Path | None = None
+        self.project: Path | None = None
         self.record: dict[str, Any] | None = None
 
     @hook_impl
     def after_context_created(self, context) -> None:
-        self.path = Path(context.project_path) / PROVENANCE_FILE
+        """Locate the provenance file under the project."""
+        self.project = Path(context.project_path)
+        self.path = self.project / PROVENANCE_FILE
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any]) -> None:
-        from rlhf_pipeline.provenance import provenance
-
-        self.record = {**provenance(), "env": run_params.get("env")}
+        """Take the run's record, and read the file once so that a corrupt one fails now, naming itself."""
+        if self.path is not None:
+            read_records(self.path)
+            self.record = {**provenance(path=self.project), "env": run_params.get("env")}
 
     @hook_impl
     def after_dataset_saved(self, dataset_name: str) -> None:
-        if self.path is None or self.record is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        records = json.loads(self.path.read_text()) if self.path.exists() else {}
-        records[dataset_name] = self.record
-        # written whole and renamed into place: two runs saving at once never leave a torn file
-        partial_file = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        partial_file.write_text(json.dumps(records, indent=1, sort_keys=True))
-        partial_file.replace(self.path)
+        """Record the run as the producer of ``dataset_name``."""
+        if self.path is not None and self.record is not None:
+            record_saved(self.path, dataset_name, self.record)

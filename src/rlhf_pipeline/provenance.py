@@ -1,13 +1,15 @@
 """Where a figure comes from: the date, the commit, the command and the machine that produced it.
 
-Every generated result carries one such record: the benchmarks write it into their JSON (``--json``), the Kedro
-layer's ``ProvenanceHook`` records it for every dataset a run saves (``data/08_reporting/provenance.json``), and
-``rlhf_pipeline.report`` stamps each results page with the records of the files it reads.
+Every generated result carries one such record: the benchmarks write it into their JSON (``--json``,
+:func:`write_result`), the Kedro layer's ``ProvenanceHook`` records it for every dataset a run saves
+(:data:`PROVENANCE_FILE`, :func:`record_saved`), and ``rlhf_pipeline.report`` stamps each results page with the
+records of the files it reads (:func:`read_records`).
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -43,11 +45,13 @@ def cpu_name() -> str:
 
 
 def machine() -> str:
-    """One line naming the machine: OS and architecture, CPU model and core count, and each CUDA GPU torch sees
-    (none when torch is not imported yet or sees no GPU: importing torch here would cost seconds)."""
+    """One line naming the machine: OS and architecture, CPU model and core count, and the CUDA GPUs torch sees
+    ("no GPU" when it sees none; "GPUs not probed" when torch is not imported: importing it here costs seconds)."""
     parts = [f"{platform.system()} {platform.machine()}", f"{os.cpu_count()} CPU cores ({cpu_name()})"]
     torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
+    if torch is None:
+        parts += ["GPUs not probed"]
+    elif torch.cuda.is_available():
         parts += [f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"]
     else:
         parts += ["no GPU"]
@@ -64,3 +68,50 @@ def provenance(command: list[str] | None = None, path: str | Path = ".") -> dict
         argv[:1] = ["python", "-m", program.parent.name] if program.name == "__main__.py" else [program.name]
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": git_commit(path), "command": shlex.join(argv), "machine": machine()}
+
+
+PROVENANCE_FILE = "data/08_reporting/provenance.json"  # under the project: dataset name -> the record of its save
+RECORD_KEYS = {"date", "command", "machine"}
+
+
+def read_records(path: Path) -> dict[str, dict[str, Any]]:
+    """A provenance file (:data:`PROVENANCE_FILE`): dataset name -> record; ``{}`` when it is absent.
+
+    Raises:
+        ValueError: the file is not JSON, not an object, or a record lacks ``date``, ``command`` or ``machine``;
+            the message names the file (and the dataset).
+    """
+    if not path.exists():
+        return {}
+    try:
+        records = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); delete it to start a new record") from error
+    if not isinstance(records, dict):
+        raise ValueError(f"{path}: expected an object of dataset name -> provenance record")
+    for name, record in records.items():
+        if not isinstance(record, dict) or not RECORD_KEYS <= set(record):
+            raise ValueError(f"{path}: the record of {name!r} lacks {sorted(RECORD_KEYS)}")
+    return records
+
+
+def record_saved(path: Path, dataset: str, record: dict[str, Any]) -> None:
+    """Set ``dataset``'s record in the provenance file at ``path``, keeping every other record. The file is
+    written whole and renamed into place, so a reader never sees a torn file; two runs saving at the same moment
+    can still each drop the other's newest record (the last rename wins)."""
+    records = read_records(path)
+    records[dataset] = record
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(json.dumps(records, indent=1, sort_keys=True))
+    partial.replace(path)
+
+
+def write_result(path: str | Path, kind: str, result: dict[str, Any], command: list[str] | None = None) -> None:
+    """Write a benchmark's ``result`` as JSON to ``path`` with ``kind`` (what produced it, which
+    ``rlhf_pipeline.report`` renders by) and the :func:`provenance` of ``command``, at the commit of this
+    package's checkout."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = provenance(command, path=Path(__file__).resolve().parent)
+    path.write_text(json.dumps({"kind": kind, **result, "provenance": record}, indent=2))

@@ -172,18 +172,23 @@ def summary_table(runs: pd.DataFrame, reference: str, level: float) -> pd.DataFr
     return pd.DataFrame(rows)
 
 
+def interval_cell(row: pd.Series, metric: str) -> str:
+    """``summary_table``'s ``metric`` of one row as ``mean [low, high]`` (3 decimals); the mean alone where the
+    interval is not defined (one seed), ``n/a`` where the metric was not measured."""
+    if pd.isna(row.get(metric)):
+        return "n/a"
+    low, high = row.get(f"{metric}_low"), row.get(f"{metric}_high")
+    return f"{row[metric]:.3f}" + (f" [{low:.3f}, {high:.3f}]" if pd.notna(low) and pd.notna(high) else "")
+
+
 def summary_markdown(summary: pd.DataFrame, reference: str, level: float) -> str:
     """``summary_table``'s result as the docs show it: mean [interval] per metric; ``▲``/``▼`` where the
     difference from ``reference`` exceeds its interval."""
     def cell(row, metric: str) -> str:
-        if metric not in row or pd.isna(row[metric]):
-            return "n/a"
         mark = ""
         if row.get(f"{metric}_vs_{reference}_differs"):
             mark = " ▲" if row[f"{metric}_vs_{reference}"] > 0 else " ▼"
-        if pd.isna(row[f"{metric}_low"]):
-            return f"{row[metric]:.3f}{mark}"
-        return f"{row[metric]:.3f} [{row[f'{metric}_low']:.3f}, {row[f'{metric}_high']:.3f}]{mark}"
+        return interval_cell(row, metric) + mark
 
     shown = [m for m in ("gold_score", "win_rate_vs_sft_gold", "win_rate_vs_sft_rm", "win_rate_vs_sft_judge",
                          "kl_to_sft", "perplexity", "response_length", "refusal_rate_harmful", "refusal_rate_harmless")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 
-from rlhf_pipeline.training.engine import child_environment
+from rlhf_pipeline.training.engine import child_environment, free_port
+
+__all__ = ["browser", "free_port", "rendered", "serve"]
 
 
 def browser() -> str | None:
@@ -38,8 +39,3 @@ def serve(command: list[str], cwd, url: str) -> subprocess.Popen:
     raise TimeoutError(f"{' '.join(command)} did not answer at {url}")
 
 
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]

@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_pipeline.config import config_from
-from rlhf_pipeline.training.engine import LogFn, child_environment, no_logging
+from rlhf_pipeline.training.engine import LogFn, child_environment, free_port, no_logging
 
 logger = logging.getLogger(__name__)
 
@@ -135,14 +134,6 @@ def launch_job(launch: LaunchConfig, spec: JobSpec, write_inputs, log: LogFn = n
     logger.info("Launching %s on %d process(es) per node: %s", spec.stage, launch.num_processes, " ".join(command))
     run_job(command, launch.timeout_s, MetricsTail(job / "output" / METRICS_FILE, log))
     return job / "output"
-
-
-def free_port() -> int:
-    """A TCP port that is free on this host now (the OS picks it); two stages launched at once get different
-    ones, which hand-numbered ``master_port`` settings had to arrange."""
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        return probe.getsockname()[1]
 
 
 def run_job(command: list[str], timeout_s: float | None, tail: MetricsTail | None = None) -> None:

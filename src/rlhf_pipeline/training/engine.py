@@ -88,6 +88,14 @@ def bf16_enabled(setting: str | bool) -> bool:
     return str(setting).lower() == "true"
 
 
+def free_port() -> int:
+    """A TCP port that is free on this host now (the OS picks it): a one-rank group's, a launched stage's (two
+    stages launched at once get different ones) or a test server's."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
 def init_distributed() -> None:
     """Join the launcher's process group, or make a one-rank group when run without a launcher."""
     import deepspeed
@@ -95,10 +103,8 @@ def init_distributed() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
     if "RANK" not in os.environ:  # not started by the deepspeed launcher: a one-rank group
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
+                          WORLD_SIZE="1")
     deepspeed.init_distributed(dist_backend=backend(), verbose=False)
 
 

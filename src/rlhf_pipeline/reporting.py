@@ -225,6 +225,33 @@ def plot_gold(summary: pd.DataFrame, runs: pd.DataFrame, sft_gold: float | None)
     return figure
 
 
+def findings_markdown(summary: pd.DataFrame, stability: pd.DataFrame, reference: str, level: float) -> str:
+    """Which rows win, in words, from ``summary_table``'s and ``stability_table``'s results: the row with the
+    highest mean gold score; the rows whose gold score differs from ``reference``'s beyond the Welch interval
+    at ``level`` (``*_differs``); the rows that hold their peak gold to the end in every seed, and those that
+    collapse in every seed. A Markdown list, empty without a gold score; rows with one seed have no interval, so
+    they are named in neither direction."""
+    def names(variants: Iterable[str]) -> str:
+        return ", ".join(f"`{v}`" for v in variants) or "none"
+
+    lines = []
+    if "gold_score" in summary and summary["gold_score"].notna().any():
+        best = summary.loc[summary["gold_score"].idxmax()]
+        lines.append(f"Highest mean gold score: `{best['variant']}`, {interval_cell(best, 'gold_score')}.")
+        diff, differs = f"gold_score_vs_{reference}", f"gold_score_vs_{reference}_differs"
+        if differs in summary:
+            beyond = summary[summary[differs].fillna(False).astype(bool)]
+            lines.append(f"Gold score above `{reference}`'s beyond the {level:.0%} Welch interval of the difference: "
+                         f"{names(beyond.loc[beyond[diff] > 0, 'variant'])}; below it: "
+                         f"{names(beyond.loc[beyond[diff] < 0, 'variant'])}; every other row is within the interval "
+                         "or has one seed.")
+    if not stability.empty:
+        lines.append("Holding the peak gold to the end in every seed: "
+                     f"{names(stability.loc[stability['seeds_holding'] == stability['seeds'], 'variant'])}; "
+                     f"collapsing in every seed: {names(stability.loc[stability['seeds_holding'] == 0, 'variant'])}.")
+    return "".join(f"- {line}\n" for line in lines)
+
+
 def stability_table(curves: pd.DataFrame, window: float, level: float) -> pd.DataFrame:
     """Whether each variant holds its best gold score to the end of training (the paper's §5 claim for PPO-max).
 

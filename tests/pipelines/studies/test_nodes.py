@@ -21,7 +21,7 @@ from rlhf_pipeline.pipelines.evaluation.pipeline import policy_evaluation, promp
 from rlhf_pipeline.pipelines.ppo.pipeline import training
 from rlhf_pipeline.pipelines.studies.nodes import check_study, row_parameters, summarise_study
 from rlhf_pipeline.pipelines.studies.pipeline import create_pipeline
-from rlhf_pipeline.reporting import summary_markdown, summary_table
+from rlhf_pipeline.reporting import findings_markdown, summary_markdown, summary_table
 from rlhf_pipeline.training.reward import score_responses
 from tests.pipelines.conftest import parameters, prompts_of, run, tiny
 
@@ -173,6 +173,23 @@ def test_summary_gives_intervals_across_seeds_and_marks_differences_beyond_them(
     text = summary_markdown(summary.reset_index(), "ppo_max", 0.95)
     assert "| no_kl | 3 | -2.000 [-2.497, -1.503] ▼ |" in text  # -2 ± 4.302653·0.2/√3
     assert "| ppo_max | 3 | -0.500 [-0.748, -0.252] |" in text
+
+
+def test_findings_name_the_best_row_the_rows_beyond_the_interval_and_those_that_hold_or_collapse():
+    one_seed = pd.DataFrame([{"variant": "vanilla", "seed": 0, "gold_score": -3.0, "kl_to_sft": 90.0}])
+    summary = summary_table(pd.concat([runs(), one_seed]), "ppo_max", 0.95)
+    stability = pd.DataFrame([{"variant": "ppo_max", "seeds": 3, "seeds_holding": 3},
+                              {"variant": "no_kl", "seeds": 3, "seeds_holding": 0},
+                              {"variant": "vanilla", "seeds": 1, "seeds_holding": 0}])
+    lines = findings_markdown(summary, stability, "ppo_max", 0.95).splitlines()
+    assert lines == [
+        "- Highest mean gold score: `ppo_max`, -0.500 [-0.748, -0.252].",  # -0.5 ± 4.302653·0.1/√3
+        # no_kl: -1.5, its Welch interval excludes 0; vanilla: one seed, no interval
+        "- Gold score above `ppo_max`'s beyond the 95% Welch interval of the difference: none; below it: `no_kl`; "
+        "every other row is within the interval or has one seed.",
+        "- Holding the peak gold to the end in every seed: `ppo_max`; collapsing in every seed: `no_kl`, `vanilla`.",
+    ]
+    assert findings_markdown(summary.drop(columns="gold_score"), stability.iloc[:0], "ppo_max", 0.95) == ""
 
 
 def test_summary_refuses_a_result_stored_from_other_settings_and_names_those_not_stored(study):

@@ -123,8 +123,8 @@ def summarise_study(parameters: dict[str, Any], evaluation: dict[str, Any], sft_
     Returns:
         ``runs`` and ``curves`` (one row per (row, seed), and per training step), ``summary`` (mean and interval
         per row and metric, the difference from ``<study>.base`` and whether it exceeds its interval),
-        ``stability`` (``reporting.stability_table``), both in ``markdown`` with the (row, seed) runs not stored
-        yet named, the ``curves_plot``, ``gold_plot`` and ``frontier_plot`` figures, and ``metrics``: each row's
+        ``stability`` (``reporting.stability_table``), both in ``markdown`` after the findings in words
+        (``reporting.findings_markdown``) and with the (row, seed) runs not stored yet named, the ``curves_plot``, ``gold_plot`` and ``frontier_plot`` figures, and ``metrics``: each row's
         means as ``<study>/<row>/<metric>`` MLflow metrics (a new run has none yet, so ``--only-missing-outputs``
         reruns this node, and the check below, every time).
 
@@ -157,7 +157,8 @@ def summarise_study(parameters: dict[str, Any], evaluation: dict[str, Any], sft_
     level, window = parameters["level"], parameters["window"]
     summary = reporting.summary_table(runs, parameters["base"], level)
     stability = reporting.stability_table(curves, window, level)
-    markdown = (reporting.summary_markdown(summary, parameters["base"], level)
+    findings = reporting.findings_markdown(summary, stability, parameters["base"], level)
+    markdown = ((f"{findings}\n" if findings else "") + reporting.summary_markdown(summary, parameters["base"], level)
                 + "\n" + reporting.stability_markdown(stability, window, level)
                 + (f"\nNot stored yet (left out): {', '.join(missing)}.\n" if missing else ""))
     logger.info("%s over %d (row, seed) runs:\n%s", study, len(runs), markdown)

@@ -237,7 +237,8 @@ def findings_markdown(summary: pd.DataFrame, stability: pd.DataFrame, reference:
     lines = []
     if "gold_score" in summary and summary["gold_score"].notna().any():
         best = summary.loc[summary["gold_score"].idxmax()]
-        lines.append(f"Highest mean gold score: `{best['variant']}`, {interval_cell(best, 'gold_score')}.")
+        lines.append(f"Highest mean gold score: `{best['variant']}` ({best['seeds']} seed"
+                     f"{'s' if best['seeds'] > 1 else ''}), {interval_cell(best, 'gold_score')}.")
         diff, differs = f"gold_score_vs_{reference}", f"gold_score_vs_{reference}_differs"
         if differs in summary:
             beyond = summary[summary[differs].fillna(False).astype(bool)]

@@ -183,12 +183,14 @@ def test_findings_name_the_best_row_the_rows_beyond_the_interval_and_those_that_
                               {"variant": "vanilla", "seeds": 1, "seeds_holding": 0}])
     lines = findings_markdown(summary, stability, "ppo_max", 0.95).splitlines()
     assert lines == [
-        "- Highest mean gold score: `ppo_max`, -0.500 [-0.748, -0.252].",  # -0.5 ± 4.302653·0.1/√3
+        "- Highest mean gold score: `ppo_max` (3 seeds), -0.500 [-0.748, -0.252].",  # -0.5 ± 4.302653·0.1/√3
         # no_kl: -1.5, its Welch interval excludes 0; vanilla: one seed, no interval
         "- Gold score above `ppo_max`'s beyond the 95% Welch interval of the difference: none; below it: `no_kl`; "
         "every other row is within the interval or has one seed.",
         "- Holding the peak gold to the end in every seed: `ppo_max`; collapsing in every seed: `no_kl`, `vanilla`.",
     ]
+    alone = findings_markdown(summary_table(one_seed, "vanilla", 0.95), stability.iloc[:0], "vanilla", 0.95)
+    assert alone.splitlines()[0] == "- Highest mean gold score: `vanilla` (1 seed), -3.000."  # no interval
     assert findings_markdown(summary.drop(columns="gold_score"), stability.iloc[:0], "ppo_max", 0.95) == ""
 
 

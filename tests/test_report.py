@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,7 +12,7 @@ import pytest
 
 from rlhf_pipeline import reporting
 from rlhf_pipeline.hooks import ProvenanceHook
-from rlhf_pipeline.provenance import PROVENANCE_FILE, provenance
+from rlhf_pipeline.provenance import PROVENANCE_FILE, provenance, read_records, record_saved
 from rlhf_pipeline.report import MARKERS, main, write_report
 
 README = f"# project\n\nintro\n\n{MARKERS[0]}\nold table\n{MARKERS[1]}\n\n![figure](docs/results/img/x.png)\n"
@@ -110,7 +111,14 @@ def test_missing_sources_and_markers_are_named(project):
 
 @pytest.mark.parametrize(("file", "content", "message"), [
     ("provenance.json", "{not json", "provenance.json: not valid JSON"),
-    ("provenance.json", '{"ablation.markdown": {"date": "2026-12-01"}}', "the record of 'ablation.markdown' lacks"),
+    ("provenance.json", '{"ablation.markdown": {"date": "2026-12-01"}}',
+     r"the record of 'ablation.markdown': a provenance record needs \['date', 'command', 'machine'\]"),
+    ("provenance.json", json.dumps({"ablation.markdown": {**RECORD, "date": "yesterday"}}), "'yesterday' is not ISO"),
+    ("ablation/summary.csv", "variant,seeds,gold_score\nppo_max,3,high\n", r"\['gold_score'\] hold text"),
+    ("../07_model_output/ablation/baseline/metrics.json", '{"gold_score": "-0.9"}',
+     "metrics.json: expected an object of metric -> number"),
+    ("benchmarks/x.json", json.dumps({"kind": "bench_gpu_estimate", "estimate": [], "provenance": {"date": 1}}),
+     "x.json: a provenance record needs"),
     ("ablation/summary.csv", "", "summary.csv: not a study summary"),
     ("ablation/summary.csv", "row,gold_score\nppo_max,-0.5\n", r"summary.csv: not a study summary \(no column"),
     ("benchmarks/x.json", '{"shapes": [1, 2]}', "x.json: not a benchmark result"),
@@ -145,6 +153,22 @@ def test_provenance_hook_keeps_the_records_of_datasets_the_run_did_not_save(tmp_
     path.write_text("{torn")  # a corrupt file fails the run before its first node, naming the file
     with pytest.raises(ValueError, match="provenance.json: not valid JSON"):
         hook.before_pipeline_run({"env": "test"})
+
+
+def save_records(path: Path, worker: int) -> None:
+    for i in range(25):
+        record_saved(path, f"dataset_{worker}_{i}", RECORD)
+
+
+def test_runs_saving_at_once_keep_every_record(tmp_path):
+    path = tmp_path / "provenance.json"
+    workers = [multiprocessing.get_context("fork").Process(target=save_records, args=(path, w)) for w in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    assert len(read_records(path)) == 75  # 3 processes x 25 read-modify-writes, none lost to another's rename
 
 
 def test_provenance_names_the_program_and_the_commit(tmp_path):

@@ -9,6 +9,7 @@ records of the files it reads (:func:`read_records`).
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
 import os
 import platform
@@ -71,40 +72,57 @@ def provenance(command: list[str] | None = None, path: str | Path = ".") -> dict
 
 
 PROVENANCE_FILE = "data/08_reporting/provenance.json"  # under the project: dataset name -> the record of its save
-RECORD_KEYS = {"date", "command", "machine"}
+RECORD_KEYS = ("date", "command", "machine")
+
+
+def read_json(path: Path) -> Any:
+    """``path`` parsed as JSON; ``ValueError`` naming the file when it is not."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+
+
+def check_record(record: Any, where: str) -> dict[str, Any]:
+    """``record`` when it is a provenance record (an object whose ``date``, ``command`` and ``machine`` are
+    strings, the date ISO 8601); ``ValueError`` naming ``where`` otherwise."""
+    if not isinstance(record, dict) or not all(isinstance(record.get(key), str) for key in RECORD_KEYS):
+        raise ValueError(f"{where}: a provenance record needs {list(RECORD_KEYS)} as strings, got {record!r}")
+    try:
+        datetime.datetime.fromisoformat(record["date"])
+    except ValueError as error:
+        raise ValueError(f"{where}: the provenance date {record['date']!r} is not ISO 8601") from error
+    return record
 
 
 def read_records(path: Path) -> dict[str, dict[str, Any]]:
     """A provenance file (:data:`PROVENANCE_FILE`): dataset name -> record; ``{}`` when it is absent.
 
     Raises:
-        ValueError: the file is not JSON, not an object, or a record lacks ``date``, ``command`` or ``machine``;
-            the message names the file (and the dataset).
+        ValueError: the file is not JSON, not an object, or a record is not one (:func:`check_record`); the
+            message names the file (and the dataset).
     """
     if not path.exists():
         return {}
-    try:
-        records = json.loads(path.read_text())
-    except ValueError as error:
-        raise ValueError(f"{path}: not valid JSON ({error}); delete it to start a new record") from error
+    records = read_json(path)
     if not isinstance(records, dict):
-        raise ValueError(f"{path}: expected an object of dataset name -> provenance record")
-    for name, record in records.items():
-        if not isinstance(record, dict) or not RECORD_KEYS <= set(record):
-            raise ValueError(f"{path}: the record of {name!r} lacks {sorted(RECORD_KEYS)}")
-    return records
+        raise ValueError(f"{path}: expected an object of dataset name -> provenance record; delete it to start a "
+                         "new record")
+    return {name: check_record(record, f"{path}, the record of {name!r}") for name, record in records.items()}
 
 
 def record_saved(path: Path, dataset: str, record: dict[str, Any]) -> None:
-    """Set ``dataset``'s record in the provenance file at ``path``, keeping every other record. The file is
-    written whole and renamed into place, so a reader never sees a torn file; two runs saving at the same moment
-    can still each drop the other's newest record (the last rename wins)."""
-    records = read_records(path)
-    records[dataset] = record
+    """Set ``dataset``'s record in the provenance file at ``path``, keeping every other record. Runs saving at the
+    same moment take turns through an exclusive lock on ``<path>.lock`` (``fcntl.flock``, POSIX), and the file is
+    written whole and renamed into place, so a reader never sees a torn file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    partial.write_text(json.dumps(records, indent=1, sort_keys=True))
-    partial.replace(path)
+    with open(path.with_name(f"{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        records = read_records(path)
+        records[dataset] = record
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        partial.write_text(json.dumps(records, indent=1, sort_keys=True))
+        partial.replace(path)
 
 
 def write_result(path: str | Path, kind: str, result: dict[str, Any], command: list[str] | None = None) -> None:

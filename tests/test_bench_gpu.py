@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from rlhf_pipeline.report import benchmark_table
 from tests.conftest import PROJECT_ROOT
 
 spec = importlib.util.spec_from_file_location("bench_gpu", PROJECT_ROOT / "benchmarks" / "bench_gpu.py")
@@ -28,6 +29,9 @@ def test_benchmark_reports_consistent_figures(tmp_path):
     assert result["train_tokens_per_s"] == pytest.approx(2 * 8 * buffer["tokens_per_sequence"] / phases["update"])
     assert result["mfu"] is None and result["peak_memory_gib"] > 0  # no GPU peak to divide by on a CPU
     assert set(result["generation"]) == {"dynamic_tokens_per_s", "static_tokens_per_s"}
+    row = benchmark_table(written).iloc[0]  # the file as `make report` renders it
+    assert row["s/iteration"] == result["seconds_per_iteration"] and row["MFU"] is None
+    assert row["generate / score / update s"] == " / ".join(f"{phases[p]:.2f}" for p in ("generate", "score", "update"))
 
 
 def test_benchmark_runs_the_memory_options_together():
@@ -49,3 +53,6 @@ def test_memory_table_is_bytes_per_parameter_arithmetic():
     # bytes, twice, plus two frozen bf16 models
     assert rows[("7b", 1, "full, ZeRO-2")]["model_states_gib"] == pytest.approx((2 * 20 + 4) * n / gib, rel=1e-6)
     assert rows[("7b", 1, "LoRA, ZeRO-2")]["fits"] and not rows[("7b", 1, "full, ZeRO-2")]["fits"]
+    table = benchmark_table({"kind": "bench_gpu_estimate", "estimate": bench_gpu.estimate(80.0)})  # `make report`
+    lora = table[(table["shape"] == "7b") & (table["GPUs"] == 1) & (table["option"] == "LoRA, ZeRO-2")].iloc[0]
+    assert lora["GiB per GPU"] == pytest.approx(4 * n / gib) and lora["fits"] == "yes"

@@ -9,11 +9,20 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+import yaml
 
 from rlhf_pipeline import reporting
 from rlhf_pipeline.hooks import ProvenanceHook
 from rlhf_pipeline.provenance import PROVENANCE_FILE, provenance, read_records, record_saved
-from rlhf_pipeline.report import MARKERS, main, write_report
+from rlhf_pipeline.report import (
+    BASELINE_METRICS,
+    EVALUATION_FIGURES,
+    MARKERS,
+    STUDY_FIGURES,
+    main,
+    write_report,
+)
+from tests.conftest import PROJECT_ROOT
 
 README = f"# project\n\nintro\n\n{MARKERS[0]}\nold table\n{MARKERS[1]}\n\n![figure](docs/results/img/x.png)\n"
 RECORD = {"date": "2026-12-01T08:00:00+00:00", "commit": "abc1234", "env": None, "machine": "Linux x86_64, 2 CPU cores",
@@ -130,6 +139,23 @@ def test_a_malformed_source_fails_naming_its_file_and_writes_nothing(project, fi
     with pytest.raises(ValueError, match=message):
         write_report(project.data, project.docs, [project.readme])
     assert not (project.docs / "results").exists() and project.readme.read_text() == README
+
+
+def test_the_report_reads_the_files_the_catalog_writes():
+    catalog = yaml.safe_load((PROJECT_ROOT / "conf" / "base" / "catalog.yml").read_text())
+
+    def filepaths(entry) -> set[str]:
+        if isinstance(entry, dict):
+            return ({entry["filepath"]} if isinstance(entry.get("filepath"), str)
+                    else set().union(*map(filepaths, entry.values())))
+        return set()
+
+    written = filepaths(catalog)
+    read = {"data/08_reporting/evaluation_summary.md", "data/" + BASELINE_METRICS,
+            *(f"data/08_reporting/{name}" for name in EVALUATION_FIGURES),
+            *(f"data/08_reporting/{{study}}/{name}" for name in ["summary.md", "summary.csv", *STUDY_FIGURES])}
+    assert read <= written, read - written
+    assert {"evaluation_markdown", "{study}.markdown"} <= set(catalog)  # the provenance records' names
 
 
 def test_the_command_line_exits_with_the_message_not_a_traceback(project, capsys):

@@ -86,7 +86,7 @@ def test_pages_are_stamped_with_the_run_that_wrote_their_source(project):
     assert "by `python -m rlhf_pipeline.report --data d`" in index
     # sources absent: a page that names what would fill it, so that every link of the site resolves
     assert "Not run yet" in (project.docs / "results" / "long_run.md").read_text()
-    assert "- [Long run](long_run.md) (not regenerated: its source was absent)" in index
+    assert "- [Long run](long_run.md) (kept from an earlier report: its source was absent)" in index
 
 
 def test_benchmark_json_becomes_a_table_with_its_provenance(project):

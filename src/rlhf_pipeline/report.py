@@ -230,8 +230,8 @@ def index_page(regenerated: set[str], generated: dict[str, Any]) -> str:
     report's own stamp (``generated``: a provenance record)."""
     titles = {"evaluation.md": "Evaluation (one seed, every stage's final policies)",
               **{f"{study}.md": title for study, (title, _) in STUDIES.items()}, "benchmarks.md": "Benchmarks"}
-    listed = "\n".join(f"- [{title}]({name})" + ("" if name in regenerated else " (not regenerated: its source was "
-                                                                           "absent)") for name, title in titles.items())
+    listed = "\n".join(f"- [{title}]({name})" + ("" if name in regenerated else " (kept from an earlier report: its "
+                                                                           "source was absent)") for name, title in titles.items())
     return (f"{GENERATED}# Results\n\nEvery table and figure in these pages is generated from the outputs of the "
             "runs (`data/08_reporting`) by `make report`, and each page names the run that wrote its source. "
             "Reproduce one: run the command in its stamp, then `make report`.\n\n"

@@ -79,8 +79,8 @@ def test_pages_are_stamped_with_the_run_that_wrote_their_source(project):
     (project.data / "08_reporting" / "provenance.json").write_text(json.dumps(records))
     write_report(project.data, project.docs, [], ["--data", "d"])
     page = (project.docs / "results" / "ablation.md").read_text()
-    assert ("*`ablation/summary.md`: written 2026-12-01 08:00 UTC by `kedro run --pipeline ablation --nodes "
-            "summarise_ablation_node` at commit `abc1234` on Linux x86_64, 2 CPU cores.*") in page
+    assert ("*`ablation/summary.md`: from `kedro run --pipeline ablation --nodes summarise_ablation_node`, run "
+            "2026-12-01 08:00 UTC at commit `abc1234` on Linux x86_64, 2 CPU cores.*") in page
     assert "- vanilla seed 0, vanilla seed 1: `kedro run X` at commit `abc1234`, 2026-12-01 08:00 UTC" in page
     index = (project.docs / "results" / "index.md").read_text()
     assert "by `python -m rlhf_pipeline.report --data d`" in index
@@ -100,7 +100,7 @@ def test_benchmark_json_becomes_a_table_with_its_provenance(project):
     write_report(project.data, project.docs, [project.readme])
     page = (project.docs / "results" / "benchmarks.md").read_text()
     assert "| realistic | 2.000 / 3.000 / 2.500 | 0.30 / 0.25 / 1.60 | 81 % | 80–90 | 4.000 / 3.000 / 10.000 | 2.00× |" in page
-    assert "by `bench_ppo.py --json x`" in page
+    assert "from `bench_ppo.py --json x`, run 2026-12-01 08:00 UTC" in page
     assert project.readme.read_text() == README  # no ablation summary: the README's table is left alone
 
     (folder / "other.json").write_text(json.dumps({"kind": "something"}))

@@ -70,16 +70,16 @@ def when(record: dict[str, Any]) -> str:
 
 
 def stamp(record: dict[str, Any] | None, source: Path) -> str:
-    """One italic line saying when, by which command, at which commit and on which machine ``source`` was
-    written; a source without a provenance record (written by a run that did not record one) says so and gives
-    the file's modification time."""
+    """One italic line naming the command that wrote ``source``, when its run began (a Kedro run's record is taken
+    at its start; a benchmark's as it writes), the commit and the machine; a source without a provenance record
+    (written by a run that did not record one) says so and gives the file's modification time."""
     name = "/".join(source.parts[-2:]) if source.parent.name != "08_reporting" else source.name
     if not record:
         modified = datetime.datetime.fromtimestamp(source.stat().st_mtime, datetime.timezone.utc)
         return (f"*`{name}`: written {modified:%Y-%m-%d %H:%M} UTC by a run that recorded no provenance "
                 "(command, commit, machine).*\n")
     env = f" (environment `{record['env']}`)" if record.get("env") else ""
-    return f"*`{name}`: written {when(record)} by `{record['command']}`{env} at {commit(record)} on {record['machine']}.*\n"
+    return f"*`{name}`: from `{record['command']}`{env}, run {when(record)} at {commit(record)} on {record['machine']}.*\n"
 
 
 def commit(record: dict[str, Any]) -> str:

@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict | list:
     if args.json:
         write_result(args.json, "bench_gpu_estimate" if args.estimate else "bench_gpu",
                      {"estimate": result} if args.estimate else result,
-                     ["bench_gpu.py", *(sys.argv[1:] if argv is None else argv)])
+                     None if argv is None else ["bench_gpu.py", *argv])  # None: this process's sys.argv
     return result
 
 

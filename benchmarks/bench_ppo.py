@@ -185,21 +185,23 @@ def run_shape(shape: Shape, args, peak: float) -> dict:
         seconds, metrics = seconds[args.warmup:], metrics[args.warmup:]
         mean = statistics.mean(seconds)
         real = statistics.mean(m["real_tokens"] for m in metrics)
+        work = useful_gflop(params, real)
+        share = statistics.mean(m["update/real_token_share"] for m in metrics)
+        length = statistics.mean(m["response/length"] for m in metrics)
         print(f"[{shape.name} {repeat}/{args.repeats}] rlhf-pipeline: {mean:.3f} s/iteration (min {min(seconds):.3f}, "
               f"max {max(seconds):.3f}), {1 / mean:.3f} iterations/s")
         figures["seconds_per_iteration"].append(mean)
-        figures["useful_gflops"].append(useful_gflop(params, real) / mean)
-        figures["update_real_token_share"].append(statistics.mean(m["update/real_token_share"] for m in metrics))
-        figures["response_length"].append(statistics.mean(m["response/length"] for m in metrics))
+        figures["useful_gflops"].append(work / mean)
+        figures["update_real_token_share"].append(share)
+        figures["response_length"].append(length)
         for phase in ("generate", "score", "advantages", "update"):
             mean_phase = statistics.mean(m[f"timing/{phase}"] for m in metrics)
             figures["phase_seconds"].setdefault(phase, []).append(mean_phase)
             print(f"  {phase:<11} {mean_phase:7.3f} s  ({100 * mean_phase / mean:5.1f} %)")
-        print(f"  response length {statistics.mean(m['response/length'] for m in metrics):.1f} tokens; real tokens "
+        print(f"  response length {length:.1f} tokens; real tokens "
               f"{100 * real / statistics.mean(m['padded_tokens'] for m in metrics):.0f} % of the padded buffer, "
-              f"{100 * statistics.mean(m['update/real_token_share'] for m in metrics):.0f} % of what the update "
-              f"computes; {useful_gflop(params, real) / mean:.1f} useful GFLOP/s "
-              f"({100 * useful_gflop(params, real) / mean / peak:.1f} % of the matmul peak)")
+              f"{100 * share:.0f} % of what the update computes; {work / mean:.1f} useful GFLOP/s "
+              f"({100 * work / mean / peak:.1f} % of the matmul peak)")
         if args.compare_trl:
             trl_seconds = time_trl(shape, args.warmup + args.iterations, bf16=args.bf16)[args.warmup:]
             trl_mean = statistics.mean(trl_seconds)
@@ -207,7 +209,7 @@ def run_shape(shape: Shape, args, peak: float) -> dict:
             figures["trl_seconds_per_iteration"].append(trl_mean)
             print(f"[{shape.name} {repeat}/{args.repeats}] TRL 0.28 PPOTrainer, same shape: {trl_mean:.3f} s/iteration "
                   f"(min {min(trl_seconds):.3f}, max {max(trl_seconds):.3f}), {1 / trl_mean:.3f} iterations/s; "
-                  f"{useful_gflop(params, real) / trl_mean:.1f} useful GFLOP/s at our rollouts' real tokens "
+                  f"{work / trl_mean:.1f} useful GFLOP/s at our rollouts' real tokens "
                   f"(TRL computes every pass at full width)")
             print(f"  speed-up of rlhf-pipeline over TRL: {speed_ups[-1]:.2f}x")
     if speed_ups:

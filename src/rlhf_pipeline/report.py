@@ -141,15 +141,20 @@ def study_page(study: str, reporting: Path, records: dict[str, Any], copies: dic
 def benchmark_table(result: dict[str, Any]) -> pd.DataFrame:
     """The rows of one benchmark's JSON by its ``kind`` (``provenance.write_result``): ``bench_ppo``,
     ``bench_gpu_estimate`` or ``bench_gpu``; ``ValueError`` for any other."""
+    def per_repeat(seconds: list[float]) -> str:
+        return " / ".join(f"{s:.3f}" for s in seconds)
+
+    def phases(figures: dict[str, Any]) -> str:
+        return " / ".join(f"{figures['phase_seconds'][p]:.2f}" for p in ("generate", "score", "update"))
+
     kind = result.get("kind")
     if kind == "bench_ppo":
         return pd.DataFrame([{
-            "shape": name, "s/iteration (each repeat)": " / ".join(f"{s:.3f}" for s in shape["seconds_per_iteration"]),
-            "generate / score / update s": " / ".join(f"{shape['phase_seconds'][p]:.2f}"
-                                                      for p in ("generate", "score", "update")),
+            "shape": name, "s/iteration (each repeat)": per_repeat(shape["seconds_per_iteration"]),
+            "generate / score / update s": phases(shape),
             "real tokens in the update": f"{100 * shape['update_real_token_share']:.0f} %",
             "useful GFLOP/s": f"{min(shape['useful_gflops']):.0f}–{max(shape['useful_gflops']):.0f}",
-            "TRL s/iteration": " / ".join(f"{s:.3f}" for s in shape["trl_seconds_per_iteration"]) or "n/a",
+            "TRL s/iteration": per_repeat(shape["trl_seconds_per_iteration"]) or "n/a",
             "speed-up over TRL (median)": (f"{pd.Series(shape['speed_ups']).median():.2f}×"
                                            if shape["speed_ups"] else "n/a"),
         } for name, shape in result["shapes"].items()])
@@ -163,10 +168,8 @@ def benchmark_table(result: dict[str, Any]) -> pd.DataFrame:
             "shape": result["shape"], "device, dtype": f"{result['device']}, {result['dtype']}",
             "settings": ", ".join(f"{k} {v}" for k, v in result["settings"].items()),
             "s/iteration": result["seconds_per_iteration"],
-            "generate / score / update s": " / ".join(f"{result['phase_seconds'][p]:.2f}"
-                                                      for p in ("generate", "score", "update")),
-            "generation tokens/s": result["generate_tokens_per_s"], "MFU": result["mfu"],
-            "peak memory GiB": result["peak_memory_gib"]}])
+            "generate / score / update s": phases(result), "generation tokens/s": result["generate_tokens_per_s"],
+            "MFU": result["mfu"], "peak memory GiB": result["peak_memory_gib"]}])
     raise ValueError(f"kind {kind!r} is none of bench_ppo, bench_gpu, bench_gpu_estimate")
 
 

@@ -300,14 +300,9 @@ def stability_markdown(stability: pd.DataFrame, window: float, level: float) -> 
     if stability.empty:
         return "No gold score along training: no stability measures.\n"
 
-    def cell(row, metric: str) -> str:
-        if pd.isna(row[f"{metric}_low"]):
-            return f"{row[metric]:.3f}"
-        return f"{row[metric]:.3f} [{row[f'{metric}_low']:.3f}, {row[f'{metric}_high']:.3f}]"
-
-    table = pd.DataFrame([{"variant": row["variant"], "seeds": row["seeds"], "peak gold": cell(row, "peak_gold"),
-                           "peak at iteration": f"{row['peak_step']:.0f}", "end gold": cell(row, "end_gold"),
-                           "drop": cell(row, "drop"), "KL to SFT at end": cell(row, "end_kl"),
+    table = pd.DataFrame([{"variant": row["variant"], "seeds": row["seeds"], "peak gold": interval_cell(row, "peak_gold"),
+                           "peak at iteration": f"{row['peak_step']:.0f}", "end gold": interval_cell(row, "end_gold"),
+                           "drop": interval_cell(row, "drop"), "KL to SFT at end": interval_cell(row, "end_kl"),
                            "seeds holding": f"{row['seeds_holding']}/{row['seeds']}"} for _, row in stability.iterrows()])
     note = (f"\nGold score of the rollouts along training, averaged over moving windows of {window:.0%} of the "
             f"iterations; peak: the best window, end: the last; mean across seeds [{level:.0%} Student-t interval]. A "
